@@ -1,0 +1,99 @@
+"""The `glassgpt` command: thin verbs that parse, call the library, and print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from glassgpt.config import get_preset
+    from glassgpt.model import GPT
+
+    config = get_preset(args.preset)
+    with torch.device("meta"):  # count without allocating (gpt2-xl is 6 GB in fp32)
+        model = GPT(config)
+    rows = model.parameter_breakdown()
+    if not args.per_block:  # fold the identical blocks into one "each" row per component
+        blocks = [r for r in rows if r[0].startswith("block ")]
+        others = [r for r in rows if not r[0].startswith("block ")]
+        folded = []
+        for part in ("attention", "feed-forward", "norms"):
+            counts = [n for name, n in blocks if name.endswith(part)]
+            folded.append((f"per block: {part} (x{len(counts)})", counts[0]))
+            folded.append((f"all blocks: {part}", sum(counts)))
+        rows = others[:2] + folded + others[2:]
+    total = model.num_parameters()
+    print(f"{config.name}: {config.n_layers} blocks, {config.n_heads} heads, emb {config.emb_dim}, "
+          f"ff {config.hidden_dim}, context {config.context_length}, vocab {config.vocab_size:,}")
+    width = max(len(name) for name, _ in rows)
+    for name, count in rows:
+        print(f"  {name:<{width}}  {count:>15,}")
+    print(f"  {'size fp32':<{width}}  {total * 4 / 2**20:>11,.1f} MiB")
+    print(f"  {'size bf16':<{width}}  {total * 2 / 2**20:>11,.1f} MiB")
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from glassgpt.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(args.tokenizer, text=args.text if args.tokenizer == "char" else None)
+    ids = tokenizer.encode(args.text)
+    pieces = (tokenizer.token_strings(ids) if hasattr(tokenizer, "token_strings")
+              else [tokenizer.decode([i]) for i in ids])
+    for token_id, piece in zip(ids, pieces, strict=True):
+        print(f"{token_id:>7}  {piece!r}")
+    print(f"{len(ids)} tokens")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from glassgpt.train import train_tinygpt
+
+    model, tokenizer, losses = train_tinygpt()
+    print(f"trained TinyGPT ({model.num_parameters():,} parameters) on 'hello hello': "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.4f}")
+    prompt = torch.tensor([tokenizer.encode("hell")])
+    out = model.generate(prompt, max_new_tokens=14)
+    print(f"'hell' -> {tokenizer.decode(out[0].tolist())!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from glassgpt.config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="glassgpt", description="A GPT you can see through.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    info = verbs.add_parser("info", help="parameter breakdown and size of a preset")
+    info.add_argument("preset", choices=list(PRESETS))
+    info.add_argument("--per-block", action="store_true", help="one row per block instead of folded rows")
+    info.set_defaults(run=cmd_info)
+
+    tokenize = verbs.add_parser("tokenize", help="show the tokens of a text with their ids")
+    tokenize.add_argument("text")
+    tokenize.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2")
+    tokenize.set_defaults(run=cmd_tokenize)
+
+    demo = verbs.add_parser("demo", help="the main job of the README quick start")
+    demo.set_defaults(run=cmd_demo)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"glassgpt: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

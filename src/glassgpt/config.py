@@ -1,0 +1,123 @@
+"""One dataclass describes every model glassgpt can build; presets name the ones in our references.
+
+Every number about a model's shape lives here. The model reads a `GPTConfig` and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT-2-architecture model.
+
+    The defaults are OpenAI's GPT-2 small (124M): 12 blocks of 12 heads, 768 wide, context 1024.
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    ff_dim: int | None = None  # feed-forward hidden width; None means 4 * emb_dim as in GPT-2
+    drop_rate: float = 0.0
+    qkv_bias: bool = True  # bias on the query, key and value projections
+    attn_out_bias: bool = True  # bias on the attention output projection
+    ff_bias: bool = True  # bias on the two feed-forward layers
+    norm_bias: bool = True  # LayerNorm's learned shift
+    head_bias: bool = False  # bias on the output head (vocabulary logits)
+    tie_weights: bool = True  # output head shares the token-embedding matrix
+    norm_placement: Literal["pre", "post"] = "pre"  # LayerNorm before (GPT-2) or after (original Transformer) each sub-layer
+    activation: Literal["gelu", "relu"] = "gelu"
+    final_norm: bool = True  # LayerNorm after the last block
+    norm_eps: float = 1e-5
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{key} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}): "
+                "each head gets an equal slice of the embedding"
+            )
+        if self.ff_dim is not None and self.ff_dim < 1:
+            raise ValueError(f"ff_dim must be positive or None, got {self.ff_dim}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.norm_placement not in ("pre", "post"):
+            raise ValueError(f"norm_placement must be 'pre' or 'post', got {self.norm_placement!r}")
+        if self.activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
+
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the feed-forward hidden layer."""
+        return self.ff_dim if self.ff_dim is not None else 4 * self.emb_dim
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def replace(self, **changes) -> GPTConfig:
+        """A copy with some fields changed (the config itself is immutable)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _gpt2(name: str, emb_dim: int, n_heads: int, n_layers: int) -> GPTConfig:
+    return GPTConfig(name=name, emb_dim=emb_dim, n_heads=n_heads, n_layers=n_layers)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # TinyGPT: a one-block character model over the 5 characters of "hello hello" (" ", e, h, l, o),
+    # in the original Transformer's post-LN form with ReLU: 2,453 parameters.
+    "tinygpt": GPTConfig(
+        name="tinygpt", vocab_size=5, context_length=4, emb_dim=16, n_heads=2, n_layers=1, ff_dim=32,
+        qkv_bias=True, attn_out_bias=True, head_bias=True, tie_weights=False,
+        norm_placement="post", activation="relu", final_norm=False,
+    ),
+    # "Putting it all together": 4 blocks, 256 wide, no attention biases, tied head: 5,846,528.
+    "nano": GPTConfig(
+        name="nano", vocab_size=10_000, context_length=512, emb_dim=256, n_heads=4, n_layers=4,
+        ff_dim=1024, qkv_bias=False, attn_out_bias=False,
+    ),
+    # OpenAI's four released sizes: 124M / 355M / 774M / 1558M.
+    "gpt2": _gpt2("gpt2", 768, 12, 12),
+    "gpt2-medium": _gpt2("gpt2-medium", 1024, 16, 24),
+    "gpt2-large": _gpt2("gpt2-large", 1280, 20, 36),
+    "gpt2-xl": _gpt2("gpt2-xl", 1600, 25, 48),
+    # The model our reference trains on The Verdict and deploys: GPT-2 small with a 256 context,
+    # an untied head and no Q/K/V bias: 162,419,712 parameters.
+    "verdict-162m": GPTConfig(
+        name="verdict-162m", context_length=256, qkv_bias=False, tie_weights=False, drop_rate=0.1,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> GPTConfig:
+    """The named preset, optionally with some fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    config = PRESETS[name]
+    return config.replace(**overrides) if overrides else config

@@ -1,0 +1,144 @@
+"""Tokenizers: text <-> token ids behind one small interface.
+
+- `CharTokenizer`: one id per distinct character of a text (TinyGPT, Tiny Shakespeare).
+- `GPT2Tokenizer`: OpenAI's GPT-2 byte-pair encoding through tiktoken, from a ranks file shipped
+  in the package, so it works offline.
+- The from-scratch byte-level BPE for teaching lives in `glassgpt.bpe`.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+ASSETS = resources.files("glassgpt") / "assets"
+
+# GPT-2's pre-tokenisation: split text into words, numbers, punctuation runs and spaces before
+# merging bytes, so merges never cross a word boundary (and "'s", "'ll" etc. stay separate).
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_EOS = "<|endoftext|>"
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class CharTokenizer:
+    """One id per distinct character, in sorted order: "hello hello" -> ' ' 0, e 1, h 2, l 3, o 4."""
+
+    name = "char"
+    eos_id = None
+
+    def __init__(self, chars: str | list[str]):
+        chars = sorted(set(chars))
+        if not chars:
+            raise ValueError("a character tokenizer needs at least one character")
+        self.chars = chars
+        self.id_of = {ch: i for i, ch in enumerate(chars)}
+        self.vocab_size = len(chars)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(text)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.id_of[ch] for ch in text]
+        except KeyError as error:
+            raise ValueError(
+                f"character {error.args[0]!r} is not in this tokenizer's vocabulary of {self.vocab_size} characters"
+            ) from None
+
+    def decode(self, ids: list[int]) -> str:
+        try:
+            return "".join(self.chars[int(i)] for i in ids)
+        except IndexError:
+            raise ValueError(f"token id out of range for a vocabulary of {self.vocab_size}") from None
+
+    def to_dict(self) -> dict:
+        return {"type": "char", "chars": "".join(self.chars)}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE (50,257 ids; `<|endoftext|>` = 50256) via tiktoken, fully offline."""
+
+    name = "gpt2"
+
+    def __init__(self, ranks_path: str | Path | None = None):
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        path = Path(ranks_path) if ranks_path else Path(str(ASSETS / "gpt2.tiktoken"))
+        ranks = load_tiktoken_bpe(str(path))
+        self.eos_id = len(ranks)  # 50256: the one special token sits right after the merges
+        self.encoding = tiktoken.Encoding(
+            name="gpt2-glassgpt",
+            pat_str=GPT2_SPLIT_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens={GPT2_EOS: self.eos_id},
+        )
+        self.vocab_size = self.encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`; the literal "<|endoftext|>" becomes the end-of-text id."""
+        return self.encoding.encode(text, allowed_special={GPT2_EOS})
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`; a byte sequence cut mid-character decodes with U+FFFD in its place."""
+        for i in ids:
+            if not 0 <= int(i) < self.vocab_size:
+                raise ValueError(f"token id {int(i)} out of range for GPT-2's {self.vocab_size} ids")
+        return self.encoding.decode([int(i) for i in ids])
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.encoding.decode_bytes([int(i) for i in ids])
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each id's own text (bytes shown with replacement characters where not valid UTF-8)."""
+        return [self.encoding.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace") for i in ids]
+
+    def to_dict(self) -> dict:
+        return {"type": "gpt2"}
+
+
+_GPT2: GPT2Tokenizer | None = None
+
+
+def get_tokenizer(name: str = "gpt2", text: str | None = None) -> Tokenizer:
+    """A tokenizer by name: "gpt2" (shared instance), or "char" built from `text`."""
+    global _GPT2
+    if name == "gpt2":
+        if _GPT2 is None:
+            _GPT2 = GPT2Tokenizer()
+        return _GPT2
+    if name == "char":
+        if text is None:
+            raise ValueError("the char tokenizer is built from a text: pass text=...")
+        return CharTokenizer.from_text(text)
+    raise ValueError(f"unknown tokenizer {name!r}; choose 'gpt2' or 'char'")
+
+
+def tokenizer_from_dict(data: dict) -> Tokenizer:
+    """Rebuild a tokenizer saved with `to_dict` (as checkpoints store it)."""
+    kind = data.get("type")
+    if kind == "gpt2":
+        return get_tokenizer("gpt2")
+    if kind == "char":
+        return CharTokenizer(data["chars"])
+    raise ValueError(f"unknown tokenizer type {kind!r} in saved tokenizer")
+
+
+def bundled_text(name: str = "the-verdict.txt") -> str:
+    """A text shipped with the package (The Verdict)."""
+    return (ASSETS / name).read_text(encoding="utf-8")
