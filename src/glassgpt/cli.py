@@ -31,8 +31,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _ in rows)
     for name, count in rows:
         print(f"  {name:<{width}}  {count:>15,}")
-    print(f"  {'size fp32':<{width}}  {total * 4 / 2**20:>11,.1f} MiB")
-    print(f"  {'size bf16':<{width}}  {total * 2 / 2**20:>11,.1f} MiB")
+    for dtype, nbytes in (("fp32", 4), ("bf16", 2)):
+        size = total * nbytes
+        shown = f"{size / 2**20:>11,.1f} MiB" if size >= 2**20 else f"{size / 2**10:>11,.1f} KiB"
+        print(f"  {'size ' + dtype:<{width}}  {shown}")
     return 0
 
 
