@@ -4,9 +4,18 @@ Decoding uses the KV cache: the prompt is processed once (prefill), then each st
 the newest token. GPT-2's positions are learned absolute slots, so a cache cannot slide past the
 context length: once prompt + generated tokens exceed it, every step recomputes the last
 `context_length` tokens from scratch, exactly as the tutorial's no-cache loop does.
+
+Three layers, each built on the one before:
+- `iter_tokens` yields next-token ids one step at a time (the decoding loop itself);
+- `generate` collects them into the prompt ids (batches of prompts of different lengths too);
+- `stream_text` turns them into text pieces, never splitting a UTF-8 character, and honours stop
+  strings; `generate_text` joins those pieces.
 """
 
 from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -50,44 +59,265 @@ def sample_next(logits: torch.Tensor, temperature: float | None = 0.0, top_k: in
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: float | None = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             seed: int | None = None, use_cache: bool = True) -> torch.Tensor:
-    """`ids` (B, T) with up to `max_new_tokens` new tokens appended.
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (ids, attention_mask), both (B, longest), padded on the left.
 
-    Greedy when temperature is 0; otherwise samples from softmax(logits / temperature) after top-k
-    and top-p filtering. Generation stops early when every row has produced `eos_id` (the eos token
-    itself is not appended; rows that finish earlier are padded with it).
+    Left padding lines up every prompt's last token in the last column, so one decoding step
+    serves the whole batch; the mask (1 real, 0 padding) keeps the padding out of the maths.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, longest - len(prompt):] = 1
+    return ids, mask
+
+
+def _check_prompt(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """Raise ValueError for prompts the model cannot read."""
+    batch, prompt_length = ids.shape
+    if prompt_length == 0:
+        raise ValueError("the prompt needs at least one token")
+    vocab_size = model.config.vocab_size
+    if bool(((ids < 0) | (ids >= vocab_size)).any()):
+        raise ValueError(f"prompt ids must lie in [0, {vocab_size}) for this model's vocabulary "
+                         f"(is the tokenizer the one the model was made for?)")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (batch, prompt_length):
+            raise ValueError(f"attention_mask must have the shape of ids {(batch, prompt_length)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if bool((attention_mask.sum(dim=1) == 0).any()):
+            raise ValueError("every row of attention_mask needs at least one real token")
+
+
+def _decode_steps(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                  temperature, top_k, top_p, eos_id, seed, use_cache: bool) -> Iterator[torch.Tensor]:
+    """The decoding loop on a checked (B, T) batch: yields each step's next ids (B,).
+
+    Tokens live in one pre-allocated buffer (no growing concatenation); rows that produced
+    `eos_id` keep yielding it, and the loop ends once every row has. Inference mode is entered per
+    step, never held across a `yield`, so the caller's own code between steps is unaffected.
+    """
+    batch, prompt_length = ids.shape
+    device = ids.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    total = prompt_length + max_new_tokens
+    with torch.inference_mode():
+        tokens = torch.empty((batch, total), dtype=torch.long, device=device)
+        tokens[:, :prompt_length] = ids
+        mask = None
+        if attention_mask is not None:
+            mask = torch.ones((batch, total), dtype=torch.long, device=device)
+            mask[:, :prompt_length] = attention_mask
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = None
+        length = prompt_length
+        for _ in range(max_new_tokens):
+            with torch.inference_mode():
+                next_ids, cache = _step(model, tokens, mask, length, cache, use_cache, temperature, top_k,
+                                        top_p, generator)
+                if eos_id is not None:
+                    next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
+                    finished |= next_ids == eos_id
+                tokens[:, length] = next_ids
+            length += 1
+            yield next_ids
+            if eos_id is not None and bool(finished.all()):
+                return
+    finally:
+        model.train(was_training)
+
+
+def _step(model: GPT, tokens: torch.Tensor, mask: torch.Tensor | None, length: int, cache,
+          use_cache: bool, temperature, top_k, top_p, generator):
+    """One decoding step over tokens[:, :length]: (next ids (B,), the cache for the next step)."""
+    context = model.config.context_length
+    if use_cache and cache is not None and length <= context:
+        begin = length - 1                                             # decode: just the newest token
+        logits = model(tokens[:, begin:length], cache=cache,
+                       attention_mask=mask[:, :length] if mask is not None else None)
+    elif use_cache and length <= context:
+        cache = model.new_cache(tokens.shape[0])                       # prefill the whole prompt
+        logits = model(tokens[:, :length], cache=cache,
+                       attention_mask=mask[:, :length] if mask is not None else None)
+    else:                                                              # past the context: recompute
+        begin = max(0, length - context)
+        logits = model(tokens[:, begin:length],
+                       attention_mask=mask[:, begin:length] if mask is not None else None)
+    return sample_next(logits[:, -1, :], temperature, top_k, top_p, generator), cache
+
+
+def _as_batch(ids) -> tuple[torch.Tensor, bool]:
+    """(B, T) long tensor from a list of ids, a 1-D or a 2-D tensor; and whether it was one sequence."""
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.as_tensor(list(ids), dtype=torch.long)
+    if ids.dim() == 1:
+        return ids.unsqueeze(0).long(), True
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be a sequence of token ids or a (batch, n_tokens) tensor, got {ids.dim()} dims")
+    return ids.long(), False
+
+
+def _model_device(model: GPT) -> torch.device:
+    return model.tok_emb.weight.device
+
+
+def iter_tokens(model: GPT, ids, max_new_tokens: int, temperature: float | None = 0.0,
+                top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                seed: int | None = None, *, attention_mask: torch.Tensor | None = None,
+                use_cache: bool = True) -> Iterator:
+    """Yield the next token ids one step at a time, up to `max_new_tokens` of them.
+
+    `ids`: one prompt (a list of ids or a 1-D tensor) -> yields ints; a batch (B, T) tensor ->
+    yields (B,) tensors (with `attention_mask` (B, T) when the prompts are left-padded).
+    Greedy when temperature is 0; otherwise samples from softmax(logits / temperature) after
+    top-k and top-p filtering, with a private generator seeded by `seed` (same seed, same text).
+    `eos_id` is yielded when produced and ends a single sequence; in a batch, finished rows repeat
+    it until every row has finished. Bad settings raise ValueError here, before any step runs.
     """
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=ids.device).manual_seed(seed)
+    batch_ids, single = _as_batch(ids)
+    device = _model_device(model)
+    batch_ids = batch_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+    _check_prompt(model, batch_ids, attention_mask)
+    steps = _decode_steps(model, batch_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                          eos_id, seed, use_cache)
+    return (int(next_ids[0]) for next_ids in steps) if single else steps
 
-    was_training = model.training
-    model.eval()
-    context = model.config.context_length
-    cache = None
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        if use_cache and cache is not None and cache.length < context:
-            logits = model(ids[:, -1:], cache=cache)               # decode: just the newest token
-        elif use_cache and ids.shape[1] <= context:
-            cache = model.new_cache(ids.shape[0])
-            logits = model(ids, cache=cache)                        # prefill the whole prompt
-        else:
-            logits = model(ids[:, -context:])                       # past the context: recompute
-        next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-        if eos_id is not None:
-            next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
-            finished |= next_id == eos_id
-            if bool(finished.all()):
+
+def generate(model: GPT, ids, max_new_tokens: int, temperature: float | None = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             seed: int | None = None, use_cache: bool = True,
+             attention_mask: torch.Tensor | None = None):
+    """The prompt ids with up to `max_new_tokens` generated ids appended.
+
+    - `ids` (B, T) tensor -> (B, T + n) tensor. Left-padded prompts need `attention_mask` (B, T);
+      rows that reach `eos_id` first are filled with it while the others finish.
+    - `ids` a list of prompts (lists of ids, possibly of different lengths) -> a list of lists,
+      each its prompt + its own continuation (ending at its eos, if any).
+    - `ids` a 1-D tensor -> (1, T + n) tensor.
+    See `iter_tokens` for the sampling settings.
+    """
+    if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple)):
+        padded, mask = left_pad(ids)
+        out = generate(model, padded, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+                       use_cache, attention_mask=mask)
+        results = []
+        for prompt, row in zip(ids, out[:, padded.shape[1]:].tolist(), strict=True):
+            if eos_id is not None and eos_id in row:
+                row = row[:row.index(eos_id) + 1]
+            results.append(list(prompt) + row)
+        return results
+    batch_ids, _ = _as_batch(ids)
+    batch_ids = batch_ids.to(_model_device(model))
+    steps = list(iter_tokens(model, batch_ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+                             attention_mask=attention_mask, use_cache=use_cache))
+    if not steps:
+        return batch_ids
+    return torch.cat([batch_ids, torch.stack(steps, dim=1)], dim=1)
+
+
+def _text_decoder(tokenizer):
+    """A function id -> text piece that holds back bytes until they form whole characters."""
+    if hasattr(tokenizer, "decode_bytes"):
+        # Byte-level BPE: one emoji or CJK character can span several tokens. The incremental
+        # decoder keeps an incomplete UTF-8 sequence until its last byte arrives; invalid bytes
+        # become U+FFFD, as `tokenizer.decode` does on the whole text.
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda token_id: utf8.decode(tokenizer.decode_bytes([token_id])), lambda: utf8.decode(b"", final=True)
+    return lambda token_id: tokenizer.decode([token_id]), lambda: ""
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could be the start of a stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
                 break
-        ids = torch.cat([ids, next_id.unsqueeze(1)], dim=1)
-    model.train(was_training)
-    return ids
+    return longest
+
+
+def detokenize_stream(tokenizer, ids: Iterable[int], stop: str | Sequence[str] | None = None) -> Iterator[str]:
+    """Turn token ids, as they arrive, into text pieces that never hold a broken UTF-8 character.
+
+    Ends at the tokenizer's end-of-text id (not shown), when `ids` runs out, or at the first stop
+    string (not shown either): text that could begin a stop string is held back until it is clear
+    that it does not. The pieces joined equal `tokenizer.decode(ids)` cut before the stop string.
+    """
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise ValueError("stop strings must not be empty")
+    eos_id = getattr(tokenizer, "eos_id", None)
+    decode_piece, flush = _text_decoder(tokenizer)
+    pending = ""
+    for token_id in ids:
+        if token_id == eos_id:
+            break
+        pending += decode_piece(int(token_id))
+        cut = _first_stop(pending, stops)
+        if cut >= 0:
+            if cut:
+                yield pending[:cut]
+            return
+        ready = len(pending) - _held_back(pending, stops)
+        if ready:
+            yield pending[:ready]
+            pending = pending[ready:]
+    pending += flush()
+    cut = _first_stop(pending, stops)
+    pending = pending[:cut] if cut >= 0 else pending
+    if pending:
+        yield pending
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the earliest stop string starts in `text`, or -1."""
+    return min((text.find(s) for s in stops if s in text), default=-1)
+
+
+def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, temperature: float | None = 0.0,
+                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                stop: str | Sequence[str] | None = None) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text pieces while tokens are generated.
+
+    Pieces never hold a broken UTF-8 character. Generation ends at the tokenizer's end-of-text
+    token (not shown), after `max_new_tokens`, or at the first stop string (not shown either).
+    See `iter_tokens` for the sampling settings and `detokenize_stream` for the text.
+    Bad settings raise ValueError here, before any text is produced.
+    """
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise ValueError("stop strings must not be empty")
+    ids = tokenizer.encode(prompt)
+    eos_id = getattr(tokenizer, "eos_id", None)
+    if not ids:
+        if eos_id is None:
+            raise ValueError("the prompt is empty; give at least one character")
+        ids = [eos_id]  # GPT-2 was trained with <|endoftext|> between documents: a neutral start
+    tokens = iter_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    return _stream(tokenizer, tokens, stops)
+
+
+def _stream(tokenizer, tokens, stop):
+    try:
+        yield from detokenize_stream(tokenizer, tokens, stop)
+    finally:
+        tokens.close()  # a stop string ends generation at once, not when the generator is collected
+
+
+def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, **options) -> str:
+    """The continuation of `prompt` as one string (`stream_text` joined; same options)."""
+    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **options))

@@ -80,8 +80,9 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = nn.Dropout(dropout)
         self.fused = True
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
-                return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, return_weights: bool = False,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`key_mask` (B, S), optional: False for padding keys no query may attend to."""
         batch, n_tokens, _ = x.shape                                  # x: (B, T, d_in)
         queries, keys, values = self.qkv(x).split(self.d_out, dim=2)  # each (B, T, d_out)
 
@@ -97,35 +98,55 @@ class MultiHeadAttention(nn.Module):
             keys, values = cache.append(keys, values)                 # (B, H, start + T, head_dim)
 
         if self.fused and not return_weights:
-            context, weights = self._fused(queries, keys, values, start), None
+            context, weights = self._fused(queries, keys, values, start, key_mask), None
         else:
-            context, weights = self._explicit(queries, keys, values, start)
+            context, weights = self._explicit(queries, keys, values, start, key_mask)
 
         # Concatenate the heads again: (B, H, T, head_dim) -> (B, T, d_out), then mix them.
         context = context.transpose(1, 2).reshape(batch, n_tokens, self.d_out)
         return self.out_proj(context), weights
 
     @staticmethod
-    def causal_mask(n_queries: int, n_keys: int, start: int, device) -> torch.Tensor:
-        """True where query i (at position start + i) must not see key j, i.e. j is in its future."""
-        return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).triu(diagonal=start + 1)
+    def causal_mask(n_queries: int, n_keys: int, start, device) -> torch.Tensor:
+        """True where query i (at position start + i) must not see key j, i.e. j is in its future.
 
-    def _explicit(self, queries, keys, values, start):
+        `start` is an int, or a 0-d tensor for a `StaticKVCache`, whose unwritten slots then count
+        as future keys.
+        """
+        query_positions = start + torch.arange(n_queries, device=device)
+        return torch.arange(n_keys, device=device) > query_positions[:, None]  # (T, S)
+
+    @classmethod
+    def padded_allowed(cls, n_queries: int, key_mask: torch.Tensor, start: int) -> torch.Tensor:
+        """(B, 1, T, S) True where a query may attend: past or present keys that are not padding."""
+        n_keys = key_mask.shape[-1]
+        allowed = ~cls.causal_mask(n_queries, n_keys, start, key_mask.device) & key_mask[:, None, None, :]
+        # A padding token sees no real key; letting it see itself keeps its unused output finite.
+        itself = torch.ones(n_queries, n_keys, dtype=torch.bool, device=key_mask.device)
+        return allowed | (itself.triu(diagonal=start) & itself.tril(diagonal=start))
+
+    def _explicit(self, queries, keys, values, start, key_mask=None):
         scores = queries @ keys.transpose(2, 3)                       # (B, H, T, S)
         # Dividing by sqrt(head_dim) keeps the scores' variance near 1, so softmax stays soft.
         scores = scores / math.sqrt(self.head_dim)
-        mask = self.causal_mask(scores.shape[-2], scores.shape[-1], start, scores.device)
+        if key_mask is None:
+            mask = self.causal_mask(scores.shape[-2], scores.shape[-1], start, scores.device)
+        else:
+            mask = ~self.padded_allowed(scores.shape[-2], key_mask, start)
         scores = scores.masked_fill(mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         context = self.attn_dropout(weights) @ values                 # (B, H, T, head_dim)
         return context, weights
 
-    def _fused(self, queries, keys, values, start):
+    def _fused(self, queries, keys, values, start, key_mask=None):
         dropout = self.dropout if self.training else 0.0
         n_queries, n_keys = queries.shape[-2], keys.shape[-2]
+        if key_mask is not None:  # a padded batch: each row has its own mask
+            allowed = self.padded_allowed(n_queries, key_mask, start)
+            return F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout)
         if n_queries == n_keys:  # no cached prefix: the ordinary causal triangle
             return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout, is_causal=True)
-        if n_queries == 1:  # one new token sees every key, itself included
+        if n_queries == 1 and isinstance(start, int):  # one new token sees every key, itself included
             return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout)
         allowed = ~self.causal_mask(n_queries, n_keys, start, queries.device)
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout)
@@ -163,14 +184,14 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(config.emb_dim, config.hidden_dim, config.activation, config.ff_bias)
         self.drop_resid = nn.Dropout(config.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
-                return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, return_weights: bool = False,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.pre_norm:
-            attended, weights = self.attn(self.norm1(x), cache, return_weights)
+            attended, weights = self.attn(self.norm1(x), cache, return_weights, key_mask)
             x = x + self.drop_resid(attended)
             x = x + self.drop_resid(self.ff(self.norm2(x)))
         else:
-            attended, weights = self.attn(x, cache, return_weights)
+            attended, weights = self.attn(x, cache, return_weights, key_mask)
             x = self.norm1(x + self.drop_resid(attended))
             x = self.norm2(x + self.drop_resid(self.ff(x)))
         return x, weights
@@ -238,13 +259,17 @@ class GPT(nn.Module):
         return self
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
-                return_attention: bool = False):
+                return_attention: bool = False, attention_mask: torch.Tensor | None = None):
         """Logits for every position of `ids` (B, T).
 
         With a `cache`, `ids` are the tokens that follow those already in the cache: only they are
         computed, their keys and values are appended, and the cache's length grows by T.
         With `return_attention=True`, attention runs on the explicit path and the result is
         (logits, [weights of each block, (B, n_heads, T, T_total)]).
+        `attention_mask` (B, T_total), for batches of prompts of different lengths padded on the
+        left: 1 for real tokens, 0 for padding, covering the cached tokens and `ids`. Padding is
+        hidden from attention and positions count real tokens only, so each row computes what it
+        would alone.
         """
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
             raise ValueError("ids must be an integer tensor of shape (batch, n_tokens)")
@@ -252,7 +277,9 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if n_tokens == 0:
             raise ValueError("ids must hold at least one token")
-        if start + n_tokens > self.config.context_length:
+        # A StaticKVCache keeps its length on the device, so the caller checks bounds: reading it
+        # here would make the host wait for the GPU at every step.
+        if isinstance(start, int) and start + n_tokens > self.config.context_length:
             raise ValueError(
                 f"{start + n_tokens} tokens exceed the model's context length of "
                 f"{self.config.context_length}; crop the input to its last {self.config.context_length} tokens"
@@ -260,21 +287,34 @@ class GPT(nn.Module):
         if cache is not None and cache.batch_size != batch:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, got {batch}")
 
-        positions = torch.arange(start, start + n_tokens, device=ids.device)
+        key_mask = None
+        if attention_mask is None:
+            positions = start + torch.arange(n_tokens, device=ids.device)
+        else:
+            if tuple(attention_mask.shape) != (batch, start + n_tokens):
+                raise ValueError(f"attention_mask must have shape (batch, cached + new tokens) = "
+                                 f"{(batch, start + n_tokens)}, got {tuple(attention_mask.shape)}")
+            key_mask = attention_mask.bool()
+            positions = (key_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, start:]  # (B, T)
         x = self.drop_emb(self.tok_emb(ids) + self.pos_emb(positions))  # (B, T, emb_dim)
         all_weights = []
         for index, block in enumerate(self.blocks):
-            x, weights = block(x, cache.layers[index] if cache is not None else None, return_attention)
+            layer_cache = cache.layers[index] if cache is not None else None
+            x, weights = block(x, layer_cache, return_attention, key_mask)
             all_weights.append(weights)
         logits = self.out_head(self.final_norm(x))                        # (B, T, vocab_size)
         if cache is not None:
             cache.advance(n_tokens)
         return (logits, all_weights) if return_attention else logits
 
-    def new_cache(self, batch_size: int = 1, max_length: int | None = None) -> KVCache:
-        """An empty KV cache for this model, on its device and in its dtype."""
+    def new_cache(self, batch_size: int = 1, max_length: int | None = None, static: bool = False) -> KVCache:
+        """An empty KV cache for this model, on its device and in its dtype.
+
+        `static=True` gives a `StaticKVCache`, whose shapes never change (for CUDA graphs).
+        """
         weight = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype)
+        kind = StaticKVCache if static else KVCache
+        return kind(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
@@ -333,11 +373,13 @@ class KVCache:
     recomputes from the last `context_length` tokens (see `glassgpt.generate`).
     """
 
+    layer_type = LayerCache
+
     def __init__(self, config: GPTConfig, batch_size: int, max_length: int | None = None,
                  device=None, dtype=torch.float32):
         max_length = min(max_length or config.context_length, config.context_length)
         shape = (batch_size, config.n_heads, max_length, config.head_dim)
-        self.layers = [LayerCache(shape, device, dtype) for _ in range(config.n_layers)]
+        self.layers = [self.layer_type(shape, device, dtype) for _ in range(config.n_layers)]
         self.batch_size = batch_size
         self.length = 0
 
@@ -348,3 +390,38 @@ class KVCache:
 
     def reset(self) -> None:
         self.advance(-self.length)
+
+
+class StaticLayerCache(LayerCache):
+    """One block's keys and values, written at a position held in a device tensor."""
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' keys/values (B, H, T, hd); return the whole buffer.
+
+        Attention then reads every slot, and the causal mask hides those not yet written.
+        """
+        slots = self.length + torch.arange(keys.shape[2], device=keys.device)
+        self.keys.index_copy_(2, slots, keys)
+        self.values.index_copy_(2, slots, values)
+        return self.keys, self.values
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose length is a 0-d tensor on the device instead of a Python int.
+
+    Every step reads and writes the same buffers at positions computed on the device, so nothing in
+    a decode step depends on a host-side number: the step can be compiled once and captured as a
+    CUDA graph (see `glassgpt.fast`). The price is attention over the whole buffer each step, and no
+    host-side overflow check: the caller keeps prompt + new tokens within `max_length`; and no
+    `attention_mask` (rows of one batch share their positions).
+    """
+
+    layer_type = StaticLayerCache
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_length: int | None = None,
+                 device=None, dtype=torch.float32):
+        super().__init__(config, batch_size, max_length, device, dtype)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+        # Every layer shares the one length tensor; advance() and reset() update it in place.
+        for layer in self.layers:
+            layer.length = self.length
