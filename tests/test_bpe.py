@@ -221,3 +221,21 @@ def test_bad_tables_are_refused(tmp_path):
     ranks.write_text("IQ== 0\nnot-a-line\n", encoding="ascii")
     with pytest.raises(ValueError, match=r"broken.tiktoken:2: expected 'base64-bytes rank'"):
         BPETokenizer.from_tiktoken_ranks(ranks)
+
+
+def test_checkpoints_rebuild_a_bpe_tokenizer_from_its_dict():
+    from glassgpt.tokenizer import tokenizer_from_dict
+
+    rebuilt = tokenizer_from_dict(_verdict_300().to_dict())
+    assert isinstance(rebuilt, BPETokenizer)
+    assert rebuilt.tokens == _verdict_300().tokens and rebuilt.eos_id == 299
+
+
+def test_cli_tokenize_with_the_from_scratch_bpe(capsys):
+    from glassgpt.cli import main
+
+    assert main(["tokenize", "The painting was", "--tokenizer", "bpe"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["464", "12036", "373"]
+    assert "' painting'" in lines[1]
+    assert lines[-1] == "3 tokens"

@@ -41,7 +41,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from glassgpt.tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer(args.tokenizer, text=args.text if args.tokenizer == "char" else None)
+    if args.tokenizer == "bpe":  # the from-scratch BPE over GPT-2's table: same ids, pure Python
+        from glassgpt.bpe import BPETokenizer
+
+        tokenizer = BPETokenizer.from_tiktoken_ranks()
+    else:
+        tokenizer = get_tokenizer(args.tokenizer, text=args.text if args.tokenizer == "char" else None)
     ids = tokenizer.encode(args.text)
     pieces = (tokenizer.token_strings(ids) if hasattr(tokenizer, "token_strings")
               else [tokenizer.decode([i]) for i in ids])
@@ -78,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tokenize = verbs.add_parser("tokenize", help="show the tokens of a text with their ids")
     tokenize.add_argument("text")
-    tokenize.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2")
+    tokenize.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"], default="gpt2")
     tokenize.set_defaults(run=cmd_tokenize)
 
     demo = verbs.add_parser("demo", help="the main job of the README quick start")

@@ -136,6 +136,10 @@ def tokenizer_from_dict(data: dict) -> Tokenizer:
         return get_tokenizer("gpt2")
     if kind == "char":
         return CharTokenizer(data["chars"])
+    if kind == "bpe":  # the from-scratch BPE stores its whole token table
+        from glassgpt.bpe import BPETokenizer
+
+        return BPETokenizer.from_dict(data)
     raise ValueError(f"unknown tokenizer type {kind!r} in saved tokenizer")
 
 
