@@ -65,7 +65,7 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, d_in: int, d_out: int, n_heads: int, dropout: float = 0.0,
-                 qkv_bias: bool = False, out_bias: bool = True):
+                 qkv_bias: bool = False, out_bias: bool = True, causal: bool = True):
         super().__init__()
         if d_out % n_heads:
             raise ValueError(f"d_out ({d_out}) must be divisible by n_heads ({n_heads})")
@@ -78,6 +78,9 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
         self.dropout = dropout
         self.attn_dropout = nn.Dropout(dropout)
+        # causal=False lets every token see every token (the walk-through's unmasked first steps in
+        # `glassgpt.explain`); it always runs the explicit path.
+        self.causal = causal
         self.fused = True
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None, return_weights: bool = False,
@@ -97,7 +100,7 @@ class MultiHeadAttention(nn.Module):
             start = cache.length
             keys, values = cache.append(keys, values)                 # (B, H, start + T, head_dim)
 
-        if self.fused and not return_weights:
+        if self.fused and self.causal and not return_weights:
             context, weights = self._fused(queries, keys, values, start, key_mask), None
         else:
             context, weights = self._explicit(queries, keys, values, start, key_mask)
@@ -129,10 +132,12 @@ class MultiHeadAttention(nn.Module):
         scores = queries @ keys.transpose(2, 3)                       # (B, H, T, S)
         # Dividing by sqrt(head_dim) keeps the scores' variance near 1, so softmax stays soft.
         scores = scores / math.sqrt(self.head_dim)
-        if key_mask is None:
+        if key_mask is not None:
+            mask = ~self.padded_allowed(scores.shape[-2], key_mask, start)
+        elif self.causal:
             mask = self.causal_mask(scores.shape[-2], scores.shape[-1], start, scores.device)
         else:
-            mask = ~self.padded_allowed(scores.shape[-2], key_mask, start)
+            mask = torch.zeros(scores.shape[-2:], dtype=torch.bool, device=scores.device)
         scores = scores.masked_fill(mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         context = self.attn_dropout(weights) @ values                 # (B, H, T, head_dim)
