@@ -122,12 +122,19 @@ class BPETokenizer:
         """Split `data` into single bytes, then merge adjacent pairs lowest rank first, leftmost
         first among equals, using only tokens ranked below `max_rank`; returns the merged parts."""
         parts = [data[i : i + 1] for i in range(len(data))]
-        while len(parts) > 1:
-            ranks = [self.rank_of.get(left + right, NOT_A_TOKEN) for left, right in pairwise(parts)]
-            best = min(range(len(ranks)), key=ranks.__getitem__)
-            if ranks[best] >= max_rank:
+        # pair_ranks[i] is the rank of parts[i] + parts[i + 1], the token that pair would form.
+        pair_ranks = [self.rank_of.get(left + right, NOT_A_TOKEN) for left, right in pairwise(parts)]
+        while pair_ranks:
+            best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[best] >= max_rank:
                 break
             parts[best : best + 2] = [parts[best] + parts[best + 1]]
+            del pair_ranks[best]
+            # Only the pairs that touch the merged part have changed.
+            if best > 0:
+                pair_ranks[best - 1] = self.rank_of.get(parts[best - 1] + parts[best], NOT_A_TOKEN)
+            if best < len(pair_ranks):
+                pair_ranks[best] = self.rank_of.get(parts[best] + parts[best + 1], NOT_A_TOKEN)
         return parts
 
     def decode_bytes(self, ids: list[int]) -> bytes:
