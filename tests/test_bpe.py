@@ -71,6 +71,11 @@ def test_whole_tiny_shakespeare_matches_tiktoken(gpt2_bpe, tiktoken_gpt2):
     assert ids == tiktoken_gpt2.encode(text)
 
 
+@pytest.mark.parametrize("text", ["a" * 777, "1" * 501, "=-" * 300, " \n" * 200, "ab" * 250 + "  x", "\t" * 99 + "!"])
+def test_long_chunks_match_tiktoken(gpt2_bpe, tiktoken_gpt2, text):
+    assert gpt2_bpe.encode(text) == tiktoken_gpt2.encode(text)
+
+
 def test_chunk_cache_holds_each_distinct_chunk_once_and_changes_nothing():
     tokenizer = BPETokenizer.from_tiktoken_ranks()
     text = bundled_text()
@@ -81,8 +86,12 @@ def test_chunk_cache_holds_each_distinct_chunk_once_and_changes_nothing():
     assert cached_ids == uncached_ids
 
 
+# Any Unicode, plus text from a small alphabet, which has far more merges to make.
+MERGEABLE_TEXT = st.text(alphabet="abehnst '\n\t1209,.!?éü€", max_size=120)
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.text(max_size=60))
+@given(st.one_of(st.text(max_size=60), MERGEABLE_TEXT))
 def test_any_unicode_round_trips_and_matches_tiktoken(gpt2_bpe, tiktoken_gpt2, text):
     ids = gpt2_bpe.encode_ordinary(text)
     assert gpt2_bpe.decode(ids) == text
