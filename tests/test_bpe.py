@@ -153,6 +153,19 @@ def test_training_on_the_verdict():
     assert BPETokenizer().train(text, vocab_size=300).tokens == tokenizer.tokens  # deterministic
 
 
+def test_merges_learned_in_training_are_the_ones_encoding_applies(capsys):
+    # Training merges pairs of ids; encoding only looks up joined bytes. The verbose log of the
+    # training merges must match the merges recovered from the finished token table.
+    tokenizer = BPETokenizer().train(bundled_text(), vocab_size=300, verbose=True)
+    logged = []
+    for line in capsys.readouterr().out.splitlines():  # "merge 1/43: 32 + 116 -> 256 ' t' (462 times)"
+        left, _, right, _, new_id = line.split(": ")[1].split()[:5]
+        logged.append(((int(left), int(right)), int(new_id)))
+    assert len(logged) == 43
+    assert logged[0] == ((32, 116), 256)
+    assert tokenizer.merges() == logged
+
+
 def test_special_tokens_are_kept_out_of_training_and_encode_as_one_id():
     text = ("ab<|endoftext|>" * 20) + "cab"
     tokenizer = BPETokenizer().train(text, vocab_size=259)
@@ -182,6 +195,8 @@ def _verdict_300() -> BPETokenizer:
 def test_training_errors_are_clear():
     with pytest.raises(ValueError, match="at least 257"):
         BPETokenizer().train("hello", vocab_size=256)
+    with pytest.raises(ValueError, match="distinct, non-empty"):
+        BPETokenizer().train("hello", vocab_size=300, special_tokens=("<|a|>", "<|a|>"))
     # Each merge joins two of "hello"'s five bytes, so after 4 merges it is one token.
     with pytest.raises(ValueError, match=r"no pairs left to merge after 4 merges.*vocab_size 261 or less"):
         BPETokenizer().train("hello", vocab_size=300)

@@ -173,6 +173,8 @@ class BPETokenizer:
         if n_merges < 0:
             raise ValueError(f"vocab_size {vocab_size} is too small: the 256 byte tokens and "
                              f"{len(special_tokens)} special tokens need at least {256 + len(special_tokens)}")
+        if len(set(special_tokens)) != len(special_tokens) or "" in special_tokens:
+            raise ValueError(f"special tokens must be distinct, non-empty strings, got {special_tokens!r}")
         splitter = _special_splitter(dict.fromkeys(special_tokens, 0))
         pieces = splitter.split(text)[::2] if splitter else [text]  # special tokens are never merged
         # Merging works on distinct chunks, each weighted by how often it occurs: " the" is
