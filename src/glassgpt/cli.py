@@ -70,6 +70,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from glassgpt.explain import list_topics, print_topic, run_topic
+
+    if args.list or args.topic is None:
+        for name, title in list_topics():
+            print(f"{name:<14}{title}")
+        return 0
+    model = tokenizer = None
+    if args.model:
+        from glassgpt.weights import load_model
+
+        model, tokenizer = load_model(args.model)
+    result = run_topic(args.topic, model, tokenizer)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_topic(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glassgpt.config import PRESETS
 
@@ -88,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verbs.add_parser("demo", help="the main job of the README quick start")
     demo.set_defaults(run=cmd_demo)
+
+    explain = verbs.add_parser("explain", help="the walk-through: one concept, step by step, with real numbers")
+    explain.add_argument("topic", nargs="?", help="a topic from --list (no topic: list them)")
+    explain.add_argument("--list", action="store_true", help="list the topics")
+    explain.add_argument("--json", action="store_true", help="print the steps as JSON")
+    explain.add_argument("--model", metavar="DIR", help="a saved model for the block, gpt and sampling topics")
+    explain.set_defaults(run=cmd_explain)
 
     return parser
 
