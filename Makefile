@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/glassgpt demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
