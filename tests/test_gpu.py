@@ -1,0 +1,137 @@
+"""The GPU fast paths compute what the readable model computes.
+
+The static KV cache and the graphed decoder's logic run on the CPU too (CI has no GPU); the tests
+marked `gpu` need CUDA and skip cleanly without it: compiled training forward, compiled +
+graph-captured decoding, both against eager, on random weights.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glassgpt import GPT, get_preset
+from glassgpt.fast import GraphedDecoder
+from glassgpt.generate import generate
+
+SMALL = get_preset("gpt2", vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def random_model(config, seed: int = 0, spread: float = 0.05, device: str = "cpu") -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():  # move biases and norms off their trivial initial values
+        for p in model.parameters():
+            p.add_(spread * torch.randn_like(p))
+    return model.to(device).eval()
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 matrix products without TF32 for references (restored afterwards)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_static_cache_decoding_equals_full_forward(fused):
+    model = random_model(SMALL).set_fused(fused)
+    ids = torch.randint(0, SMALL.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch_size=2, max_length=24, static=True)
+        # A prefill, a chunk after a cached prefix, then one token at a time.
+        pieces = [model(ids[:, :7], cache=cache), model(ids[:, 7:10], cache=cache)]
+        pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(10, 20)]
+    assert int(cache.length) == 20
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    # Unwritten slots stay hidden after a reset, whatever they hold.
+    cache.reset()
+    with torch.no_grad():
+        again = model(ids[:, :5], cache=cache)
+    torch.testing.assert_close(again, full[:, :5], atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_without_graph_is_greedy_generation():
+    model = random_model(SMALL, spread=0.3)
+    ids = torch.randint(0, SMALL.vocab_size, (3, 5), generator=torch.Generator().manual_seed(2))
+    decoder = GraphedDecoder(model, batch_size=3, max_length=30, compile=False)
+    expected = generate(model, ids, 25)
+    assert torch.equal(decoder.generate(ids, 25), expected)
+    assert torch.equal(decoder.generate(ids, 25), expected)  # a second sequence reuses the cache
+
+
+def test_decoder_refuses_what_does_not_fit():
+    decoder = GraphedDecoder(random_model(SMALL), batch_size=1, max_length=10, compile=False)
+    with pytest.raises(ValueError, match="exceed"):
+        decoder.generate(torch.zeros(1, 5, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match="shape"):
+        decoder.generate(torch.zeros(2, 5, dtype=torch.long), 3)
+    with pytest.raises(RuntimeError, match="prefill"):
+        decoder.step()
+
+
+# GPT-2 small's widths and vocabulary, fewer blocks: the real kernels at a quick compile.
+GPU_CONFIG = get_preset("gpt2", n_layers=4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_bf16_training_forward_matches_eager_fp32(exact_fp32):
+    model = random_model(GPU_CONFIG, device="cuda").train()
+    ids = torch.randint(0, GPU_CONFIG.vocab_size, (4, 257), device="cuda")
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def loss_and_logits(forward):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), logits
+
+    with torch.no_grad():
+        reference = model(inputs).float()
+        reference_loss = F.cross_entropy(reference.flatten(0, 1), targets.flatten())
+    loss, logits = torch.compile(loss_and_logits)(model)
+    assert relative_error(logits.float(), reference) < 1e-2
+    assert abs(loss.item() - reference_loss.item()) < 1e-2 * reference_loss.item()
+    loss.backward()  # the compiled backward runs and reaches every parameter
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graphed_decoder_greedy_equals_eager_for_50_tokens(exact_fp32):
+    # fp32 without TF32, so near-ties between logits cannot flip a greedy choice.
+    model = random_model(GPU_CONFIG, device="cuda")
+    ids = torch.randint(0, GPU_CONFIG.vocab_size, (2, 16), device="cuda")
+    expected = generate(model, ids, 50)
+    decoder = GraphedDecoder(model, batch_size=2, max_length=66)
+    assert torch.equal(decoder.generate(ids, 50), expected)
+    assert torch.equal(decoder.generate(ids, 50), expected)  # replaying the captured graph again
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graphed_decoder_bf16_logits_match_eager_fp32(exact_fp32):
+    reference_model = random_model(GPU_CONFIG, device="cuda")
+    model = random_model(GPU_CONFIG, device="cuda").to(torch.bfloat16)
+    ids = torch.randint(0, GPU_CONFIG.vocab_size, (2, 16), device="cuda")
+    decoder = GraphedDecoder(model, batch_size=2, max_length=80)
+    # Decode 60 tokens, keeping the logits of every step, then score the same sequence in fp32.
+    step_logits = [decoder.prefill(ids).clone()]
+    tokens = [decoder.token.clone()]
+    for _ in range(59):
+        step_logits.append(decoder.step().clone())
+        tokens.append(decoder.token.clone())
+    sequence = torch.cat([ids, *tokens], dim=1)                      # (2, 16 + 60)
+    with torch.no_grad():
+        reference = reference_model(sequence[:, :-1])[:, 15:]        # logits that picked each new token
+    assert relative_error(torch.stack(step_logits, dim=1).float(), reference) < 1e-2
+    # The tokens are the argmax of the logits the graph returned.
+    assert torch.equal(torch.stack(step_logits, dim=1).argmax(-1), sequence[:, 16:])
