@@ -92,6 +92,58 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from glassgpt.generate import Timing, check_sampling, stream_text
+    from glassgpt.weights import resolve_model
+
+    check_sampling(args.temperature, args.top_k, args.top_p)  # before loading gigabytes of weights
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tokenizer, description = resolve_model(args.model, device=args.device, dtype=dtype)
+    timing = Timing()
+    pieces = stream_text(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, timing=timing)
+    if args.stream:
+        print(args.prompt, end="", flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(args.prompt + "".join(pieces))
+    if args.verbose:
+        print(f"[{description}; {timing.prompt_tokens} prompt tokens, {timing.new_tokens} new; "
+              f"prefill {timing.prefill_tokens_per_second:,.1f} tokens/s, "
+              f"decode {timing.decode_tokens_per_second:,.1f} tokens/s; "
+              f"{torch.get_num_threads()} threads]", file=sys.stderr)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from glassgpt.weights import download_gpt2
+
+    try:
+        path = download_gpt2(args.name, args.dir)
+    except ConnectionError as error:
+        print(f"glassgpt: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.name} is in {path}; use it with: glassgpt generate \"Hello\" --model "
+          f"{path if args.dir else args.name}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from glassgpt.weights import export_hf, load_model
+
+    model, _ = load_model(args.checkpoint)
+    directory = export_hf(model, args.to_hf)
+    print(f"wrote {directory}/config.json and model.safetensors "
+          f"(load with transformers.GPT2LMHeadModel.from_pretrained({str(directory)!r}))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glassgpt.config import PRESETS
 
@@ -118,6 +170,35 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", metavar="DIR", help="a saved model for the block, gpt and sampling topics")
     explain.set_defaults(run=cmd_explain)
 
+    generate = verbs.add_parser("generate", help="continue a prompt with a model")
+    generate.add_argument("prompt")
+    generate.add_argument("--model", default="gpt2",
+                          help="checkpoint directory, GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; "
+                               "found locally, never downloaded) or preset (random weights)")
+    generate.add_argument("--max-tokens", type=int, default=50, help="new tokens at most (default 50)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    generate.add_argument("--stop", action="append", default=None, help="stop before this text (repeatable)")
+    generate.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    generate.add_argument("--verbose", action="store_true", help="print prefill and decode speed")
+    generate.add_argument("--device", default="cpu")
+    generate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    generate.set_defaults(run=cmd_generate)
+
+    download = verbs.add_parser("download", help="fetch OpenAI's GPT-2 weights from the Hugging Face Hub")
+    download.add_argument("name", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+    download.add_argument("--dir", default=None, help="a directory to put the files in (default: the HF cache)")
+    download.set_defaults(run=cmd_download)
+
+    export = verbs.add_parser("export", help="write a checkpoint in another format")
+    export.add_argument("checkpoint", help="a model directory (glassgpt, Hugging Face or OpenAI format)")
+    export.add_argument("--to-hf", required=True, metavar="DIR",
+                        help="write config.json + model.safetensors for transformers' GPT2LMHeadModel")
+    export.set_defaults(run=cmd_export)
+
     return parser
 
 
@@ -126,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"glassgpt: error: {error}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,9 @@ Three layers, each built on the one before:
 from __future__ import annotations
 
 import codecs
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -288,14 +290,48 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
     return min((text.find(s) for s in stops if s in text), default=-1)
 
 
+@dataclass
+class Timing:
+    """How long a generation took: the prompt (prefill, up to the first new token) and the rest."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first, per second of decoding (the first one comes with the prefill)."""
+        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
+
+    def timed(self, tokens: Iterator[int], prompt_tokens: int) -> Iterator[int]:
+        """Pass `tokens` through, recording the times into this object as they arrive."""
+        self.prompt_tokens, self.new_tokens = prompt_tokens, 0
+        started = time.perf_counter()
+        first = None
+        for token in tokens:
+            now = time.perf_counter()
+            if first is None:
+                first = now
+                self.prefill_seconds = now - started
+            self.new_tokens += 1
+            self.decode_seconds = now - first
+            yield token
+
+
 def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, temperature: float | None = 0.0,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                stop: str | Sequence[str] | None = None) -> Iterator[str]:
+                stop: str | Sequence[str] | None = None, *, timing: Timing | None = None) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces while tokens are generated.
 
     Pieces never hold a broken UTF-8 character. Generation ends at the tokenizer's end-of-text
     token (not shown), after `max_new_tokens`, or at the first stop string (not shown either).
-    See `iter_tokens` for the sampling settings and `detokenize_stream` for the text.
+    See `iter_tokens` for the sampling settings and `detokenize_stream` for the text. Pass a
+    `Timing()` to have it filled in with prefill and decode speeds.
     Bad settings raise ValueError here, before any text is produced.
     """
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -308,6 +344,8 @@ def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, tempera
             raise ValueError("the prompt is empty; give at least one character")
         ids = [eos_id]  # GPT-2 was trained with <|endoftext|> between documents: a neutral start
     tokens = iter_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    if timing is not None:
+        tokens = timing.timed(tokens, len(ids))
     return _stream(tokenizer, tokens, stops)
 
 

@@ -1,17 +1,23 @@
-"""Weights in and out: glassgpt's own format and Hugging Face's GPT-2 format.
+"""Weights in and out: glassgpt's own format, Hugging Face's GPT-2 format, OpenAI's original release.
 
 glassgpt format (a directory): `model.safetensors` with glassgpt's parameter names and
 `glassgpt.json` holding the GPTConfig and the tokenizer.
 
 Hugging Face format (what `GPT2LMHeadModel.save_pretrained` writes, and how OpenAI's GPT-2 is
-published): `config.json` + `model.safetensors` (or `pytorch_model.bin`). GPT-2 stores its linear
-layers as "Conv1D" with the matrix transposed, (in, out), and fuses Q, K, V into one `c_attn`
-whose output columns are [query | key | value] -- the same order as our `qkv` projection.
+published on the Hub): `config.json` + `model.safetensors` (or `pytorch_model.bin`). GPT-2 stores
+its linear layers as "Conv1D" with the matrix transposed, (in, out), and fuses Q, K, V into one
+`c_attn` whose output columns are [query | key | value] -- the same order as our `qkv` projection.
+
+OpenAI's original release (what our tutorial downloads): `hparams.json` + a TensorFlow checkpoint
+`model.ckpt.*` + `encoder.json`/`vocab.bpe`. The same tensors under names like
+`model/h0/attn/c_attn/w`, with a leading 1 on the Conv1D weights. Reading it needs TensorFlow
+(`pip install 'glassgpt[tf]'`); the BPE files are GPT-2's, which glassgpt bundles already.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,10 +68,16 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a glassgpt directory or a Hugging Face GPT-2 directory."""
+    """(model, tokenizer) from a directory in any format glassgpt reads.
+
+    glassgpt (`glassgpt.json`), Hugging Face GPT-2 (`config.json`) or OpenAI's original release
+    (`hparams.json` + TensorFlow checkpoint). The model comes back in eval mode.
+    """
     from glassgpt.tokenizer import get_tokenizer, tokenizer_from_dict
 
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory holding a model")
     if (path / GLASSGPT_META).exists():
         meta = json.loads((path / GLASSGPT_META).read_text(encoding="utf-8"))
         model = GPT(GPTConfig.from_dict(meta["config"]))
@@ -74,9 +86,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     elif (path / "config.json").exists():
         model = load_pretrained(path)
         tokenizer = get_tokenizer("gpt2")
+    elif (path / "hparams.json").exists():
+        model = load_openai_tf(path)
+        tokenizer = get_tokenizer("gpt2")
     else:
         raise FileNotFoundError(
-            f"{path} holds no model: expected {GLASSGPT_META} (glassgpt) or config.json (Hugging Face GPT-2)"
+            f"{path} holds no model: expected {GLASSGPT_META} (glassgpt), config.json (Hugging Face "
+            "GPT-2) or hparams.json + model.ckpt.* (OpenAI's original GPT-2 release)"
         )
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval(), tokenizer
@@ -85,7 +101,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 # ---------------------------------------------------------------- Hugging Face GPT-2 format
 
 def config_from_hf(hf: dict) -> GPTConfig:
-    """A GPTConfig from a Hugging Face GPT-2 config.json."""
+    """A GPTConfig from a Hugging Face GPT-2 config.json, or ValueError for variants glassgpt lacks."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"config.json describes a {hf.get('model_type')!r} model; glassgpt reads GPT-2 only")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+        raise ValueError("unsupported attention scaling in config.json (glassgpt scales by 1/sqrt(head_dim))")
     activation = hf.get("activation_function", "gelu_new")
     if activation in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         activation = "gelu"
@@ -158,11 +178,23 @@ def hf_names(config: GPTConfig) -> Iterator[tuple[str, str, bool]]:
 
 
 def read_hf_state(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory: safetensors (one file or shards) or pytorch_model.bin."""
+    def shards(index_name: str) -> list[Path]:
+        index = json.loads((directory / index_name).read_text(encoding="utf-8"))
+        return [directory / name for name in sorted(set(index["weight_map"].values()))]
+
+    def read_bin(file: Path) -> dict[str, torch.Tensor]:
+        # weights_only: a pickle can run code; a weights file must not be able to.
+        return torch.load(file, map_location="cpu", weights_only=True)
+
     if (directory / "model.safetensors").exists():
         return load_file(str(directory / "model.safetensors"))
+    if (directory / "model.safetensors.index.json").exists():
+        return {k: v for shard in shards("model.safetensors.index.json") for k, v in load_file(str(shard)).items()}
     if (directory / "pytorch_model.bin").exists():
-        # weights_only: a pickle can run code; a weights file must not be able to.
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_bin(directory / "pytorch_model.bin")
+    if (directory / "pytorch_model.bin.index.json").exists():
+        return {k: v for shard in shards("pytorch_model.bin.index.json") for k, v in read_bin(shard).items()}
     raise FileNotFoundError(f"{directory} has config.json but neither model.safetensors nor pytorch_model.bin")
 
 
@@ -185,13 +217,74 @@ def load_pretrained(path: str | Path) -> GPT:
             raise ValueError(f"{directory}: {their_name} missing from the weights")
         tensor = state[their_name]
         ours[our_name] = tensor.t().contiguous() if transposed else tensor
+    return _build(config, ours, str(directory))
+
+
+def _build(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
+    """A GPT of `config` holding `state` (glassgpt names), without a wasted random initialisation."""
     with torch.device("meta"):
         model = GPT(config)
     model = model.to_empty(device="cpu")
-    load_state_into(model, {k: v.float() for k, v in ours.items()}, str(directory))
+    for name, tensor in state.items():
+        expected = model.get_parameter(name).shape
+        if tuple(tensor.shape) != tuple(expected):
+            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected)}")
+    load_state_into(model, {k: v.float() for k, v in state.items()}, source)
     if config.tie_weights:
         model.out_head.weight = model.tok_emb.weight
     return model.eval()
+
+
+# ---------------------------------------------------------------- OpenAI's original TensorFlow release
+
+def openai_tf_names(config: GPTConfig) -> Iterator[tuple[str, str, bool]]:
+    """(glassgpt name, TensorFlow variable name, transposed?) for OpenAI's GPT-2 checkpoints."""
+    yield "tok_emb.weight", "model/wte", False
+    yield "pos_emb.weight", "model/wpe", False
+    for i in range(config.n_layers):
+        ours, theirs = f"blocks.{i}.", f"model/h{i}/"
+        for our_norm, their_norm in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            yield ours + our_norm + ".scale", theirs + their_norm + "/g", False
+            yield ours + our_norm + ".shift", theirs + their_norm + "/b", False
+        for our_linear, their_linear in (("attn.qkv", "attn/c_attn"), ("attn.out_proj", "attn/c_proj"),
+                                         ("ff.expand", "mlp/c_fc"), ("ff.contract", "mlp/c_proj")):
+            yield ours + our_linear + ".weight", theirs + their_linear + "/w", True
+            yield ours + our_linear + ".bias", theirs + their_linear + "/b", False
+    yield "final_norm.scale", "model/ln_f/g", False
+    yield "final_norm.shift", "model/ln_f/b", False
+
+
+def load_openai_tf(path: str | Path) -> GPT:
+    """A GPT with the weights of OpenAI's original release (hparams.json + model.ckpt.* files)."""
+    directory = Path(path)
+    hparams_file = directory / "hparams.json"
+    if not hparams_file.exists():
+        raise FileNotFoundError(f"{directory} has no hparams.json: not an OpenAI GPT-2 release directory")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter, not errors
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ImportError(
+            "reading OpenAI's TensorFlow checkpoint needs TensorFlow: pip install 'glassgpt[tf]' "
+            "(or load the same weights in Hugging Face format, which needs nothing extra)"
+        ) from None
+    hparams = json.loads(hparams_file.read_text(encoding="utf-8"))
+    config = GPTConfig(name=directory.name or "gpt2", vocab_size=hparams["n_vocab"],
+                       context_length=hparams["n_ctx"], emb_dim=hparams["n_embd"],
+                       n_heads=hparams["n_head"], n_layers=hparams["n_layer"])
+    checkpoint = tf.train.latest_checkpoint(str(directory)) or str(directory / "model.ckpt")
+    if not Path(checkpoint + ".index").exists():
+        raise FileNotFoundError(f"{directory} has hparams.json but no model.ckpt.index checkpoint")
+    reader = tf.train.load_checkpoint(checkpoint)
+    available = set(reader.get_variable_to_shape_map())
+    state = {}
+    for our_name, their_name, transposed in openai_tf_names(config):
+        if their_name not in available:
+            raise ValueError(f"{checkpoint}: variable {their_name} missing")
+        array = reader.get_tensor(their_name)
+        tensor = torch.from_numpy(array.squeeze(0) if transposed else array)  # Conv1D: (1, in, out)
+        state[our_name] = tensor.t().contiguous() if transposed else tensor
+    return _build(config, state, checkpoint)
 
 
 def export_hf(model: GPT, directory: str | Path) -> Path:
@@ -207,3 +300,101 @@ def export_hf(model: GPT, directory: str | Path) -> Path:
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
     return directory
+
+
+# ---------------------------------------------------------------- OpenAI's GPT-2 by name, via the Hugging Face Hub
+
+GPT2_REPOS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+GPT2_FILES = ["config.json", "model.safetensors"]
+LOCAL_MODELS_DIR = Path("models")  # `models/gpt2/` next to where glassgpt runs is found by name
+
+
+def _hand_placement_help(name: str) -> str:
+    repo = GPT2_REPOS[name]
+    return (f"place the files by hand: download {' and '.join(GPT2_FILES)} from "
+            f"https://huggingface.co/{repo}/tree/main into {LOCAL_MODELS_DIR / name}/ "
+            f"(found by name) or any directory you then pass as --model DIR")
+
+
+def find_gpt2(name: str) -> Path | None:
+    """The directory of a GPT-2 already on this machine: `models/NAME/`, else the Hugging Face cache."""
+    if name not in GPT2_REPOS:
+        raise ValueError(f"unknown GPT-2 name {name!r}; choose one of: {', '.join(GPT2_REPOS)}")
+    local = LOCAL_MODELS_DIR / name
+    if (local / "config.json").exists():
+        return local
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo in (GPT2_REPOS[name], name):  # the Hub's current id, and the legacy one ("gpt2")
+        config_path = try_to_load_from_cache(repo, "config.json")
+        if isinstance(config_path, str):
+            snapshot = Path(config_path).parent
+            if any((snapshot / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+                return snapshot
+    return None
+
+
+def download_gpt2(name: str, directory: str | Path | None = None) -> Path:
+    """Fetch OpenAI's GPT-2 `name` from the Hugging Face Hub: into `directory`, else the HF cache.
+
+    Returns the directory holding config.json + model.safetensors. Without network (or with
+    HF_HUB_OFFLINE=1) it fails at once with a ConnectionError that says how to place the files by hand.
+    """
+    if name not in GPT2_REPOS:
+        raise ValueError(f"unknown GPT-2 name {name!r}; choose one of: {', '.join(GPT2_REPOS)}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        path = snapshot_download(GPT2_REPOS[name], allow_patterns=GPT2_FILES,
+                                 local_dir=str(directory) if directory else None)
+    except (HfHubHTTPError, OSError) as error:  # offline, unreachable, refused, or no such repo
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConnectionError(
+            f"could not download {name} from the Hugging Face Hub ({reason}).\n"
+            f"To use it offline, {_hand_placement_help(name)}."
+        ) from None
+    return Path(path)
+
+
+def resolve_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer, description) for a --model argument.
+
+    `spec` is a directory (glassgpt, Hugging Face or OpenAI format), a GPT-2 name found on this
+    machine (see `find_gpt2`; nothing is downloaded), or a preset name (random weights, to try the
+    pipeline).
+    """
+    from glassgpt.config import PRESETS
+    from glassgpt.tokenizer import get_tokenizer
+
+    if Path(spec).is_dir():
+        model, tokenizer = load_model(spec, device, dtype)
+        return model, tokenizer, f"{spec} ({model.config.name})"
+    if spec in GPT2_REPOS:
+        directory = find_gpt2(spec)
+        if directory is None:
+            raise FileNotFoundError(
+                f"{spec} is not on this machine. Run `glassgpt download {spec}` or "
+                f"{_hand_placement_help(spec)}"
+            )
+        model, tokenizer = load_model(directory, device, dtype)
+        return model, tokenizer, f"{spec} from {directory}"
+    if spec in PRESETS:
+        tokenizer = get_tokenizer("gpt2")
+        model = GPT.from_preset(spec)
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"preset {spec} has a vocabulary of {model.config.vocab_size:,}, too small for GPT-2's "
+                f"{tokenizer.vocab_size:,} tokens; use a trained checkpoint directory instead"
+            )
+        model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+        return model.eval(), tokenizer, f"preset {spec} (random weights)"
+    raise FileNotFoundError(
+        f"--model {spec!r} is neither a directory, a GPT-2 name ({', '.join(GPT2_REPOS)}) "
+        f"nor a preset ({', '.join(PRESETS)})"
+    )
