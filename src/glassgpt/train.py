@@ -1,32 +1,788 @@
-"""Training. (For now: the TinyGPT recipe used by the demo; the full Trainer follows.)"""
+"""Training: named recipes, their settings (`TrainConfig`), and the `Trainer` that runs them.
+
+    from glassgpt.train import Trainer, recipe
+    Trainer(recipe("verdict", out="runs/verdict")).fit()
+
+The loop is the textbook one -- batch -> forward -> cross-entropy -> backward -> AdamW step --
+with what a real run needs around it: a learning-rate schedule (warmup, then constant or cosine),
+gradient accumulation and clipping, bf16/fp16 autocast, optional torch.compile, evaluation with a
+sample continuation, a progress bar, a JSONL metrics log, `loss.png`, atomic checkpoints
+(`glassgpt.checkpoint`) and exact resume. Under torchrun it trains data-parallel:
+
+    torchrun --nproc_per_node 2 -m glassgpt.train --recipe verdict --out runs/verdict
+
+Each process reads its own shard of every epoch's windows, gradients are averaged across
+processes only on the last micro-batch of an accumulation (`no_sync` before it), and only rank 0
+logs and writes. The global batch is batch_size x grad_accum x number of processes.
+"""
 
 from __future__ import annotations
 
-import torch
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import typing
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from glassgpt.config import GPTConfig, get_preset
 from glassgpt.model import GPT
 from glassgpt.tokenizer import CharTokenizer
 
-HELLO = "hello hello"
+# ---------------------------------------------------------------- settings and recipes
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Recipes fill these in; the command line overrides any of them."""
+
+    out: str | None = field(default=None, metadata={"help": "directory for checkpoints, metrics and loss.png (None: keep nothing)"})
+    # data
+    corpus: list[str] = field(default_factory=list, metadata={"help": "text files (or 'bundled:NAME'), or one prepared directory"})
+    text: str | None = field(default=None, metadata={"help": "an inline training text instead of a corpus"})
+    tokenizer: str = field(default="gpt2", metadata={"help": "gpt2 or char (ignored for a prepared directory)"})
+    val_fraction: float = field(default=0.1, metadata={"help": "the last fraction of the tokens, held out for validation"})
+    stride: int | None = field(default=None, metadata={"help": "tokens between window starts (None: the context length)"})
+    # model
+    model: str = field(default="verdict-162m", metadata={"help": "a preset of glassgpt.config.PRESETS"})
+    context_length: int | None = field(default=None, metadata={"help": "tokens per window (None: the preset's; at most the preset's)"})
+    n_layers: int | None = field(default=None, metadata={"help": "blocks (None: the preset's)"})
+    n_heads: int | None = field(default=None, metadata={"help": "attention heads (None: the preset's)"})
+    emb_dim: int | None = field(default=None, metadata={"help": "embedding width (None: the preset's)"})
+    drop_rate: float | None = field(default=None, metadata={"help": "dropout (None: the preset's)"})
+    # optimisation
+    batch_size: int = field(default=2, metadata={"help": "windows per micro-batch, per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches summed into each optimizer step"})
+    epochs: int = field(default=10, metadata={"help": "passes over the training windows"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps to run instead of whole epochs"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or adam"})
+    lr: float = field(default=4e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay, applied to weight matrices only"})
+    decay_embeddings: bool = field(default=False, metadata={"help": "decay the embedding matrices too"})
+    beta1: float = 0.9
+    beta2: float = 0.999
+    schedule: str = field(default="constant", metadata={"help": "constant or cosine (after the warmup)"})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear warmup from 0 to lr"})
+    min_lr_fraction: float = field(default=0.1, metadata={"help": "cosine decays to lr x this"})
+    grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this (None: no clipping)"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (autocast; fp16 on CUDA only)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (None: torch's default)"})
+    seed: int = 123
+    # evaluation, logging, checkpoints
+    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0: at the end of each epoch)"})
+    eval_batches: int = field(default=5, metadata={"help": "fixed batches averaged for the train and validation loss"})
+    sample_prompt: str = field(default="Every effort moves you", metadata={"help": "prompt continued at each evaluation"})
+    sample_tokens: int = 25
+    sample_temperature: float = field(default=0.0, metadata={"help": "0: greedy; otherwise seeded sampling"})
+    log_every: int = field(default=1, metadata={"help": "steps between metric records (each one syncs with the device)"})
+    checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at each evaluation)"})
+    keep_best: bool = field(default=True, metadata={"help": "the top-level model is the lowest validation loss (else the last)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        choices = {"tokenizer": ("gpt2", "char"), "optimizer": ("adamw", "adam"),
+                   "schedule": ("constant", "cosine"), "precision": ("fp32", "bf16", "fp16")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        positive = ("batch_size", "grad_accum", "epochs", "eval_batches", "log_every")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**data)
+
+
+RECIPES: dict[str, dict] = {
+    # Our reference run: the 162M model on The Verdict, 2 x 256-token batches, AdamW, 10 epochs.
+    "verdict": dict(
+        model="verdict-162m", corpus=["bundled:the-verdict.txt"], tokenizer="gpt2",
+        batch_size=2, stride=256, val_fraction=0.1, optimizer="adamw", lr=4e-4, weight_decay=0.1,
+        epochs=10, eval_batches=2, sample_prompt="Every effort moves you",
+    ),
+    # TinyGPT: 2,453 parameters learn "hello hello" from its 7 windows of 4 characters, in seconds.
+    "tinygpt": dict(
+        model="tinygpt", text="hello hello", tokenizer="char", stride=1, val_fraction=0.0,
+        batch_size=7, optimizer="adam", lr=0.01, weight_decay=0.0, epochs=200,
+        eval_every=50, eval_batches=1, sample_prompt="hell", sample_tokens=14, progress=False,
+    ),
+    # A character-level model on Tiny Shakespeare, sized for a laptop CPU (val loss <= 1.9 within
+    # minutes). On a GPU, nanoGPT's baby GPT: --n-layers 6 --n-heads 6 --emb-dim 384
+    # --context-length 256 --batch-size 64 --drop-rate 0.2 --max-steps 5000 --precision bf16.
+    "shakespeare-char": dict(
+        model="nano", corpus=["bundled:tinyshakespeare.txt"], tokenizer="char",
+        context_length=64, n_layers=4, n_heads=4, emb_dim=128, drop_rate=0.0, stride=1,
+        batch_size=12, max_steps=2000, optimizer="adamw", lr=1e-3, weight_decay=0.1, beta2=0.99,
+        schedule="cosine", warmup_steps=100, grad_clip=1.0, eval_every=250, eval_batches=20,
+        log_every=10, sample_prompt="ROMEO:", sample_tokens=100,
+    ),
+    # The README's main job: a small GPT-2-tokenizer model that learns The Verdict in ~3 CPU minutes.
+    "demo": dict(
+        model="nano", corpus=["bundled:the-verdict.txt"], tokenizer="gpt2",
+        context_length=128, n_layers=4, n_heads=4, emb_dim=256, drop_rate=0.0,
+        batch_size=4, val_fraction=0.1, epochs=30, optimizer="adamw", lr=1e-3, weight_decay=0.1,
+        schedule="cosine", warmup_steps=10, grad_clip=1.0, precision="bf16",
+        eval_every=45, eval_batches=2, sample_prompt="Every effort moves you", keep_best=False,
+    ),
+}
+
+
+def recipe(name: str, **overrides) -> TrainConfig:
+    """The settings of a named recipe, with some replaced."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return TrainConfig(**{**RECIPES[name], **overrides})
+
+
+# ---------------------------------------------------------------- pieces of the loop
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; training stopped without overwriting the last checkpoint."""
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",
+                  min_lr_fraction: float = 0.1) -> float:
+    """The fraction of the peak learning rate used for optimizer step `step` (counted from 0).
+
+    Linear warmup over the first `warmup_steps` (step 0 already gets 1 / warmup_steps), then
+    either the peak forever (constant) or half a cosine down to `min_lr_fraction` at the last step.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_fraction + (1.0 - min_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or Adam) with weight decay on the weight matrices only.
+
+    Biases and LayerNorm scales/shifts are not decayed: shrinking them towards 0 has no
+    regularising meaning. Embeddings are left alone too unless `decay_embeddings` is set.
+    """
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():  # a tied head appears once, as tok_emb
+        is_embedding = name.startswith(("tok_emb.", "pos_emb."))
+        if parameter.dim() >= 2 and (config.decay_embeddings or not is_embedding):
+            decay.append(parameter)
+        else:
+            no_decay.append(parameter)
+    weight_decay = config.weight_decay if config.optimizer == "adamw" else 0.0
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach: one kernel per step for all tensors of a group, which is what makes AdamW cheap.
+    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), foreach=True)
+    return torch.optim.AdamW(groups, **kwargs) if config.optimizer == "adamw" else torch.optim.Adam(groups, **kwargs)
+
+
+def model_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The preset with the run's overrides; the vocabulary always follows the tokenizer."""
+    preset = get_preset(config.model)
+    if config.context_length is not None and config.context_length > preset.context_length:
+        raise ValueError(
+            f"context_length {config.context_length} exceeds the {config.model} preset's "
+            f"{preset.context_length} (its position table has no slots beyond that)"
+        )
+    overrides = {key: getattr(config, key) for key in ("context_length", "n_layers", "n_heads", "emb_dim", "drop_rate")
+                 if getattr(config, key) is not None}
+    if config.emb_dim is not None and preset.ff_dim is not None:
+        overrides["ff_dim"] = 4 * config.emb_dim  # keep GPT-2's 4x expansion when the width changes
+    return preset.replace(vocab_size=vocab_size, **overrides)
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs, for MFU (None where unknown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for marker, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
+        if marker in name:
+            return flops
+    return None
+
+
+def flops_per_token(model_config: GPTConfig, n_parameters: int) -> float:
+    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's scores."""
+    c = model_config
+    return 6 * n_parameters + 12 * c.n_layers * c.emb_dim * c.context_length
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """`loss.png`: train and validation loss against tokens seen, replaced atomically."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    steps = [r for r in records if r["event"] == "step"]
+    evals = [r for r in records if r["event"] == "eval"]
+    figure = Figure(figsize=(7, 4), dpi=110)
+    axes = figure.subplots()
+    if steps:
+        axes.plot([r["tokens"] for r in steps], [r["train_loss"] for r in steps],
+                  color="tab:blue", alpha=0.3, linewidth=0.8, label="train (each step)")
+    if evals:
+        axes.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "o-", color="tab:blue", label="train")
+        with_val = [r for r in evals if r.get("val_loss") is not None]
+        if with_val:
+            axes.plot([r["tokens"] for r in with_val], [r["val_loss"] for r in with_val], "o-",
+                      color="tab:orange", label="validation")
+    axes.set_xlabel("tokens seen")
+    axes.set_ylabel("cross-entropy loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+@dataclass
+class Distributed:
+    """Where this process sits in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                   int(os.environ.get("WORLD_SIZE", 1)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class Trainer:
+    """Runs one `TrainConfig`: `Trainer(config).fit()`; `Trainer(config, resume=True)` continues `config.out`."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        from glassgpt.checkpoint import has_checkpoint
+
+        self.config = config
+        self.dist = Distributed.from_env()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = pick_device(config.device, self.dist.local_rank)
+        if self.dist.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group(backend)
+        self.out = Path(config.out) if config.out else None
+        if self.out and not resume and has_checkpoint(self.out):
+            raise ValueError(f"{self.out} already holds a training checkpoint: pass --resume to continue it, "
+                             "or choose another --out")
+        self._setup_precision()
+        self._setup_data()
+
+        torch.manual_seed(config.seed)  # the same initial weights on every process
+        self.model = GPT(model_config_for(config, self.tokenizer.vocab_size)).to(self.device)
+        if self.dist.rank:  # but different dropout masks
+            torch.manual_seed(config.seed + self.dist.rank)
+        self.train_model = torch.compile(self.model) if config.compile else self.model
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(
+            step, self.total_steps, config.warmup_steps, config.schedule, config.min_lr_fraction))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+
+        self.step = 0
+        self.best_val = math.inf
+        self.last_checkpoint_step: int | None = None
+        self.records: list[dict] = []
+        self.flops_per_step = flops_per_token(self.model.config, self.model.num_parameters()) * self.tokens_per_step
+        self.peak_flops = peak_flops(self.device)
+        if resume:
+            self._load_checkpoint()
+        elif self.out and self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
+            (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+
+    # ------------------------------------------------------------ setup
+
+    def _setup_precision(self) -> None:
+        precision, device = self.config.precision, self.device
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("fp16 training needs a CUDA GPU; on a CPU use --precision bf16")
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU has no bf16 support; use --precision fp16")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+
+    def _setup_data(self) -> None:
+        from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
+
+        c = self.config
+        ids, self.tokenizer = load_corpus(c.corpus, c.tokenizer, c.text)
+        context = c.context_length or get_preset(c.model).context_length
+        train_ids, val_ids = split_ids(ids, c.val_fraction)
+        self.train_set = TokenWindows(train_ids, context, c.stride)
+        if len(self.train_set) == 0:
+            raise ValueError(
+                f"the training text has {len(train_ids)} tokens, fewer than one window of "
+                f"{context + 1} (context length + 1): use more text or a smaller --context-length"
+            )
+        self.val_set = TokenWindows(val_ids, context, c.stride) if c.val_fraction else None
+        if self.val_set is not None and len(self.val_set) == 0:
+            self.say(f"note: the validation tokens ({len(val_ids)}) make no window of {context + 1}; "
+                     "training without validation")
+            self.val_set = None
+        d = self.dist
+        self.train_loader = make_loader(self.train_set, c.batch_size, train=True, seed=c.seed,
+                                        rank=d.rank, world_size=d.world_size)
+        # Evaluation reads the same leading windows every time, unshuffled, on every process.
+        self.train_eval_loader = make_loader(self.train_set, c.batch_size, train=False)
+        self.val_loader = make_loader(self.val_set, c.batch_size, train=False) if self.val_set else None
+        self.steps_per_epoch = len(self.train_loader) // c.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.train_set)} training windows make no full step of {c.batch_size} x {c.grad_accum} "
+                f"x {d.world_size} windows: lower --batch-size or --grad-accum, or use more text"
+            )
+        self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
+        self.tokens_per_step = c.batch_size * c.grad_accum * d.world_size * context
+        self.prompt_ids = self.tokenizer.encode(c.sample_prompt) if c.sample_prompt else []
+        self.n_train_tokens, self.n_val_tokens = len(train_ids), len(val_ids)
+
+    # ------------------------------------------------------------ the loop
+
+    def say(self, message: str) -> None:
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+    def batches(self, start_step: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The micro-batches of each optimizer step from `start_step` on, epoch after epoch.
+
+        The order depends only on (seed, epoch), so starting at step k mid-epoch gives exactly
+        the batches an uninterrupted run sees at step k.
+        """
+        accum = self.config.grad_accum
+        epoch, offset = divmod(start_step, self.steps_per_epoch)
+        while True:
+            self.train_loader.sampler.set_epoch(epoch)
+            loader = iter(self.train_loader)
+            for _ in islice(loader, offset * accum):  # skip the steps already taken
+                pass
+            for _ in range(offset, self.steps_per_epoch):
+                yield [next(loader) for _ in range(accum)]
+            epoch, offset = epoch + 1, 0
+
+    def train_step(self, micro_batches) -> torch.Tensor:
+        """One optimizer step over the micro-batches; returns the mean loss (a tensor: no sync)."""
+        accum = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for index, (inputs, targets) in enumerate(micro_batches):
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            # Averaging gradients across processes is needed once per step, on the last micro-batch.
+            syncing = index == accum - 1 or self.dist.world_size == 1
+            with (nullcontext() if syncing else self.train_model.no_sync()), self.autocast():
+                logits = self.train_model(inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if self.config.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def fit(self, until_step: int | None = None) -> list[dict]:
+        """Train to the end of the plan (or stop after `until_step`, keeping the plan's schedule).
+
+        Returns the metric records (also in OUT/metrics.jsonl). Raises TrainingDiverged if the
+        loss stops being finite; the last checkpoint on disk is then the last good state.
+        """
+        from tqdm import tqdm
+
+        c = self.config
+        end = self.total_steps if until_step is None else min(until_step, self.total_steps)
+        if self.step == 0:
+            self._announce()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (c.progress and self.dist.is_main), leave=False)
+        self.model.train()
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            for micro_batches in self.batches(self.step):
+                if self.step >= end:
+                    break
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss = self.train_step(micro_batches)
+                self.step += 1
+                window_steps += 1
+                bar.update()
+                last = self.step == self.total_steps
+                evaluate = last or (self.step % c.eval_every == 0 if c.eval_every
+                                    else self.step % self.steps_per_epoch == 0)
+                if self.step % c.log_every == 0 or evaluate or self.step == end:
+                    loss_value = self._mean_across_processes(loss)
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_steps * self.tokens_per_step / elapsed
+                    self._check_finite(loss_value)
+                    record = self._record("step", train_loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1))
+                    if self.peak_flops:
+                        record["mfu"] = round(window_steps * self.flops_per_step / elapsed / self.peak_flops, 4)
+                    self._log(record)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if evaluate:
+                    self.evaluate_and_log()
+                if last or (c.checkpoint_every and self.step % c.checkpoint_every == 0) or \
+                        (not c.checkpoint_every and evaluate):
+                    self.save()
+                if evaluate or last:
+                    window_start, window_steps = time.perf_counter(), 0  # eval and saving are not training speed
+        except KeyboardInterrupt:
+            where = (f"the checkpoint of step {self.last_checkpoint_step} is in {self.out / 'last'}; "
+                     f"--resume {self.out} continues from it") if self.out and self.last_checkpoint_step else \
+                "no checkpoint was written yet"
+            self.say(f"interrupted at step {self.step}: {where}")
+            raise
+        finally:
+            bar.close()
+        return self.records
+
+    def _announce(self) -> None:
+        c, m = self.config, self.model.config
+        self.say(f"model {m.name}: {self.model.num_parameters():,} parameters ({m.n_layers} blocks, "
+                 f"{m.n_heads} heads, emb {m.emb_dim}, context {m.context_length}, vocab {m.vocab_size:,})")
+        self.say(f"data: {self.n_train_tokens:,} training tokens -> {len(self.train_set):,} windows; "
+                 f"{self.n_val_tokens:,} validation tokens; {self.steps_per_epoch:,} steps per epoch of "
+                 f"{self.tokens_per_step:,} tokens; {self.total_steps:,} steps")
+        self.say(f"device {self.device} x {self.dist.world_size}, {c.precision}, {c.optimizer} lr {c.lr:g} "
+                 f"({c.schedule}), out {self.out or '(nothing kept)'}")
+
+    def _mean_across_processes(self, value: torch.Tensor) -> float:
+        if self.dist.world_size > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)  # SUM: gloo has no AVG
+            value /= self.dist.world_size
+        return value.item()
+
+    def _check_finite(self, loss: float) -> None:
+        if math.isfinite(loss):
+            return
+        kept = (f"the last good checkpoint (step {self.last_checkpoint_step}) is kept in {self.out / 'last'}"
+                if self.out and self.last_checkpoint_step else "no checkpoint had been written")
+        message = (f"the training loss became {loss} at step {self.step}; training stopped and {kept}. "
+                   "Try a lower --lr, --grad-clip 1.0, or --precision fp32")
+        self.say(message)
+        raise TrainingDiverged(message)
+
+    def _record(self, event: str, **values) -> dict:
+        return {"event": event, "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3),
+                "tokens": self.step * self.tokens_per_step, **values}
+
+    def _log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.out and self.dist.is_main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float | None]:
+        """Mean loss over the first `eval_batches` training and validation batches (dropout off)."""
+        was_training = self.model.training
+        self.model.eval()
+        losses: dict[str, float | None] = {}
+        for name, loader in (("train_loss", self.train_eval_loader), ("val_loss", self.val_loader)):
+            if loader is None:
+                losses[name] = None
+                continue
+            total, count = torch.zeros((), device=self.device), 0
+            for inputs, targets in islice(loader, self.config.eval_batches):
+                with self.autocast():
+                    logits = self.model(inputs.to(self.device))
+                    total += F.cross_entropy(logits.flatten(0, 1), targets.to(self.device).flatten())
+                count += 1
+            losses[name] = (total / count).item()
+        self.model.train(was_training)
+        return losses
+
+    @torch.no_grad()
+    def sample(self) -> str:
+        """The sample prompt continued by the current model (greedy, or seeded sampling)."""
+        if not self.prompt_ids:
+            return ""
+        context = self.model.config.context_length
+        ids = torch.tensor([self.prompt_ids[-context:]], device=self.device)
+        with self.autocast():
+            out = self.model.generate(ids, self.config.sample_tokens, temperature=self.config.sample_temperature,
+                                      top_k=50 if self.config.sample_temperature else None, seed=self.config.seed)
+        return self.tokenizer.decode(out[0].tolist())
+
+    def evaluate_and_log(self) -> dict:
+        losses = self.evaluate()
+        text = self.sample() if self.dist.is_main else ""
+        record = self._record("eval", **losses, lr=self.optimizer.param_groups[0]["lr"], sample=text)
+        self._log(record)
+        val = f" | val {losses['val_loss']:.3f}" if losses["val_loss"] is not None else ""
+        self.say(f"step {self.step:>5} | epoch {record['epoch']:g} | train {losses['train_loss']:.3f}{val} | "
+                 f"{' '.join(text.split())!r}")
+        if self.out and self.dist.is_main:
+            plot_losses(self.records, self.out / "loss.png")
+        return record
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        """Write OUT/last (and OUT/best + the top level when the validation loss improved)."""
+        if not self.out or not self.dist.is_main:
+            return
+        from glassgpt.checkpoint import save_checkpoint
+
+        evals = [r for r in self.records if r["event"] == "eval" and r["step"] == self.step]
+        val = evals[-1]["val_loss"] if evals else None
+        if self.config.keep_best and val is not None:
+            best = val < self.best_val
+        else:
+            best = not self.config.keep_best or self.val_set is None
+        if best and val is not None:
+            self.best_val = min(self.best_val, val)
+        state = {
+            "step": self.step,
+            "best_val": self.best_val,
+            "config": self.config.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+        }
+        extra = {"training": {"step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": val,
+                              "recipe_model": self.config.model}}
+        save_checkpoint(self.out, self.model, self.tokenizer, state=state, best=best, extra=extra)
+        self.last_checkpoint_step = self.step
+
+    def _load_checkpoint(self) -> None:
+        from safetensors.torch import load_file
+
+        from glassgpt.checkpoint import LAST, load_state
+        from glassgpt.weights import WEIGHTS_FILE, load_state_into
+
+        state = load_state(self.out)
+        weights = load_file(str(self.out / LAST / WEIGHTS_FILE), device=str(self.device))
+        load_state_into(self.model, weights, str(self.out / LAST))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = self.last_checkpoint_step = state["step"]
+        self.best_val = state["best_val"]
+        if self.dist.is_main:
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+            if state["rng"]["cuda"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        else:
+            torch.manual_seed(self.config.seed + self.dist.rank + 7919 * self.step)
+        # Keep the metrics up to the checkpoint; later ones belong to the run that was cut short.
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            lines = metrics.read_text(encoding="utf-8").splitlines()
+            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= self.step]
+            if self.dist.is_main:
+                metrics.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+        self.say(f"resumed {self.out} at step {self.step} of {self.total_steps}")
+
+
+def saved_config(out: str | Path) -> TrainConfig:
+    """The settings of the run checkpointed in `out` (to resume it)."""
+    from glassgpt.checkpoint import load_state
+
+    return TrainConfig.from_dict(load_state(out)["config"])
+
+
+def train(config: TrainConfig, resume: bool = False) -> Trainer:
+    """Run `config` to the end (continuing `config.out` if `resume`) and return the trainer."""
+    trainer = Trainer(config, resume=resume)
+    trainer.fit()
+    return trainer
+
+
+def demo(out: str | Path = "runs/demo", recipe_name: str = "demo", serve: bool = True,
+         host: str = "127.0.0.1", port: int = 8000) -> int:
+    """The README's main job: train `recipe_name` into `out` unless a model is there, print samples,
+    then serve the model in the browser (when `glassgpt.serve` is available). Returns an exit status."""
+    import importlib
+
+    from glassgpt.checkpoint import has_checkpoint
+    from glassgpt.weights import GLASSGPT_META, load_model
+
+    out = Path(out)
+    settings = recipe(recipe_name, out=str(out))
+    if (out / GLASSGPT_META).exists() and not (out / ".demo-training").exists():
+        print(f"using the model already trained in {out} (delete the directory to train it again)")
+    else:
+        resume = has_checkpoint(out)  # an earlier demo was interrupted: continue it
+        print(f"{'resuming' if resume else 'training'} the '{recipe_name}' recipe into {out} "
+              "(about 3 minutes on a 2-core CPU; Ctrl-C stops, running again resumes)")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".demo-training").touch()  # marks a model file written by an unfinished run
+        train(saved_config(out) if resume else settings, resume=resume)
+        (out / ".demo-training").unlink()
+    model, tokenizer = load_model(out)
+    prompt = torch.tensor([tokenizer.encode(settings.sample_prompt)])
+    for label, sampling in (("greedy", {}), ("sampled, temperature 0.7, top-k 50",
+                                             {"temperature": 0.7, "top_k": 50, "seed": settings.seed})):
+        text = tokenizer.decode(model.generate(prompt, 40, **sampling)[0].tolist())
+        print(f"\n[{label}]\n{text}")
+    if not serve:
+        return 0
+    try:
+        server = importlib.import_module("glassgpt.serve")
+    except ImportError as error:
+        print(f"\n(the web server is not available: {error}); try: glassgpt generate --model {out} \"Every effort\"")
+        return 0
+    print(f"\nstarting the web server: open http://{host}:{port}/ in a browser (Ctrl-C stops)")
+    server.serve(str(out), host=host, port=port)
+    return 0
 
 
 def train_tinygpt(epochs: int = 200, lr: float = 0.01, seed: int = 123) -> tuple[GPT, CharTokenizer, list[float]]:
-    """Train the 2,453-parameter TinyGPT on "hello hello" (every window of 4 characters)."""
-    torch.manual_seed(seed)
-    tokenizer = CharTokenizer.from_text(HELLO)
-    model = GPT.from_preset("tinygpt")
-    ids = torch.tensor(tokenizer.encode(HELLO))
-    window = model.config.context_length
-    inputs = torch.stack([ids[i:i + window] for i in range(len(ids) - window)])
-    targets = torch.stack([ids[i + 1:i + window + 1] for i in range(len(ids) - window)])
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        logits = model(inputs)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return model.eval(), tokenizer, losses
+    """The `tinygpt` recipe in memory: (model, tokenizer, loss of each step)."""
+    trainer = Trainer(recipe("tinygpt", epochs=epochs, lr=lr, seed=seed, eval_every=epochs))
+    records = trainer.fit()
+    losses = [r["train_loss"] for r in records if r["event"] == "step"]
+    return trainer.model.eval(), trainer.tokenizer, losses
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--recipe`, `--resume`, and one `--flag` per TrainConfig setting (given flags override the recipe)."""
+    parser.add_argument("--recipe", choices=list(RECIPES), help="named settings to start from")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR (its settings, "
+                        "unless overridden)")
+    hints = typing.get_type_hints(TrainConfig)
+    for setting in dataclasses.fields(TrainConfig):
+        flag = "--" + setting.name.replace("_", "-")
+        kind = hints[setting.name]
+        help_text = setting.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif kind == list[str]:
+            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        else:
+            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            parser.add_argument(flag, type=_optional(base), default=argparse.SUPPRESS, metavar=base.__name__.upper(),
+                                help=help_text)
+
+
+def _optional(base: type):
+    def parse(text: str):
+        return None if text.lower() == "none" else base(text)
+
+    parse.__name__ = base.__name__
+    return parse
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """(settings, resume?) from parsed arguments: recipe or saved run, then the flags given."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {name: value for name, value in vars(args).items() if name in names}
+    if args.resume:
+        base = saved_config(args.resume).to_dict()
+        given["out"] = args.resume
+    elif args.recipe:
+        base = RECIPES[args.recipe]
+    else:
+        base = {}
+    if not args.resume and not given.get("out"):
+        raise ValueError("say where the run goes: --out DIR")
+    return TrainConfig(**{**base, **given}), bool(args.resume)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Train as the arguments say; print where the result is. Returns an exit status."""
+    config, resume = config_from_args(args)
+    try:
+        trainer = train(config, resume=resume)
+    except TrainingDiverged:
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if trainer.dist.is_main and trainer.out:
+        print(f"done: {trainer.step} steps; model in {trainer.out} "
+              f"(glassgpt generate --model {trainer.out}), metrics in {trainer.out / 'metrics.jsonl'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m glassgpt.train ...` (what torchrun runs): the same flags as `glassgpt train`."""
+    parser = argparse.ArgumentParser(prog="python -m glassgpt.train", description="Train a glassgpt model.")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"glassgpt train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
