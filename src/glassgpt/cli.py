@@ -56,18 +56,25 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
+def cmd_train(args: argparse.Namespace) -> int:
+    from glassgpt.train import run_from_args
 
-    from glassgpt.train import train_tinygpt
+    return run_from_args(args)
 
-    model, tokenizer, losses = train_tinygpt()
-    print(f"trained TinyGPT ({model.num_parameters():,} parameters) on 'hello hello': "
-          f"loss {losses[0]:.3f} -> {losses[-1]:.4f}")
-    prompt = torch.tensor([tokenizer.encode("hell")])
-    out = model.generate(prompt, max_new_tokens=14)
-    print(f"'hell' -> {tokenizer.decode(out[0].tolist())!r}")
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from glassgpt.data import prepare
+
+    meta = prepare(args.corpus, args.out, tokenizer_name=args.tokenizer)
+    print(f"{meta['n_tokens']:,} tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,}) in {args.out}; "
+          f"train on it with: glassgpt train --corpus {args.out} ...")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from glassgpt.train import demo
+
+    return demo(args.out, recipe_name=args.recipe, serve=args.serve, host=args.host, port=args.port)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -160,8 +167,29 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"], default="gpt2")
     tokenize.set_defaults(run=cmd_tokenize)
 
-    demo = verbs.add_parser("demo", help="the main job of the README quick start")
+    demo = verbs.add_parser("demo", help="the main job: train the demo model if needed, sample it, serve it")
+    demo.add_argument("--out", default="runs/demo", help="where the demo model lives (trained there if missing)")
+    demo.add_argument("--recipe", default="demo", help="the recipe trained when no model is there")
+    demo.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
+                      help="start the web server afterwards (when glassgpt.serve is installed)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
     demo.set_defaults(run=cmd_demo)
+
+    from glassgpt.train import add_train_arguments
+
+    train = verbs.add_parser("train", help="train a model: --recipe NAME --out DIR, any setting overridable",
+                             description="Train from a recipe (or from scratch settings); every setting "
+                             "below overrides the recipe's. The result in --out loads with "
+                             "`glassgpt generate --model DIR`.")
+    add_train_arguments(train)
+    train.set_defaults(run=cmd_train)
+
+    prepare = verbs.add_parser("prepare", help="tokenise text files once into a memory-mapped token file")
+    prepare.add_argument("corpus", nargs="+", help="text files")
+    prepare.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2")
+    prepare.add_argument("--out", required=True, help="directory for tokens.bin and meta.json")
+    prepare.set_defaults(run=cmd_prepare)
 
     explain = verbs.add_parser("explain", help="the walk-through: one concept, step by step, with real numbers")
     explain.add_argument("topic", nargs="?", help="a topic from --list (no topic: list them)")
