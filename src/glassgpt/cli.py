@@ -151,6 +151,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from glassgpt.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, lazy=args.lazy, max_tokens_cap=args.max_tokens_cap,
+          max_running=args.max_running, max_waiting=args.max_waiting, cors_origins=args.cors_origin or ())
+    return 0
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from glassgpt.serve import write_site
+
+    files = write_site(args.dir, args.api)
+    api = urlsplit(args.api)
+    print(f"wrote {len(files)} files to {args.dir}, calling the API at {args.api}\n"
+          f"try it:  python -m http.server 8080 --bind 127.0.0.1 --directory {args.dir}\n"
+          f"         glassgpt serve --host {api.hostname} --port {api.port or 80} --cors-origin http://127.0.0.1:8080")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glassgpt.config import PRESETS
 
@@ -226,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to-hf", required=True, metavar="DIR",
                         help="write config.json + model.safetensors for transformers' GPT2LMHeadModel")
     export.set_defaults(run=cmd_export)
+
+    serve = verbs.add_parser("serve", help="the web pages and the HTTP API (POST /generate, ...)")
+    serve.add_argument("--model", default="runs/demo",
+                       help="checkpoint directory (default runs/demo, written by `make demo`), a GPT-2 name "
+                            "found locally, or a preset (random weights)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--lazy", action="store_true", help="load the model on the first request, not at start-up")
+    serve.add_argument("--max-tokens-cap", type=int, default=256, help="the most tokens one request may ask for")
+    serve.add_argument("--max-running", type=int, default=1, help="generations at once")
+    serve.add_argument("--max-waiting", type=int, default=8, help="requests queued; beyond them: 503")
+    serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                       help="a browser origin allowed to call the API, e.g. https://site.example (repeatable)")
+    serve.set_defaults(run=cmd_serve)
+
+    site = verbs.add_parser("site", help="write the web pages as a static site that calls a remote API")
+    site.add_argument("dir", help="output directory")
+    site.add_argument("--api", required=True, metavar="URL", help="the API's address, e.g. https://api.example")
+    site.set_defaults(run=cmd_site)
 
     return parser
 

@@ -1,0 +1,301 @@
+"""What the server does with the model, without any HTTP: load it, generate, look inside it.
+
+Also the `Gate` that keeps a small CPU from being oversubscribed: a bounded number of jobs run at
+once, a bounded number wait for a turn, and anything past that is refused at once (the app turns
+that into 503 + Retry-After) instead of piling up in a queue nobody will live to see served.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glassgpt.generate import Timing, stream_text
+from glassgpt.model import GPT
+
+log = logging.getLogger("glassgpt.serve")
+
+
+# ---------------------------------------------------------------- the model being served
+
+def check_model_spec(spec: str | Path) -> None:
+    """Raise FileNotFoundError, saying what to do, unless `spec` can name a model at all."""
+    from glassgpt.config import PRESETS
+
+    gpt2_names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+    if not Path(spec).is_dir() and str(spec) not in PRESETS and str(spec) not in gpt2_names:
+        raise FileNotFoundError(
+            f"no model at {str(spec)!r}: train one with `make demo` (it writes runs/demo), give a "
+            f"checkpoint directory, a GPT-2 you have locally (--model gpt2), or a preset for random "
+            f"weights (--model verdict-162m; presets: {', '.join(PRESETS)})"
+        )
+
+
+def resolve_model(spec: str | Path):
+    """(model, tokenizer) for a --model argument, by the same rules as `glassgpt generate`."""
+    from glassgpt import weights
+
+    check_model_spec(spec)
+    if hasattr(weights, "resolve_model"):
+        model, tokenizer, _ = weights.resolve_model(str(spec))
+        return model, tokenizer
+    from glassgpt.tokenizer import get_tokenizer  # until weights.resolve_model lands
+    if Path(spec).is_dir():
+        return weights.load_model(spec)
+    return GPT.from_preset(str(spec)).eval(), get_tokenizer("gpt2")
+
+
+class ModelHost:
+    """The served model: loaded once, at start-up or on the first request that needs it.
+
+    `source` is a GPT (then `tokenizer` is required) or anything `resolve_model` accepts.
+    """
+
+    def __init__(self, source, tokenizer=None, name: str | None = None):
+        if isinstance(source, GPT) and tokenizer is None:
+            raise ValueError("serving a GPT object needs its tokenizer: pass tokenizer=...")
+        if not isinstance(source, GPT):
+            check_model_spec(source)  # fail at start-up, not on the first request
+        self.source = source
+        self._model = source if isinstance(source, GPT) else None
+        self._tokenizer = tokenizer
+        self.name = name or (source.config.name if isinstance(source, GPT) else Path(str(source)).name)
+        self.load_time_s: float | None = 0.0 if self._model is not None else None
+        self._lock = threading.Lock()
+        self._warm = False
+        if self._model is not None:
+            self._check(self._model, self._tokenizer)
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    def get(self):
+        """(model, tokenizer), loading them on the first call (thread-safe, loads once)."""
+        if self._model is None or not self._warm:
+            with self._lock:
+                if self._model is None:
+                    started = time.perf_counter()
+                    model, tokenizer = resolve_model(self.source)
+                    self._check(model, tokenizer)
+                    self._tokenizer = tokenizer
+                    self.load_time_s = time.perf_counter() - started
+                    self._model = model.eval()
+                    log.info("loaded model %s (%s parameters) in %.2f s", self.name,
+                             f"{model.num_parameters():,}", self.load_time_s)
+                if not self._warm:
+                    self._warm_up(self._model)
+                    self._warm = True
+        return self._model, self._tokenizer
+
+    @staticmethod
+    def _warm_up(model: GPT) -> None:
+        # PyTorch's first calls set up thread pools and allocator caches; pay for that at start-up
+        # (a prefill and a cached decode step), not in the first user's request.
+        device = model.tok_emb.weight.device
+        prefill = max(1, min(8, model.config.context_length - 1))
+        with torch.inference_mode():
+            cache = model.new_cache(1)
+            model(torch.zeros((1, prefill), dtype=torch.long, device=device), cache=cache)
+            if prefill < model.config.context_length:
+                model(torch.zeros((1, 1), dtype=torch.long, device=device), cache=cache)
+
+    @staticmethod
+    def _check(model: GPT, tokenizer) -> None:
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"the {tokenizer.name} tokenizer makes ids up to {tokenizer.vocab_size - 1:,} but the model "
+                f"only has {model.config.vocab_size:,} token embeddings; serve a model with a matching vocabulary"
+            )
+
+
+# ---------------------------------------------------------------- bounded concurrency
+
+class Busy(Exception):
+    """Every running slot and every waiting place is taken."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the server is busy; try again in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Gate:
+    """At most `max_running` jobs at once, at most `max_waiting` more queued; the rest refused.
+
+    `admit()` is called where the request arrives and either refuses at once (`Busy`) or hands
+    back a `Ticket`; the job then runs `with ticket:` in a worker thread, which waits for a turn.
+    The ticket is given back when the job ends, whoever ends it, so a client that disconnects
+    cannot leak a place in the queue.
+    """
+
+    def __init__(self, max_running: int = 1, max_waiting: int = 8):
+        if max_running < 1 or max_waiting < 0:
+            raise ValueError("max_running must be >= 1 and max_waiting >= 0")
+        self.max_running = max_running
+        self.capacity = max_running + max_waiting
+        self._turns = threading.Semaphore(max_running)
+        self._lock = threading.Lock()
+        self.admitted = 0
+        self.mean_job_s = 1.0  # a running average, to tell refused clients when to come back
+
+    def admit(self) -> Ticket:
+        with self._lock:
+            if self.admitted >= self.capacity:
+                rounds = math.ceil(self.admitted / self.max_running)
+                raise Busy(max(1, math.ceil(rounds * self.mean_job_s)))
+            self.admitted += 1
+        return Ticket(self)
+
+    def _finished(self, job_s: float | None) -> None:
+        with self._lock:
+            self.admitted -= 1
+            if job_s is not None:
+                self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * job_s
+
+
+class Ticket:
+    """One admitted job: `with ticket:` waits for a turn, runs, then frees the turn and the place."""
+
+    def __init__(self, gate: Gate):
+        self.gate = gate
+        self._started: float | None = None
+
+    def __enter__(self) -> Ticket:
+        self.gate._turns.acquire()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gate._turns.release()
+        self.gate._finished(time.perf_counter() - self._started)
+
+    def cancel(self) -> None:
+        """Give the place back for a job that will never run."""
+        self.gate._finished(None)
+
+
+# ---------------------------------------------------------------- generation
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens: greedy at temperature 0, else sampled after top-k / top-p filtering."""
+
+    max_tokens: int = 50
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def fit_prompt(tokenizer, prompt: str, context_length: int, max_tokens: int) -> tuple[str, int, int]:
+    """(prompt to use, its token count, tokens dropped from its start).
+
+    GPT-2's positions end at the context length. A prompt longer than the room left for the reply
+    keeps its last tokens: at most `context_length - max_tokens`, but never fewer than half the
+    context, so the reply decodes from the KV cache instead of recomputing the window every step.
+    """
+    ids = tokenizer.encode(prompt)
+    room = context_length - min(max_tokens, context_length // 2)
+    if len(ids) <= room:
+        return prompt, len(ids), 0
+    kept = ids[-room:]
+    text = tokenizer.decode(kept)
+    return text, len(tokenizer.encode(text)), len(ids) - len(kept)
+
+
+def run_generation(model: GPT, tokenizer, prompt: str, sampling: Sampling,
+                   on_piece: Callable[[str], None] | None = None,
+                   cancelled: threading.Event | None = None) -> dict:
+    """Continue `prompt`; call `on_piece` with each text piece as it is made; return the summary.
+
+    The summary is what POST /generate answers: text, completion, token counts, timing and
+    whether the prompt had to be cut to fit the context. `cancelled` stops early (client gone).
+    Bad sampling settings raise ValueError before any token is made.
+    """
+    started = time.perf_counter()
+    used_prompt, prompt_tokens, dropped = fit_prompt(tokenizer, prompt, model.config.context_length,
+                                                     sampling.max_tokens)
+    timing = Timing()
+    pieces = []
+    stream = stream_text(model, tokenizer, used_prompt, max_new_tokens=sampling.max_tokens,
+                         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                         seed=sampling.seed, stop=list(sampling.stop) or None, timing=timing)
+    for piece in stream:
+        pieces.append(piece)
+        if on_piece is not None:
+            on_piece(piece)
+        if cancelled is not None and cancelled.is_set():
+            stream.close()
+            break
+    elapsed = time.perf_counter() - started
+    completion = "".join(pieces)
+    return {
+        "text": prompt + completion,
+        "completion": completion,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": timing.new_tokens,
+        "time_s": round(elapsed, 4),
+        "tokens_per_s": round(timing.new_tokens / elapsed, 2) if elapsed > 0 else 0.0,
+        "truncated": dropped > 0,
+        "dropped_prompt_tokens": dropped,
+    }
+
+
+# ---------------------------------------------------------------- looking inside
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's own text (GPT-2 tokens may be partial characters, shown with U+FFFD)."""
+    if hasattr(tokenizer, "token_strings"):
+        return tokenizer.token_strings(ids)
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def inspect_text(model: GPT, tokenizer, text: str, top: int = 10) -> dict:
+    """Tokens of `text`, the `top` most likely next tokens and every head's attention weights.
+
+    Attention comes from the explicit path (`return_attention=True`): weights[layer][head][i][j]
+    is how much token i looks at token j, each row summing to 1.
+    """
+    ids = tokenizer.encode(text)
+    with torch.inference_mode():
+        logits, weights = model(torch.tensor([ids], device=model.tok_emb.weight.device), return_attention=True)
+        probs = torch.softmax(logits[0, -1].double(), dim=-1)
+        top_probs, top_ids = probs.topk(min(top, probs.shape[0]))
+        # float64 before rounding, so 0.1234 serialises as 0.1234 and not 0.12340000271797180.
+        attention = [torch.round(w[0].double(), decimals=4).tolist() for w in weights]
+    top_ids = top_ids.tolist()
+    return {
+        "tokens": [{"id": i, "text": s} for i, s in zip(ids, token_strings(tokenizer, ids), strict=True)],
+        "next_tokens": [{"id": i, "text": s, "prob": round(p, 6)}
+                        for i, s, p in zip(top_ids, token_strings(tokenizer, top_ids), top_probs.tolist(),
+                                           strict=True)],
+        "attention": attention,
+        "n_layers": model.config.n_layers,
+        "n_heads": model.config.n_heads,
+    }
+
+
+def describe_model(model: GPT, tokenizer, name: str) -> dict:
+    """What GET /api/model answers: config, parameter breakdown, size, device and dtype."""
+    parameters = list(model.parameters())
+    size_bytes = sum(p.numel() * p.element_size() for p in parameters)
+    first = parameters[0]
+    return {
+        "name": name,
+        "config": model.config.to_dict(),
+        "parameters": model.num_parameters(),
+        "breakdown": [{"name": part, "parameters": count} for part, count in model.parameter_breakdown()],
+        "size_bytes": size_bytes,
+        "size_mib": round(size_bytes / 2**20, 1),
+        "device": str(first.device),
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "tokenizer": tokenizer.name,
+    }

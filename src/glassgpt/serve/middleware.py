@@ -1,0 +1,92 @@
+"""Two small ASGI middlewares: a request-body size cap and one structured access-log line per request.
+
+Plain ASGI (not Starlette's BaseHTTPMiddleware) so that streamed responses pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+access_log = logging.getLogger("glassgpt.serve.access")
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BodySizeLimit:
+    """Refuse (413) request bodies over `max_bytes`, whether declared up front or streamed in chunks."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = {"error": f"request body too large: the limit is {self.max_bytes:,} bytes"}
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _send_json(send, 413, message)
+
+        received = 0
+        responded = False  # by us, with the 413; whatever the app sends afterwards is dropped
+
+        async def counting_receive():
+            nonlocal received, responded
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    if not responded:
+                        responded = True
+                        await _send_json(send, 413, message)
+                    # To the app the client has gone; frameworks stop reading and give up quietly.
+                    return {"type": "http.disconnect"}
+            return event
+
+        async def guarded_send(event):
+            if not responded:
+                await send(event)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+
+class AccessLog:
+    """One JSON line per request: id, method, path, status, duration, client."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex[:12]
+        status = 500  # what the client sees if the app fails before answering
+
+        async def recording_send(event):
+            nonlocal status
+            if event["type"] == "http.response.start":
+                status = event["status"]
+                event["headers"] = [*event.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(event)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            client = scope.get("client")
+            access_log.info(json.dumps({
+                "request_id": request_id,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                "client": f"{client[0]}:{client[1]}" if client else None,
+            }))
