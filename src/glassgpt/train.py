@@ -108,6 +108,12 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if isinstance(self.corpus, str):
             self.corpus = [self.corpus]
+        preset = get_preset(self.model)
+        if self.context_length is not None and self.context_length > preset.context_length:
+            raise ValueError(
+                f"context_length {self.context_length} exceeds the {self.model} preset's "
+                f"{preset.context_length} (its position table has no slots beyond that)"
+            )
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -211,11 +217,6 @@ def build_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
 def model_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
     """The preset with the run's overrides; the vocabulary always follows the tokenizer."""
     preset = get_preset(config.model)
-    if config.context_length is not None and config.context_length > preset.context_length:
-        raise ValueError(
-            f"context_length {config.context_length} exceeds the {config.model} preset's "
-            f"{preset.context_length} (its position table has no slots beyond that)"
-        )
     overrides = {key: getattr(config, key) for key in ("context_length", "n_layers", "n_heads", "emb_dim", "drop_rate")
                  if getattr(config, key) is not None}
     if config.emb_dim is not None and preset.ff_dim is not None:
