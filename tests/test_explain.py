@@ -215,7 +215,7 @@ def test_sampling_with_a_character_model_uses_its_vocabulary():
     tokenizer = CharTokenizer.from_text("hello hello")
     model = GPT(get_preset("tinygpt")).eval()
     steps = steps_of("sampling", model=model, tokenizer=tokenizer)
-    assert [row[0] for row in steps["The prompt"]["table"]] == [" ", "e", "h", "l"]
+    assert [row[0] for row in steps["The prompt"]["table"]] == ["' '", "'e'", "'h'", "'l'"]
     assert steps["Top-p (p = 0.9)"]["kept"] <= 5
     with pytest.raises(ValueError, match="pass its tokenizer"):
         run_topic("sampling", model=model)

@@ -645,9 +645,10 @@ def sampling(model, tokenizer) -> list[Step]:
         tokenizer = get_tokenizer("gpt2")
 
     def piece(token_id: int) -> str:
+        """The token's text in quotes, so that spaces show."""
         if hasattr(tokenizer, "token_strings"):
-            return tokenizer.token_strings([token_id])[0]
-        return tokenizer.decode([token_id])
+            return repr(tokenizer.token_strings([token_id])[0])
+        return repr(tokenizer.decode([token_id]))
 
     prompt, ids = _prompt_ids(tokenizer, model.config.context_length)
     device = model.tok_emb.weight.device
@@ -675,7 +676,7 @@ def sampling(model, tokenizer) -> list[Step]:
               table=[[piece(i), i] for i in ids], columns=["token", "id"]),
         _step("Logits to probabilities",
               f"Softmax over all {len(probs):,} logits; the most likely next tokens. Greedy decoding always picks "
-              f"the first: {piece(greedy)!r}.",
+              f"the first: {piece(greedy)}.",
               table=[[piece(i), i, logits[i].item(), probs[i].item()] for i in top],
               columns=["token", "id", "logit", "probability"]),
         _step("Temperature",

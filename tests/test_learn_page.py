@@ -1,0 +1,89 @@
+"""The /learn page in headless Chromium (Debian's /usr/bin/chromium driven by Playwright), against a
+real uvicorn on loopback: every topic of the walk-through renders from the live API. Screenshots go to
+test-artifacts/ (as in test_browser.py)."""
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from glassgpt import GPT, get_preset
+from glassgpt.serve import create_app
+from glassgpt.serve.background import BackgroundServer
+from glassgpt.tokenizer import CharTokenizer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install chromium)"),
+]
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The 2,453-parameter TinyGPT with its character tokenizer: the model-wide topics run on it."""
+    model = GPT(get_preset("tinygpt")).eval()
+    with BackgroundServer(create_app(model, CharTokenizer.from_text("hello hello"))) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def page():
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.errors = []
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+        yield page
+        browser.close()
+
+
+def test_every_topic_renders_its_steps(server, page):
+    topics = httpx.get(f"{server}/api/explain").json()
+    assert [t["name"] for t in topics][:3] == ["tokenization", "attention", "scaling"]
+    page.goto(f"{server}/learn")
+    page.wait_for_selector("#topics a")
+    assert page.locator("#topics a").count() == len(topics)
+    for topic in topics:
+        page.click(f"#topics a[data-topic='{topic['name']}']")
+        page.wait_for_selector(f"#steps[data-topic='{topic['name']}']:not([aria-busy])", timeout=20_000)
+        expected = httpx.get(f"{server}/api/explain/{topic['name']}").json()["steps"]
+        headings = page.locator("#steps article h3").all_inner_texts()
+        numbers, titles = zip(*(h.split(".", 1) for h in headings), strict=True)
+        assert list(numbers) == [str(i) for i in range(1, len(expected) + 1)]
+        assert [t.strip() for t in titles] == [s["title"] for s in expected]
+        assert page.locator("#topic-title").inner_text() == topic["title"]
+        assert page.locator("#topics a[aria-current='true']").inner_text() == topic["name"]
+        assert page.locator("#error").inner_text() == ""
+    page.screenshot(path=str(ARTIFACTS / "learn-sampling.png"), full_page=True)
+    assert page.errors == []
+
+
+def test_attention_shows_the_tutorial_numbers_as_a_heatmap(server, page):
+    page.goto(f"{server}/learn#attention")
+    page.wait_for_selector("#steps[data-topic='attention']:not([aria-busy])")
+    heatmap_cells = page.locator("#steps table.heatmap td.num")
+    assert heatmap_cells.count() >= 36
+    text = page.locator("#steps").inner_text()
+    for number in ("0.2379", "0.4419", "0.6515", "0.5683", "-0.5337", "-0.1051"):
+        assert number in text
+    # Shaded by value: the largest weight in a row is darker than the smallest.
+    shades = page.eval_on_selector_all(
+        "#steps table.heatmap td.num", "cells => cells.map(c => c.style.background)")
+    assert len(set(shades)) > 5
+
+
+def test_gelu_is_drawn_as_a_plot(server, page):
+    page.goto(f"{server}/learn#gelu")
+    page.wait_for_selector("#steps[data-topic='gelu']:not([aria-busy])")
+    assert page.locator("#steps svg.plot polyline").count() == 2
+    assert "GELU" in page.locator("#steps svg.plot").inner_html()
+    page.screenshot(path=str(ARTIFACTS / "learn-gelu.png"), full_page=True)
