@@ -264,3 +264,14 @@ def test_cli_explain(capsys):
     assert round(result["steps"][1]["tensor"][1][1], 4) == 0.5167
     assert main(["explain", "nonsense"]) == 2
     assert "unknown topic 'nonsense'" in capsys.readouterr().err
+
+
+def test_cli_explain_runs_a_saved_model(tmp_path, capsys):
+    from glassgpt.weights import save_model
+
+    save_model(GPT(get_preset("tinygpt")), tmp_path / "tiny", tokenizer=CharTokenizer.from_text("hello hello"))
+    assert main(["explain", "gpt", "--json", "--model", str(tmp_path / "tiny")]) == 0
+    steps = {s["title"]: s for s in json.loads(capsys.readouterr().out)["steps"]}
+    assert dict(steps["Where the parameters are"]["table"])["total"] == 2_453
+    assert main(["explain", "sampling", "--model", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
