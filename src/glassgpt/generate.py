@@ -46,6 +46,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         # above it have not reached top_p yet (so the most likely token always stays).
         mass_before = probs.cumsum(dim=-1) - probs
         drop_sorted = mass_before >= top_p
+        # A top_p below float32's smallest number rounds to 0 and would drop everything.
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
