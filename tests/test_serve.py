@@ -117,7 +117,8 @@ def test_generate_refuses_out_of_bounds_values_in_words(client, change, message)
 
 def test_generate_accepts_the_edges_of_every_range(client):
     for edge in ({"max_tokens": CAP}, {"max_tokens": 1}, {"temperature": 2.0, "top_p": 1.0, "top_k": 1},
-                 {"temperature": 0.0, "seed": 2**63 - 1}, {"top_p": 1e-9, "temperature": 1.0}):
+                 {"temperature": 0.0, "seed": 2**63 - 1}, {"top_p": 1e-9, "temperature": 1.0},
+                 {"top_p": 5e-324, "top_k": 1, "temperature": 2.0}):  # found by the fuzz pass
         response = client.post("/generate", json={"prompt": "Hi", "max_tokens": 2, **edge})
         assert response.status_code == 200, (edge, response.text)
 
@@ -443,3 +444,29 @@ def test_site_writes_the_pages_pointed_at_a_remote_api(tmp_path, capsys):
     assert "--cors-origin" in capsys.readouterr().out
     with pytest.raises(ValueError, match="must be an http"):
         write_site(tmp_path / "other", "127.0.0.1:9000")
+
+
+# ---------------------------------------------------------------- fuzzing the OpenAPI schema
+
+try:
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - schemathesis is in the dev extra
+    schemathesis = None
+
+if schemathesis is not None:
+    torch.manual_seed(0)
+    FUZZ_SCHEMA = schemathesis.openapi.from_asgi(
+        "/openapi.json", create_app(GPT(TINY).eval(), get_tokenizer("gpt2"), max_tokens_cap=4, inspect_max_tokens=8))
+
+    @FUZZ_SCHEMA.parametrize()
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    def test_fuzzed_requests_never_get_a_server_error(case):
+        response = case.call()
+        assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+        if response.status_code in (422, 404):
+            assert response.json()["error"]  # every refusal says why, in words
+else:
+    @pytest.mark.skip(reason="schemathesis is not installed (pip install -e '.[dev]')")
+    def test_fuzzed_requests_never_get_a_server_error():
+        pass

@@ -23,7 +23,13 @@ def serve(model="runs/demo", host: str = "127.0.0.1", port: int = 8000, tokenize
 
     import uvicorn
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("glassgpt.serve.access")  # JSON lines, one per request, as they are
+    if not access.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.propagate = False
     app = create_app(model, tokenizer, **settings)
     print(f"glassgpt: serving {app.state.host.name} on http://{host}:{port}/  (Ctrl-C stops)", flush=True)
     # Our AccessLog middleware writes one JSON line per request instead of uvicorn's access log.

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 
 access_log = logging.getLogger("glassgpt.serve.access")
 
@@ -83,6 +84,7 @@ class AccessLog:
         finally:
             client = scope.get("client")
             access_log.info(json.dumps({
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
                 "request_id": request_id,
                 "method": scope["method"],
                 "path": scope["path"],
