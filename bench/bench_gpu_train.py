@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 from glassgpt import GPT, get_preset
@@ -75,6 +76,27 @@ def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> list[floa
     return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(repeats)]
 
 
+def time_attention_backends(device: torch.device, batch: int, seq: int, n_heads: int = 12,
+                            head_dim: int = 64) -> dict[str, float]:
+    """ms for one causal bf16 attention forward + backward through each fused SDPA backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(batch, n_heads, seq, head_dim, device=device, dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    results = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        def forward_backward(backend=backend):
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+        try:
+            results[backend.name] = statistics.median(time_calls(forward_backward, device, 3, 20)) * 1e3
+        except RuntimeError as error:  # a backend this build or GPU does not offer
+            results[backend.name] = float("nan")
+            print(f"  {backend.name}: {str(error).splitlines()[0]}")
+    return results
+
+
 def flops_per_token(config) -> float:
     """6N + 12·L·H·Q·T: matrix products forward and backward, attention scores and mixing included."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
@@ -84,12 +106,17 @@ def flops_per_token(config) -> float:
     return 6 * n_params + attention
 
 
-def glassgpt_model(config, device):
+def cross_entropy(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def glassgpt_model(variant, config, device):
+    """(model, loss_of(inputs, targets))."""
     model = GPT(config).to(device)
-    return model, model
+    return model, lambda inputs, targets: cross_entropy(model(inputs), targets)
 
 
-def transformers_model(config, device):
+def transformers_model(variant, config, device):
     from transformers import AutoModelForCausalLM, GPT2Config
 
     hf_config = GPT2Config(
@@ -98,10 +125,12 @@ def transformers_model(config, device):
         attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0,
     )
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(device)
-    return model, lambda ids: model(input_ids=ids).logits
+    if "own-loss" in variant:  # transformers' own loss path (labels shifted inside the model)
+        return model, lambda inputs, targets: model(input_ids=inputs, labels=inputs).loss
+    return model, lambda inputs, targets: cross_entropy(model(input_ids=inputs).logits, targets)
 
 
-def make_train_step(model, forward, device: torch.device, compile: bool):
+def make_train_step(model, loss_of, device: torch.device, compile: bool):
     """One optimisation step on (inputs, targets): returns the loss as a tensor (no host sync)."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
@@ -109,12 +138,10 @@ def make_train_step(model, forward, device: torch.device, compile: bool):
         [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
         lr=6e-4, betas=(0.9, 0.95), fused=device.type == "cuda",
     )
-    autocast_dtype = torch.bfloat16
 
     def compute_loss(inputs, targets):
-        with torch.autocast(device.type, dtype=autocast_dtype):
-            logits = forward(inputs)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return loss_of(inputs, targets)
 
     if compile:
         compute_loss = torch.compile(compute_loss)
@@ -132,9 +159,9 @@ def make_train_step(model, forward, device: torch.device, compile: bool):
 
 def run_variant(name, build, config, args, device, real_vocab: int) -> dict:
     torch.manual_seed(0)
-    model, forward = build(config, device)
+    model, loss_of = build(name, config, device)
     model.train()
-    step = make_train_step(model, forward, device, compile="compiled" in name)
+    step = make_train_step(model, loss_of, device, compile="compiled" in name)
     # A few batches of random tokens, made up front so the loop does nothing but train.
     batches = [torch.randint(0, real_vocab, (args.micro_batch, args.seq + 1), device=device)
                for _ in range(4)]
@@ -204,11 +231,18 @@ def main() -> None:
           f"copy {bandwidth:.0f} GB/s; {per_token / 1e6:.1f} MFLOP per token; "
           f"micro-batch {args.micro_batch} x {args.seq}", flush=True)
 
+    if device.type == "cuda":
+        backends = time_attention_backends(device, args.micro_batch, args.seq, config.n_heads, config.head_dim)
+        print("  causal attention fwd+bwd per layer: " +
+              ", ".join(f"{name} {ms:.2f} ms" for name, ms in backends.items()), flush=True)
+
     builders = {"glassgpt": glassgpt_model, "transformers": transformers_model}
     results = []
     for variant in args.variants.split(","):
         padded = "padded" in variant
         variant_config = config.replace(vocab_size=PADDED_VOCAB) if padded and not args.smoke else config
+        # "tuned": inductor also tunes its generated kernels' launch settings (longer compile).
+        torch._inductor.config.coordinate_descent_tuning = "tuned" in variant
         row = run_variant(variant, builders[variant.split("-")[0]], variant_config, args, device,
                           real_vocab=config.vocab_size)
         if device.type == "cuda":  # the variant's model and optimizer are gone: free their memory
