@@ -209,8 +209,9 @@ def build_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
             no_decay.append(parameter)
     weight_decay = config.weight_decay if config.optimizer == "adamw" else 0.0
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach: one kernel per step for all tensors of a group, which is what makes AdamW cheap.
-    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), foreach=True)
+    # One kernel for all tensors of a group instead of a loop over them: fused on a GPU, foreach elsewhere.
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), **({"fused": True} if on_gpu else {"foreach": True}))
     return torch.optim.AdamW(groups, **kwargs) if config.optimizer == "adamw" else torch.optim.Adam(groups, **kwargs)
 
 
