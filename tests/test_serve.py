@@ -258,6 +258,17 @@ def test_lazy_app_loads_its_checkpoint_on_the_first_request(tmp_path, model, tok
         assert ready["status"] == "ready" and ready["load_time_s"] > 0
 
 
+def test_a_checkpoint_can_be_served_in_bfloat16(tmp_path, model, tokenizer):
+    save_model(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    with TestClient(create_app(str(tmp_path / "ckpt"), dtype="bfloat16")) as client:
+        info = client.get("/api/model").json()
+        assert info["dtype"] == "bfloat16" and info["size_bytes"] == 2 * model.num_parameters()
+        body = client.post("/generate", json={"prompt": "Hello", "max_tokens": 3}).json()
+        assert body["completion_tokens"] == 3
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'bfloat16'"):
+        ServeSettings(dtype="float16x")
+
+
 def test_a_missing_model_fails_at_creation_saying_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="make demo"):
         create_app(str(tmp_path / "nothing-here"))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -63,6 +64,7 @@ class ServeSettings:
     max_body_bytes: int = 64 * 1024     # larger request bodies get 413
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser
     lazy: bool = False                  # load the model on the first request instead of at start-up
+    dtype: str = "float32"              # weights loaded as float32 or bfloat16 (not for GPT objects)
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_chars", "inspect_max_tokens", "max_running", "max_body_bytes"):
@@ -73,6 +75,8 @@ class ServeSettings:
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"CORS origin {origin!r} must look like http://host:port or https://host")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
 
 # ---------------------------------------------------------------- request and response bodies
@@ -160,7 +164,7 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
         if "cors_origins" in overrides:
             overrides["cors_origins"] = tuple(overrides["cors_origins"])
         settings = ServeSettings(**{**{f.name: getattr(settings, f.name) for f in fields(settings)}, **overrides})
-    host = ModelHost(model, tokenizer)
+    host = ModelHost(model, tokenizer, dtype=getattr(torch, settings.dtype))
     gate = Gate(settings.max_running, settings.max_waiting)
     GenerateRequest, InspectRequest = request_models(settings)
 

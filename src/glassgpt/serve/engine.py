@@ -38,32 +38,29 @@ def check_model_spec(spec: str | Path) -> None:
         )
 
 
-def resolve_model(spec: str | Path):
+def resolve_model(spec: str | Path, dtype: torch.dtype | None = None):
     """(model, tokenizer) for a --model argument, by the same rules as `glassgpt generate`."""
-    from glassgpt import weights
+    from glassgpt.weights import resolve_model as resolve
 
     check_model_spec(spec)
-    if hasattr(weights, "resolve_model"):
-        model, tokenizer, _ = weights.resolve_model(str(spec))
-        return model, tokenizer
-    from glassgpt.tokenizer import get_tokenizer  # until weights.resolve_model lands
-    if Path(spec).is_dir():
-        return weights.load_model(spec)
-    return GPT.from_preset(str(spec)).eval(), get_tokenizer("gpt2")
+    model, tokenizer, _ = resolve(str(spec), dtype=dtype)
+    return model, tokenizer
 
 
 class ModelHost:
     """The served model: loaded once, at start-up or on the first request that needs it.
 
-    `source` is a GPT (then `tokenizer` is required) or anything `resolve_model` accepts.
+    `source` is a GPT (then `tokenizer` is required) or anything `resolve_model` accepts, loaded
+    in `dtype` (bfloat16 halves the bytes read per token, the limit of decoding on a CPU).
     """
 
-    def __init__(self, source, tokenizer=None, name: str | None = None):
+    def __init__(self, source, tokenizer=None, name: str | None = None, dtype: torch.dtype | None = None):
         if isinstance(source, GPT) and tokenizer is None:
             raise ValueError("serving a GPT object needs its tokenizer: pass tokenizer=...")
         if not isinstance(source, GPT):
             check_model_spec(source)  # fail at start-up, not on the first request
         self.source = source
+        self.dtype = dtype
         self._model = source if isinstance(source, GPT) else None
         self._tokenizer = tokenizer
         self.name = name or (source.config.name if isinstance(source, GPT) else Path(str(source)).name)
@@ -83,7 +80,7 @@ class ModelHost:
             with self._lock:
                 if self._model is None:
                     started = time.perf_counter()
-                    model, tokenizer = resolve_model(self.source)
+                    model, tokenizer = resolve_model(self.source, self.dtype)
                     self._check(model, tokenizer)
                     self._tokenizer = tokenizer
                     self.load_time_s = time.perf_counter() - started
