@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import torch
+import torch._inductor.config
 from bench_gpu_train import measure_copy_bandwidth, synchronize
 
 from glassgpt import GPT, get_preset
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32,128")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-hf-static", action="store_true", help="skip transformers' static cache")
+    parser.add_argument("--tune", action="store_true",
+                        help="let inductor tune its kernels' launch settings (coordinate descent; longer compile)")
     parser.add_argument("--json", default="")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, for a CPU check")
     args = parser.parse_args()
@@ -81,6 +84,7 @@ def main() -> None:
         config = get_preset("gpt2", vocab_size=512, context_length=64, emb_dim=64, n_heads=4, n_layers=2)
         args.prompt, args.new, args.batches, args.repeats = 4, 20, "1,4", 2
     torch.backends.cuda.matmul.allow_tf32 = True
+    torch._inductor.config.coordinate_descent_tuning = args.tune
     hf_model, model = build_models(config, device, dtype)
     max_length = args.prompt + args.new
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -140,7 +144,7 @@ def main() -> None:
         record(f"transformers default cache batch {batch}", seconds_per_call(
             lambda: hf_generate(hf_model, prompts, args.new), device, 1, max(2, args.repeats // 2)), batch)
 
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in [int(b) for b in args.batches.split(",") if b]:
         batched_rows(batch)
 
     print("\n| decode | tokens/s | ms/token |\n|---|---:|---:|")

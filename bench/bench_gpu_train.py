@@ -8,6 +8,11 @@ itself and prints tokens/s, ms/step, MFU and the ratio to transformers compiled.
     PYTHONPATH=src python bench/bench_gpu_train.py                 # on a CUDA machine
     PYTHONPATH=src python bench/bench_gpu_train.py --smoke         # tiny config, runs on a CPU
 
+Variant names say what runs: glassgpt or transformers; "padded": the vocabulary padded to 50,304
+(a multiple of 128) so the head's matrix products tile evenly; "compiled": torch.compile; "tuned":
+inductor's coordinate-descent tuning of its kernels; "graphs": compile mode "reduce-overhead" (CUDA
+graphs); "own-loss": transformers' loss from `labels=` instead of the shared loss code.
+
 MFU counts 6N + 12·L·H·Q·T FLOPs per token (N: parameters less the position table, with the real
 vocabulary even when the padded one runs), over the measured peak.
 """
@@ -130,7 +135,7 @@ def transformers_model(variant, config, device):
     return model, lambda inputs, targets: cross_entropy(model(input_ids=inputs).logits, targets)
 
 
-def make_train_step(model, loss_of, device: torch.device, compile: bool):
+def make_train_step(model, loss_of, device: torch.device, compile: bool, graphs: bool = False):
     """One optimisation step on (inputs, targets): returns the loss as a tensor (no host sync)."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
@@ -144,9 +149,12 @@ def make_train_step(model, loss_of, device: torch.device, compile: bool):
             return loss_of(inputs, targets)
 
     if compile:
-        compute_loss = torch.compile(compute_loss)
+        # "reduce-overhead" also replays forward and backward as CUDA graphs (no launch gaps).
+        compute_loss = torch.compile(compute_loss, mode="reduce-overhead" if graphs else "default")
 
     def step(inputs, targets):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
         loss = compute_loss(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
@@ -161,7 +169,7 @@ def run_variant(name, build, config, args, device, real_vocab: int) -> dict:
     torch.manual_seed(0)
     model, loss_of = build(name, config, device)
     model.train()
-    step = make_train_step(model, loss_of, device, compile="compiled" in name)
+    step = make_train_step(model, loss_of, device, compile="compiled" in name, graphs="graphs" in name)
     # A few batches of random tokens, made up front so the loop does nothing but train.
     batches = [torch.randint(0, real_vocab, (args.micro_batch, args.seq + 1), device=device)
                for _ in range(4)]
@@ -243,6 +251,7 @@ def main() -> None:
         variant_config = config.replace(vocab_size=PADDED_VOCAB) if padded and not args.smoke else config
         # "tuned": inductor also tunes its generated kernels' launch settings (longer compile).
         torch._inductor.config.coordinate_descent_tuning = "tuned" in variant
+        torch._dynamo.reset()  # compile each variant afresh, with its own settings
         row = run_variant(variant, builders[variant.split("-")[0]], variant_config, args, device,
                           real_vocab=config.vocab_size)
         if device.type == "cuda":  # the variant's model and optimizer are gone: free their memory

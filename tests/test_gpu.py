@@ -17,12 +17,16 @@ SMALL = get_preset("gpt2", vocab_size=97, context_length=32, emb_dim=32, n_heads
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def random_model(config, seed: int = 0, spread: float = 0.05, device: str = "cpu") -> GPT:
+def random_model(config, seed: int = 0, spread: float = 0.05, device: str = "cpu",
+                 matrices: bool = True) -> GPT:
+    """GPT-2's initialisation plus N(0, spread) noise on every parameter (with `matrices=False`, on
+    biases and norms only), so that biases and norms are not at their trivial initial values."""
     torch.manual_seed(seed)
     model = GPT(config)
-    with torch.no_grad():  # move biases and norms off their trivial initial values
+    with torch.no_grad():
         for p in model.parameters():
-            p.add_(spread * torch.randn_like(p))
+            if matrices or p.dim() == 1:
+                p.add_(spread * torch.randn_like(p))
     return model.to(device).eval()
 
 
@@ -121,7 +125,9 @@ def test_graphed_decoder_greedy_equals_eager_for_50_tokens(exact_fp32):
 @pytest.mark.gpu
 @needs_cuda
 def test_graphed_decoder_bf16_logits_match_eager(exact_fp32):
-    model = random_model(GPU_CONFIG, device="cuda").to(torch.bfloat16)
+    # Weight matrices at GPT-2's initial scale: with every matrix perturbed too, this 4-block model
+    # amplifies rounding so much that eager bf16 itself lands 1.5e-2 from fp32.
+    model = random_model(GPU_CONFIG, device="cuda", matrices=False).to(torch.bfloat16)
     ids = torch.randint(0, GPU_CONFIG.vocab_size, (2, 16), device="cuda")
     decoder = GraphedDecoder(model, batch_size=2, max_length=80)
     # Decode 60 tokens, keeping the logits of every step, then score the same sequence eagerly.
@@ -134,7 +140,7 @@ def test_graphed_decoder_bf16_logits_match_eager(exact_fp32):
     sequence = torch.cat([ids, *tokens], dim=1)                      # (2, 16 + 60)
     with torch.no_grad():
         eager = model(sequence[:, :-1])[:, 15:]                      # logits that picked each new token
-        fp32 = random_model(GPU_CONFIG, device="cuda")(sequence[:, :-1])[:, 15:]
+        fp32 = random_model(GPU_CONFIG, device="cuda", matrices=False)(sequence[:, :-1])[:, 15:]
     print(f"graphed vs eager bf16: {relative_error(step_logits, eager):.2e}; "
           f"eager bf16 vs fp32: {relative_error(eager, fp32):.2e}")
     assert relative_error(step_logits, eager) < 1e-2
