@@ -218,3 +218,10 @@ def test_stream_text_stops_at_a_stop_string_with_a_char_model():
     assert len(full) == 12
     stop = full[5:7]
     assert generate_text(model, tokenizer, "abc", 12, stop=stop) == full[:full.index(stop)]
+
+
+@pytest.mark.parametrize("temperature", [4e-295, 1e-12, 2e-5])
+def test_tiny_temperatures_are_greedy_not_nan(temperature):
+    # Found by the serving fuzz pass: logits / 4e-295 overflowed and softmax returned NaN.
+    logits = torch.tensor([[1.0, 30.0, 2.0], [5.0, -3.0, 4.0]])
+    assert sample_next(logits, temperature=temperature, top_p=0.5).tolist() == [1, 0]

@@ -53,12 +53,18 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 def sample_next(logits: torch.Tensor, temperature: float | None = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, vocab). Temperature 0 or None is greedy."""
-    if not temperature:
+    # Below float32's resolution, logits / temperature overflows and softmax turns into NaN;
+    # such a temperature means greedy anyway.
+    if not temperature or temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = logits.float() / temperature
+    logits = filter_logits(logits, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
