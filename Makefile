@@ -3,25 +3,32 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test lint clean
 
-$(STAMP): pyproject.toml Makefile
+# The main job needs only the runtime dependencies; the tests add transformers (the reference
+# implementation), the browser-test and fuzzing tools, and TensorFlow (OpenAI's original format).
+$(RUN_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU wheel first: a looser pin would download a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,tf]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q -e .
+	touch $(RUN_STAMP)
 
-demo: $(STAMP)
+$(TEST_STAMP): $(RUN_STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,tf]'
+	touch $(TEST_STAMP)
+
+demo: $(RUN_STAMP)
 	$(BIN)/glassgpt demo
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) lint
+test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q
 
 clean:
