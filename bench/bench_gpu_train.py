@@ -8,13 +8,12 @@ itself and prints tokens/s, ms/step, MFU and the ratio to transformers compiled.
     PYTHONPATH=src python bench/bench_gpu_train.py                 # on a CUDA machine
     PYTHONPATH=src python bench/bench_gpu_train.py --smoke         # tiny config, runs on a CPU
 
-Variant names say what runs: glassgpt or transformers; "padded": the vocabulary padded to 50,304
-(a multiple of 128) so the head's matrix products tile evenly; "compiled": torch.compile; "tuned":
+Variant names say what runs: glassgpt or transformers; "padded": `GPT.pad_vocabulary(128)`, the head's
+matrix products computed 50,304 wide (a multiple of 128) while the logits stay 50,257; "compiled": torch.compile; "tuned":
 inductor's coordinate-descent tuning of its kernels; "graphs": compile mode "reduce-overhead" (CUDA
 graphs); "own-loss": transformers' loss from `labels=` instead of the shared loss code.
 
-MFU counts 6N + 12·L·H·Q·T FLOPs per token (N: parameters less the position table, with the real
-vocabulary even when the padded one runs), over the measured peak.
+MFU counts 6N + 12·L·H·Q·T FLOPs per token (N: parameters less the position table), over the measured peak.
 """
 
 from __future__ import annotations
@@ -30,8 +29,6 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 from glassgpt import GPT, get_preset
-
-PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 128
 
 
 def synchronize(device: torch.device) -> None:
@@ -118,6 +115,8 @@ def cross_entropy(logits, targets):
 def glassgpt_model(variant, config, device):
     """(model, loss_of(inputs, targets))."""
     model = GPT(config).to(device)
+    if "padded" in variant:
+        model.pad_vocabulary(128)
     return model, lambda inputs, targets: cross_entropy(model(inputs), targets)
 
 
@@ -165,13 +164,13 @@ def make_train_step(model, loss_of, device: torch.device, compile: bool, graphs:
     return step
 
 
-def run_variant(name, build, config, args, device, real_vocab: int) -> dict:
+def run_variant(name, build, config, args, device) -> dict:
     torch.manual_seed(0)
     model, loss_of = build(name, config, device)
     model.train()
     step = make_train_step(model, loss_of, device, compile="compiled" in name, graphs="graphs" in name)
     # A few batches of random tokens, made up front so the loop does nothing but train.
-    batches = [torch.randint(0, real_vocab, (args.micro_batch, args.seq + 1), device=device)
+    batches = [torch.randint(0, config.vocab_size, (args.micro_batch, args.seq + 1), device=device)
                for _ in range(4)]
     counter = iter(range(10**9))
 
@@ -247,13 +246,10 @@ def main() -> None:
     builders = {"glassgpt": glassgpt_model, "transformers": transformers_model}
     results = []
     for variant in args.variants.split(","):
-        padded = "padded" in variant
-        variant_config = config.replace(vocab_size=PADDED_VOCAB) if padded and not args.smoke else config
         # "tuned": inductor also tunes its generated kernels' launch settings (longer compile).
         torch._inductor.config.coordinate_descent_tuning = "tuned" in variant
         torch._dynamo.reset()  # compile each variant afresh, with its own settings
-        row = run_variant(variant, builders[variant.split("-")[0]], variant_config, args, device,
-                          real_vocab=config.vocab_size)
+        row = run_variant(variant, builders[variant.split("-")[0]], config, args, device)
         if device.type == "cuda":  # the variant's model and optimizer are gone: free their memory
             gc.collect()
             torch.cuda.empty_cache()
