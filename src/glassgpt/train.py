@@ -78,7 +78,8 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear warmup from 0 to lr"})
     min_lr_fraction: float = field(default=0.1, metadata={"help": "cosine decays to lr x this"})
     grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this (None: no clipping)"})
-    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (autocast; fp16 on CUDA only)"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16, fp16 (autocast; fp16 on CUDA only), or auto: "
+                                                      "bf16 where the GPU or CPU computes it natively, else fp32"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (None: torch's default)"})
@@ -96,7 +97,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"tokenizer": ("gpt2", "char"), "init": ("gpt2", "pytorch"), "optimizer": ("adamw", "adam"),
-                   "schedule": ("constant", "cosine"), "precision": ("fp32", "bf16", "fp16")}
+                   "schedule": ("constant", "cosine"), "precision": ("fp32", "bf16", "fp16", "auto")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
@@ -134,10 +135,12 @@ class TrainConfig:
 
 RECIPES: dict[str, dict] = {
     # Our reference run: the 162M model on The Verdict, 2 x 256-token batches, AdamW, 10 epochs.
+    # Precision auto: bf16 on a CPU with AVX-512 BF16 is 2-3x faster per step, and its losses stayed
+    # within 0.01 of fp32's over the whole run (docs/PERFORMANCE.md).
     "verdict": dict(
         model="verdict-162m", corpus=["bundled:the-verdict.txt"], tokenizer="gpt2",
         batch_size=2, stride=256, val_fraction=0.1, optimizer="adamw", lr=4e-4, weight_decay=0.1,
-        epochs=10, init="pytorch", eval_batches=2, sample_prompt="Every effort moves you",
+        epochs=10, init="pytorch", precision="auto", eval_batches=2, sample_prompt="Every effort moves you",
     ),
     # TinyGPT: 2,453 parameters learn "hello hello" from its 7 windows of 4 characters, in seconds.
     "tinygpt": dict(
@@ -211,9 +214,10 @@ def build_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
             no_decay.append(parameter)
     weight_decay = config.weight_decay if config.optimizer == "adamw" else 0.0
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # One kernel for all tensors of a group instead of a loop over them: fused on a GPU, foreach elsewhere.
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), **({"fused": True} if on_gpu else {"foreach": True}))
+    # The fused kernel updates every tensor of a group in one pass: on a CPU it takes 0.07 s per
+    # verdict-162m step where the default loop takes 0.46 s. (Elsewhere, foreach: one kernel per op.)
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), **({"fused": True} if fused else {"foreach": True}))
     return torch.optim.AdamW(groups, **kwargs) if config.optimizer == "adamw" else torch.optim.Adam(groups, **kwargs)
 
 
@@ -249,6 +253,19 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matrix products in hardware (CUDA, or a CPU with AVX-512 BF16 / AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -355,7 +372,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(
             step, self.total_steps, config.warmup_steps, config.schedule, config.min_lr_fraction))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.step = 0
         self.best_val = math.inf
@@ -374,6 +391,9 @@ class Trainer:
 
     def _setup_precision(self) -> None:
         precision, device = self.config.precision, self.device
+        if precision == "auto":
+            precision = "bf16" if has_native_bf16(device) else "fp32"
+        self.precision = precision
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("fp16 training needs a CUDA GPU; on a CPU use --precision bf16")
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -529,7 +549,7 @@ class Trainer:
         self.say(f"data: {self.n_train_tokens:,} training tokens -> {len(self.train_set):,} windows; "
                  f"{self.n_val_tokens:,} validation tokens; {self.steps_per_epoch:,} steps per epoch of "
                  f"{self.tokens_per_step:,} tokens; {self.total_steps:,} steps")
-        self.say(f"device {self.device} x {self.dist.world_size}, {c.precision}, {c.optimizer} lr {c.lr:g} "
+        self.say(f"device {self.device} x {self.dist.world_size}, {self.precision}, {c.optimizer} lr {c.lr:g} "
                  f"({c.schedule}), out {self.out or '(nothing kept)'}")
 
     def _mean_across_processes(self, value: torch.Tensor) -> float:
