@@ -215,7 +215,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--variants", default="glassgpt-eager,glassgpt-compiled,glassgpt-padded-compiled,"
-                        "transformers-eager,transformers-compiled")
+                        "glassgpt-padded-compiled-graphs,transformers-eager,transformers-compiled,"
+                        "transformers-own-loss-compiled")
     parser.add_argument("--profile", default="", help="variant to profile after timing, e.g. glassgpt-padded-compiled")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and batch, for a CPU check")
