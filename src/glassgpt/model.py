@@ -220,7 +220,6 @@ class GPT(nn.Module):
             # Weight tying: reading a token in and writing it out use the same matrix (GPT-2 does
             # this; it saves vocab_size * emb_dim parameters, 38.6M for GPT-2 small).
             self.out_head.weight = self.tok_emb.weight
-        self.head_padding = 0  # zero rows added to the head's matrix product; see pad_vocabulary()
         self.reset_parameters()
 
     @classmethod
@@ -263,28 +262,6 @@ class GPT(nn.Module):
             if hasattr(module, "fused"):
                 module.fused = fused
         return self
-
-    def pad_vocabulary(self, multiple: int = 128) -> GPT:
-        """Compute the output head as if the vocabulary were a multiple of `multiple` (1: off).
-
-        GPU matrix products tile evenly when dimensions are multiples of 64 or 128, and GPT-2's
-        50,257 is odd. Zero rows are appended to the head's weight inside the forward pass, so the
-        parameters keep their shape and the logits keep their vocab_size columns; torch.compile
-        folds the padding into the weight's bf16 cast (eager, it costs a copy: use it compiled).
-        """
-        if multiple < 1:
-            raise ValueError(f"multiple must be a positive integer, got {multiple}")
-        self.head_padding = -self.config.vocab_size % multiple
-        return self
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.head_padding:
-            return self.out_head(x)
-        weight = F.pad(self.out_head.weight, (0, 0, 0, self.head_padding))
-        bias = self.out_head.bias
-        if bias is not None:
-            bias = F.pad(bias, (0, self.head_padding))
-        return F.linear(x, weight, bias)[..., :self.config.vocab_size]
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
                 return_attention: bool = False, attention_mask: torch.Tensor | None = None):
@@ -330,7 +307,7 @@ class GPT(nn.Module):
             layer_cache = cache.layers[index] if cache is not None else None
             x, weights = block(x, layer_cache, return_attention, key_mask)
             all_weights.append(weights)
-        logits = self._head(self.final_norm(x))                           # (B, T, vocab_size)
+        logits = self.out_head(self.final_norm(x))                        # (B, T, vocab_size)
         if cache is not None:
             cache.advance(n_tokens)
         return (logits, all_weights) if return_attention else logits
