@@ -1,0 +1,139 @@
+"""Serving speed: real HTTP to `glassgpt serve` (uvicorn) on loopback, as a user would meet it.
+
+    .venv/bin/python bench/bench_serve.py [--model verdict-162m] [--requests 20] [--tokens 50]
+
+- cold start: from launching the server process to its first 200 (GET /readyz), and to the first
+  POST /generate answered;
+- warm: POST /generate for `--tokens` new tokens (top-k 50, temperature 0.7, as the reference's
+  page), p50 and p99 over `--requests` requests, one at a time.
+With `--checkpoint`, the model is first saved to a temporary directory and served from there
+(loading safetensors instead of initialising random weights). Ratios are printed against our
+reference's published figures (about 10 s cold, 2-3 s warm) and our targets (3 s, 1 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from glassgpt.generate import generate_text
+from glassgpt.weights import resolve_model
+
+REFERENCE_COLD_S, REFERENCE_WARM_S = 10.0, 2.5
+TARGET_COLD_S, TARGET_WARM_S = 3.0, 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def save_checkpoint(preset: str, directory: Path) -> Path:
+    from glassgpt.model import GPT
+    from glassgpt.tokenizer import get_tokenizer
+    from glassgpt.weights import save_model
+
+    return save_model(GPT.from_preset(preset), directory / preset, tokenizer=get_tokenizer("gpt2"))
+
+
+def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32") -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    body = {"prompt": "Every effort moves you", "max_tokens": n_tokens, "temperature": 0.7, "top_k": 50, "seed": 0}
+    started = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "glassgpt.cli", "serve", "--model", model, "--port", str(port),
+                               "--dtype", dtype],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError("the server exited:\n" + server.stderr.read())
+            time.sleep(0.02)
+        ready_s = time.perf_counter() - started
+        first = httpx.post(url + "/generate", json=body, timeout=120)
+        first.raise_for_status()
+        first_generate_s = time.perf_counter() - started
+
+        # The peer, in this process: the same generation with no HTTP, alternated with the requests
+        # so that both meet the same load on the machine. Their ratio is the server's overhead.
+        local_model, tokenizer, _ = resolve_model(model, dtype=getattr(torch, dtype))
+        settings = {k: body[k] for k in ("temperature", "top_k", "seed")}
+        latencies, local_latencies, tokens_per_s = [], [], []
+        for _ in range(n_requests):
+            request_started = time.perf_counter()
+            response = httpx.post(url + "/generate", json=body, timeout=120)
+            latencies.append(time.perf_counter() - request_started)
+            answer = response.json()
+            assert answer["completion_tokens"] == n_tokens, answer
+            tokens_per_s.append(answer["tokens_per_s"])
+            local_started = time.perf_counter()
+            generate_text(local_model, tokenizer, body["prompt"], n_tokens, **settings)
+            local_latencies.append(time.perf_counter() - local_started)
+        del local_model
+        info = httpx.get(url + "/api/model").json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    latencies.sort()
+    return {
+        "model": info["name"], "parameters": info["parameters"], "dtype": info["dtype"], "ready_s": ready_s,
+        "first_generate_s": first_generate_s, "p50_s": statistics.median(latencies),
+        # p99 of 20 samples is their maximum; with more, the 99th percentile.
+        "p99_s": statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 100 else latencies[-1],
+        "tokens_per_s": statistics.median(tokens_per_s),
+        "local_p50_s": statistics.median(local_latencies),
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def report(label: str, result: dict, n_requests: int, n_tokens: int) -> None:
+    print(f"\n{label}: {result['model']} ({result['parameters']:,} parameters, {result['dtype']}), "
+          f"{os.cpu_count()} CPUs")
+    print(f"  cold start, process -> GET /readyz 200      {result['ready_s']:6.2f} s   "
+          f"(reference ~{REFERENCE_COLD_S:.0f} s: {REFERENCE_COLD_S / result['ready_s']:.1f}x; target < {TARGET_COLD_S} s)")
+    print(f"  cold start, process -> first /generate 200  {result['first_generate_s']:6.2f} s   "
+          f"(reference ~{REFERENCE_COLD_S:.0f} s: {REFERENCE_COLD_S / result['first_generate_s']:.1f}x)")
+    print(f"  warm POST /generate, {n_tokens} tokens, {n_requests} requests: p50 {result['p50_s']:.3f} s, "
+          f"p99 {result['p99_s']:.3f} s, {result['tokens_per_s']:.1f} tokens/s   "
+          f"(reference ~{REFERENCE_WARM_S} s: {REFERENCE_WARM_S / result['p50_s']:.1f}x; target < {TARGET_WARM_S} s)")
+    print(f"  same generation in-process, no HTTP: p50 {result['local_p50_s']:.3f} s -> serving overhead "
+          f"{result['p50_s'] / result['local_p50_s']:.2f}x   (machine load average {result['load_average']:.1f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="verdict-162m", help="preset (random weights) or checkpoint directory")
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=50)
+    parser.add_argument("--checkpoint", action="store_true", help="also serve the preset from a saved checkpoint")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
+    args = parser.parse_args()
+
+    for dtype in ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,):
+        report("preset, random weights", measure(args.model, args.requests, args.tokens, dtype),
+               args.requests, args.tokens)
+    if args.checkpoint:
+        with tempfile.TemporaryDirectory() as directory:
+            saved = save_checkpoint(args.model, Path(directory))
+            report("saved checkpoint (safetensors)", measure(str(saved), args.requests, args.tokens, "float32"),
+                   args.requests, args.tokens)
+
+
+if __name__ == "__main__":
+    main()
