@@ -25,6 +25,7 @@ from glassgpt.weights import (
     find_gpt2,
     load_model,
     load_openai_tf,
+    quantize_int8,
     resolve_model,
     save_model,
 )
@@ -289,3 +290,22 @@ def test_generate_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "too small" in capsys.readouterr().err
     assert main(["generate", "hi", "--model", "gpt2", "--temperature", "-1"]) == 2  # before any loading
     assert "temperature must be >= 0" in capsys.readouterr().err
+
+
+def test_int8_quantisation_stays_close_to_fp32_and_the_cli_runs_it(tmp_path, capsys):
+    hf = random_hf_model(seed=8)
+    hf.save_pretrained(tmp_path)
+    fp32, _ = load_model(tmp_path)
+    int8, _ = load_model(tmp_path)
+    quantize_int8(int8)
+    assert type(int8.out_head).__module__.startswith("torch.ao.nn.quantized")
+    reference = our_logits(fp32, PROMPT)
+    drift = (our_logits(int8, PROMPT) - reference).abs().max() / reference.abs().max()
+    assert 0 < drift < 0.05  # changed, as quantisation must, but by a few percent at most
+    agree = (our_logits(int8, PROMPT).argmax(-1) == reference.argmax(-1)).float().mean()
+    assert agree >= 0.75
+    with pytest.raises(ValueError, match="fp32 model on the CPU"):
+        quantize_int8(fp32.to(torch.bfloat16))
+    assert main(["generate", "%", "--model", str(tmp_path), "--max-tokens", "3", "--dtype", "int8",
+                 "--verbose"]) == 0
+    assert "int8" in capsys.readouterr().err

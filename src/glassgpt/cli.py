@@ -103,13 +103,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from glassgpt.generate import Timing, check_sampling, stream_text
-    from glassgpt.weights import resolve_model
+    from glassgpt.weights import quantize_int8, resolve_model
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before loading gigabytes of weights
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}[args.dtype]
     model, tokenizer, description = resolve_model(args.model, device=args.device, dtype=dtype)
+    if args.dtype == "int8":
+        model = quantize_int8(model)
+        description += ", int8"
     timing = Timing()
     pieces = stream_text(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, timing=timing)
@@ -238,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stream", action="store_true", help="print the text as it is generated")
     generate.add_argument("--verbose", action="store_true", help="print prefill and decode speed")
     generate.add_argument("--device", default="cpu")
-    generate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    generate.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default="float32",
+                          help="int8: dynamic quantisation, about 2.5x faster decoding on CPU")
     generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     generate.set_defaults(run=cmd_generate)
 
