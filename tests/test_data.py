@@ -157,3 +157,17 @@ def test_corpus_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "zero.txt").write_text("", encoding="utf-8")
     with pytest.raises(ValueError, match="empty"):
         prepare([str(tmp_path / "zero.txt")], tmp_path / "prepared")
+
+
+def test_prepare_verb_then_train_on_the_prepared_directory(tmp_path, capsys):
+    from glassgpt.cli import main
+
+    corpus = tmp_path / "story.txt"
+    corpus.write_text(bundled_text("the-verdict.txt")[:3000], encoding="utf-8")
+    assert main(["prepare", str(corpus), "--tokenizer", "char", "--out", str(tmp_path / "prepared")]) == 0
+    assert "3,000 tokens (uint16" in capsys.readouterr().out
+    assert main(["train", "--corpus", str(tmp_path / "prepared"), "--out", str(tmp_path / "run"), "--model", "nano",
+                 "--n-layers", "1", "--emb-dim", "32", "--n-heads", "2", "--context-length", "32", "--max-steps", "2",
+                 "--sample-prompt", "I", "--no-progress"]) == 0
+    config = json.loads((tmp_path / "run" / "glassgpt.json").read_text())["config"]
+    assert config["vocab_size"] == len(set(corpus.read_text()))  # the prepared char vocabulary
