@@ -175,7 +175,7 @@ def text_chunks(path: str | Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[st
             cuts = [m.start() for m in safe_cut.finditer(text, max(0, len(text) - chunk_chars // 4))]
             if not cuts:
                 cuts = [m.start() for m in safe_cut.finditer(text)]
-            if cuts:
+            if cuts and cuts[-1] > 0:
                 yield text[:cuts[-1]]
                 carry = text[cuts[-1]:]
             else:
