@@ -47,13 +47,13 @@ def save_checkpoint(preset: str, directory: Path) -> Path:
     return save_model(GPT.from_preset(preset), directory / preset, tokenizer=get_tokenizer("gpt2"))
 
 
-def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32") -> dict:
+def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32", threads: int = 0) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     body = {"prompt": "Every effort moves you", "max_tokens": n_tokens, "temperature": 0.7, "top_k": 50, "seed": 0}
     started = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "glassgpt.cli", "serve", "--model", model, "--port", str(port),
-                               "--dtype", dtype],
+                               "--dtype", dtype, *(["--threads", str(threads)] if threads else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while True:
@@ -72,6 +72,8 @@ def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32") 
 
         # The peer, in this process: the same generation with no HTTP, alternated with the requests
         # so that both meet the same load on the machine. Their ratio is the server's overhead.
+        if threads:
+            torch.set_num_threads(threads)
         local_model, tokenizer, _ = resolve_model(model, dtype=getattr(torch, dtype))
         settings = {k: body[k] for k in ("temperature", "top_k", "seed")}
         latencies, local_latencies, tokens_per_s = [], [], []
@@ -123,15 +125,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=50)
     parser.add_argument("--checkpoint", action="store_true", help="also serve the preset from a saved checkpoint")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for server and peer (0: torch's choice)")
     args = parser.parse_args()
 
     for dtype in ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,):
-        report("preset, random weights", measure(args.model, args.requests, args.tokens, dtype),
+        report("preset, random weights", measure(args.model, args.requests, args.tokens, dtype, args.threads),
                args.requests, args.tokens)
     if args.checkpoint:
         with tempfile.TemporaryDirectory() as directory:
             saved = save_checkpoint(args.model, Path(directory))
-            report("saved checkpoint (safetensors)", measure(str(saved), args.requests, args.tokens, "float32"),
+            report("saved checkpoint (safetensors)", measure(str(saved), args.requests, args.tokens, "float32", args.threads),
                    args.requests, args.tokens)
 
 
