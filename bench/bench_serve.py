@@ -27,7 +27,7 @@ import httpx
 import torch
 
 from glassgpt.generate import generate_text
-from glassgpt.weights import resolve_model
+from glassgpt.weights import quantize_int8, resolve_model
 
 REFERENCE_COLD_S, REFERENCE_WARM_S = 10.0, 2.5
 TARGET_COLD_S, TARGET_WARM_S = 3.0, 1.0
@@ -74,7 +74,9 @@ def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32", 
         # so that both meet the same load on the machine. Their ratio is the server's overhead.
         if threads:
             torch.set_num_threads(threads)
-        local_model, tokenizer, _ = resolve_model(model, dtype=getattr(torch, dtype))
+        local_model, tokenizer, _ = resolve_model(model, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        if dtype == "int8":
+            local_model = quantize_int8(local_model)
         settings = {k: body[k] for k in ("temperature", "top_k", "seed")}
         latencies, local_latencies, tokens_per_s = [], [], []
         for _ in range(n_requests):
@@ -124,11 +126,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=50)
     parser.add_argument("--checkpoint", action="store_true", help="also serve the preset from a saved checkpoint")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "all"], default="all")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for server and peer (0: torch's choice)")
     args = parser.parse_args()
 
-    for dtype in ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,):
+    for dtype in ("float32", "bfloat16", "int8") if args.dtype == "all" else (args.dtype,):
         report("preset, random weights", measure(args.model, args.requests, args.tokens, dtype, args.threads),
                args.requests, args.tokens)
     if args.checkpoint:

@@ -258,14 +258,21 @@ def test_lazy_app_loads_its_checkpoint_on_the_first_request(tmp_path, model, tok
         assert ready["status"] == "ready" and ready["load_time_s"] > 0
 
 
-def test_a_checkpoint_can_be_served_in_bfloat16(tmp_path, model, tokenizer):
+def test_a_checkpoint_can_be_served_in_bfloat16_or_int8(tmp_path, model, tokenizer):
     save_model(model, tmp_path / "ckpt", tokenizer=tokenizer)
     with TestClient(create_app(str(tmp_path / "ckpt"), dtype="bfloat16")) as client:
         info = client.get("/api/model").json()
         assert info["dtype"] == "bfloat16" and info["size_bytes"] == 2 * model.num_parameters()
         body = client.post("/generate", json={"prompt": "Hello", "max_tokens": 3}).json()
         assert body["completion_tokens"] == 3
-    with pytest.raises(ValueError, match="dtype must be 'float32' or 'bfloat16'"):
+    with TestClient(create_app(str(tmp_path / "ckpt"), dtype="int8")) as client:
+        info = client.get("/api/model").json()
+        assert info["dtype"].startswith("int8") and info["parameters"] == model.num_parameters()
+        assert [(r["name"], r["parameters"]) for r in info["breakdown"]] == model.parameter_breakdown()
+        assert client.post("/generate", json={"prompt": "Hello", "max_tokens": 3}).json()["completion_tokens"] == 3
+        inspected = client.post("/api/inspect", json={"text": "The painting was"}).json()
+        assert len(inspected["attention"]) == 2
+    with pytest.raises(ValueError, match="dtype must be 'float32', 'bfloat16' or 'int8'"):
         ServeSettings(dtype="float16x")
 
 

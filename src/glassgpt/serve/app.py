@@ -23,7 +23,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -38,7 +37,6 @@ from glassgpt.serve.engine import (
     Gate,
     ModelHost,
     Sampling,
-    describe_model,
     inspect_text,
     run_generation,
 )
@@ -64,7 +62,7 @@ class ServeSettings:
     max_body_bytes: int = 64 * 1024     # larger request bodies get 413
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser
     lazy: bool = False                  # load the model on the first request instead of at start-up
-    dtype: str = "float32"              # weights loaded as float32 or bfloat16 (not for GPT objects)
+    dtype: str = "float32"              # float32, bfloat16 or int8 weights (not for GPT objects)
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_chars", "inspect_max_tokens", "max_running", "max_body_bytes"):
@@ -75,8 +73,8 @@ class ServeSettings:
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"CORS origin {origin!r} must look like http://host:port or https://host")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.dtype not in ("float32", "bfloat16", "int8"):
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'int8', got {self.dtype!r}")
 
 
 # ---------------------------------------------------------------- request and response bodies
@@ -164,7 +162,7 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
         if "cors_origins" in overrides:
             overrides["cors_origins"] = tuple(overrides["cors_origins"])
         settings = ServeSettings(**{**{f.name: getattr(settings, f.name) for f in fields(settings)}, **overrides})
-    host = ModelHost(model, tokenizer, dtype=getattr(torch, settings.dtype))
+    host = ModelHost(model, tokenizer, dtype=settings.dtype)
     gate = Gate(settings.max_running, settings.max_waiting)
     GenerateRequest, InspectRequest = request_models(settings)
 
@@ -278,10 +276,10 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     @app.get("/api/model", responses=BUSY, tags=["inspect"])
     async def model_info():
         """The live model: config, parameter breakdown (as `glassgpt info`), size, device, dtype."""
-        model, tokenizer = await run_in_threadpool(host.get)
+        model, _ = await run_in_threadpool(host.get)
         limits = {"max_tokens": settings.max_tokens_cap, "inspect_max_tokens": inspect_limit(model),
                   "max_prompt_chars": settings.max_prompt_chars}
-        return {**describe_model(model, tokenizer, host.name), "load_time_s": host.load_time_s, "limits": limits}
+        return {**host.description, "load_time_s": host.load_time_s, "limits": limits}
 
     def inspect_limit(model) -> int:
         return min(settings.inspect_max_tokens, model.config.context_length)

@@ -47,14 +47,19 @@ def resolve_model(spec: str | Path, dtype: torch.dtype | None = None):
     return model, tokenizer
 
 
+# int8 models are loaded in float32, then quantised.
+LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+
+
 class ModelHost:
     """The served model: loaded once, at start-up or on the first request that needs it.
 
     `source` is a GPT (then `tokenizer` is required) or anything `resolve_model` accepts, loaded
-    in `dtype` (bfloat16 halves the bytes read per token, the limit of decoding on a CPU).
+    as `dtype`: "float32", "bfloat16" or "int8" (dynamic quantisation of the Linear layers: a
+    quarter of the bytes to read per token, the limit of decoding on a CPU).
     """
 
-    def __init__(self, source, tokenizer=None, name: str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, source, tokenizer=None, name: str | None = None, dtype: str = "float32"):
         if isinstance(source, GPT) and tokenizer is None:
             raise ValueError("serving a GPT object needs its tokenizer: pass tokenizer=...")
         if not isinstance(source, GPT):
@@ -67,8 +72,10 @@ class ModelHost:
         self.load_time_s: float | None = 0.0 if self._model is not None else None
         self._lock = threading.Lock()
         self._warm = False
+        self.description: dict | None = None  # GET /api/model's answer, made once at load
         if self._model is not None:
             self._check(self._model, self._tokenizer)
+            self.description = describe_model(self._model, self._tokenizer, self.name)
 
     @property
     def ready(self) -> bool:
@@ -80,8 +87,13 @@ class ModelHost:
             with self._lock:
                 if self._model is None:
                     started = time.perf_counter()
-                    model, tokenizer = resolve_model(self.source, self.dtype)
+                    model, tokenizer = resolve_model(self.source, LOAD_DTYPES[self.dtype])
                     self._check(model, tokenizer)
+                    self.description = describe_model(model, tokenizer, self.name)
+                    if self.dtype == "int8":
+                        from glassgpt.weights import quantize_int8
+                        model = quantize_int8(model)
+                        self.description["dtype"] = "int8 (Linear layers; embeddings and norms float32)"
                     self._tokenizer = tokenizer
                     self.load_time_s = time.perf_counter() - started
                     self._model = model.eval()
