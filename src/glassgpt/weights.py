@@ -80,8 +80,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise FileNotFoundError(f"{path} is not a directory holding a model")
     if (path / GLASSGPT_META).exists():
         meta = json.loads((path / GLASSGPT_META).read_text(encoding="utf-8"))
-        model = GPT(GPTConfig.from_dict(meta["config"]))
-        load_state_into(model, load_file(str(path / WEIGHTS_FILE)), str(path))
+        model = _build(GPTConfig.from_dict(meta["config"]), load_file(str(path / WEIGHTS_FILE)), str(path))
         tokenizer = tokenizer_from_dict(meta.get("tokenizer", {"type": "gpt2"}))
     elif (path / "config.json").exists():
         model = load_pretrained(path)
