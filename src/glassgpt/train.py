@@ -527,7 +527,9 @@ class Trainer:
                     self._check_finite(loss_value)
                     record = self._record("step", train_loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1))
                     if self.peak_flops:
-                        record["mfu"] = round(window_steps * self.flops_per_step / elapsed / self.peak_flops, 4)
+                        # Per GPU: the step's FLOPs are spread over world_size devices of this peak.
+                        flops_per_s = window_steps * self.flops_per_step / elapsed / self.dist.world_size
+                        record["mfu"] = round(flops_per_s / self.peak_flops, 4)
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
