@@ -4,12 +4,11 @@ origin calling the API on another. Screenshots go to test-artifacts/."""
 
 import functools
 import http.server
-import shutil
 import threading
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARTIFACTS, browser_tests
 
 from glassgpt.config import GPTConfig
 from glassgpt.generate import generate_text
@@ -18,16 +17,8 @@ from glassgpt.serve import create_app, write_site
 from glassgpt.serve.background import BackgroundServer
 from glassgpt.tokenizer import get_tokenizer
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install chromium)"),
-]
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+pytestmark = browser_tests
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
 TINY = GPTConfig(name="tiny-browser", vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
 
 
@@ -42,25 +33,6 @@ def server(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with BackgroundServer(create_app(model, tokenizer, max_tokens_cap=64)) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser():
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser):
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    page.errors = []
-    page.on("pageerror", lambda error: page.errors.append(str(error)))
-    page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
-    yield page
-    page.close()
 
 
 def set_slider(page, selector: str, value) -> None:

@@ -2,27 +2,17 @@
 real uvicorn on loopback: every topic of the walk-through renders from the live API. Screenshots go to
 test-artifacts/ (as in test_browser.py)."""
 
-import shutil
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import ARTIFACTS, browser_tests
 
 from glassgpt import GPT, get_preset
 from glassgpt.serve import create_app
 from glassgpt.serve.background import BackgroundServer
 from glassgpt.tokenizer import CharTokenizer
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install chromium)"),
-]
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+pytestmark = browser_tests
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +21,6 @@ def server():
     model = GPT(get_preset("tinygpt")).eval()
     with BackgroundServer(create_app(model, CharTokenizer.from_text("hello hello"))) as server:
         yield server.url
-
-
-@pytest.fixture(scope="module")
-def page():
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.errors = []
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
-        yield page
-        browser.close()
 
 
 def test_every_topic_renders_its_steps(server, page):
