@@ -808,6 +808,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     config, resume = config_from_args(args)
     try:
         trainer = train(config, resume=resume)
+        if torch.distributed.is_initialized():
+            # Every rank finishes its last collective and rank 0 its last write before any rank tears
+            # the group down; tearing down early aborts the other rank's gloo threads (SIGABRT).
+            torch.distributed.barrier()
     except TrainingDiverged:
         return 1
     except KeyboardInterrupt:
