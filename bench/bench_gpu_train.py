@@ -8,7 +8,10 @@ itself and prints tokens/s, ms/step, MFU and the ratio to transformers compiled.
     PYTHONPATH=src python bench/bench_gpu_train.py                 # on a CUDA machine
     PYTHONPATH=src python bench/bench_gpu_train.py --smoke         # tiny config, runs on a CPU
 
-Variant names say what runs: glassgpt or transformers; "vocab50304": nanoGPT's padded vocabulary, a
+Variant names say what runs: glassgpt or transformers; glassgpt computes its loss with
+`model(inputs, targets=targets)`, whose head is padded to a multiple of 64 on the GPU with -inf
+logits for the padding (the loss and gradients of GPT-2's 50,257 tokens, on evenly tiled kernels);
+"logits": glassgpt's logits through the shared loss code instead; "vocab50304": nanoGPT's padded vocabulary, a
 model with 50,304 outputs (a multiple of 128, so the head's matrix products tile evenly; the 47
 extra tokens are never targets) -- faster, but its logits are not GPT-2's 50,257; "compiled": torch.compile; "tuned":
 inductor's coordinate-descent tuning of its kernels; "graphs": compile mode "reduce-overhead" (CUDA
@@ -118,7 +121,9 @@ def glassgpt_model(variant, config, device):
     if "vocab50304" in variant:  # nanoGPT's trick: 47 extra output tokens that are never targets
         config = config.replace(vocab_size=50304)
     model = GPT(config).to(device)
-    return model, lambda inputs, targets: cross_entropy(model(inputs), targets)
+    if "logits" in variant:  # the logits handed back, then the shared loss code
+        return model, lambda inputs, targets: cross_entropy(model(inputs), targets)
+    return model, lambda inputs, targets: model(inputs, targets=targets)
 
 
 def transformers_model(variant, config, device):
@@ -135,8 +140,9 @@ def transformers_model(variant, config, device):
     return model, lambda inputs, targets: cross_entropy(model(input_ids=inputs).logits, targets)
 
 
-def make_train_step(model, loss_of, device: torch.device, compile: bool, graphs: bool = False):
-    """One optimisation step on (inputs, targets): returns the loss as a tensor (no host sync)."""
+def make_train_step(model, loss_of, device: torch.device, compile: bool, graphs: bool = False, accum: int = 1):
+    """One optimisation step over `accum` micro-batches of (inputs, targets): returns the last loss
+    as a tensor (no host sync)."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -152,11 +158,12 @@ def make_train_step(model, loss_of, device: torch.device, compile: bool, graphs:
         # "reduce-overhead" also replays forward and backward as CUDA graphs (no launch gaps).
         compute_loss = torch.compile(compute_loss, mode="reduce-overhead" if graphs else "default")
 
-    def step(inputs, targets):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
-        loss = compute_loss(inputs, targets)
-        loss.backward()
+    def step(micro_batches):
+        for inputs, targets in micro_batches:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
+            loss = compute_loss(inputs, targets)
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -169,15 +176,16 @@ def run_variant(name, build, config, args, device) -> dict:
     torch.manual_seed(0)
     model, loss_of = build(name, config, device)
     model.train()
-    step = make_train_step(model, loss_of, device, compile="compiled" in name, graphs="graphs" in name)
+    step = make_train_step(model, loss_of, device, compile="compiled" in name, graphs="graphs" in name,
+                           accum=args.accum)
     # A few batches of random tokens, made up front so the loop does nothing but train.
     batches = [torch.randint(0, config.vocab_size, (args.micro_batch, args.seq + 1), device=device)
                for _ in range(4)]
     counter = iter(range(10**9))
 
     def one_step():
-        tokens = batches[next(counter) % len(batches)]
-        return step(tokens[:, :-1], tokens[:, 1:])
+        micro_batches = [batches[next(counter) % len(batches)] for _ in range(args.accum)]
+        return step([(tokens[:, :-1], tokens[:, 1:]) for tokens in micro_batches])
 
     started = time.perf_counter()
     first_loss = one_step().item()
@@ -186,7 +194,8 @@ def run_variant(name, build, config, args, device) -> dict:
     last_loss = one_step().item()
     seconds = statistics.median(times)
     result = {
-        "variant": name, "ms_per_step": seconds * 1e3, "tokens_per_s": args.micro_batch * args.seq / seconds,
+        "variant": name, "ms_per_step": seconds * 1e3,
+        "tokens_per_s": args.accum * args.micro_batch * args.seq / seconds,
         "spread_ms": (max(times) - min(times)) * 1e3, "first_step_s": warmup_seconds,
         "first_loss": first_loss, "last_loss": last_loss,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
@@ -213,11 +222,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--variants", default="glassgpt-eager,glassgpt-compiled,glassgpt-compiled-graphs,"
-                        "glassgpt-vocab50304-compiled,transformers-eager,transformers-compiled,"
-                        "transformers-own-loss-compiled")
+                        "glassgpt-logits-compiled,glassgpt-vocab50304-compiled,transformers-eager,"
+                        "transformers-compiled,transformers-own-loss-compiled")
     parser.add_argument("--profile", default="", help="variant to profile after timing, e.g. glassgpt-compiled")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and batch, for a CPU check")
@@ -238,7 +248,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, torch {torch.__version__}; measured bf16 matmul peak {peak:.0f} TFLOP/s, "
           f"copy {bandwidth:.0f} GB/s; {per_token / 1e6:.1f} MFLOP per token; "
-          f"micro-batch {args.micro_batch} x {args.seq}", flush=True)
+          f"micro-batch {args.micro_batch} x {args.seq}, {args.accum} per optimizer step", flush=True)
 
     if device.type == "cuda":
         backends = time_attention_backends(device, args.micro_batch, args.seq, config.n_heads, config.head_dim)

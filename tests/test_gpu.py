@@ -112,6 +112,29 @@ def test_compiled_bf16_training_forward_matches_eager(exact_fp32):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_training_loss_on_the_gpu_padded_head_equals_the_logits_loss(exact_fp32):
+    """On CUDA `model(ids, targets=...)` pads the 50,257-token head to 50,304 with -inf logits;
+    fp32 loss and gradients equal those of the plain logits, eager and compiled (bf16)."""
+    ids = torch.randint(0, GPU_CONFIG.vocab_size, (2, 129), device="cuda")
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    results = []
+    for use_targets in (True, False):
+        model = random_model(GPU_CONFIG, device="cuda").train()
+        loss = (model(inputs, targets=targets) if use_targets
+                else F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()))
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+    for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(grad_a, grad_b, atol=1e-5, rtol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        compiled = torch.compile(lambda: model(inputs, targets=targets))()
+    assert abs(compiled.item() - loss_b.item()) < 1e-2 * loss_b.item()
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_graphed_decoder_greedy_equals_eager_for_50_tokens(exact_fp32):
     # fp32 without TF32, so near-ties between logits cannot flip a greedy choice.
     model = random_model(GPU_CONFIG, device="cuda")

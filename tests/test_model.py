@@ -199,3 +199,51 @@ def test_dropout_only_in_training_mode():
         torch.testing.assert_close(model(ids), model(ids))
         model.train()
         assert not torch.allclose(model(ids), model(ids))
+
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_loss_from_targets_equals_cross_entropy_of_logits_in_value_and_gradients(family):
+    """`model(ids, targets=...)`, the trainer's path, is the textbook loss on the logits."""
+    config = FAMILIES[family]
+    ids = random_ids(config, 3, config.context_length)
+    targets = random_ids(config, 3, config.context_length, seed=2)
+    results = []
+    for use_targets in (True, False):
+        model = random_model(config).train()
+        torch.manual_seed(5)  # the same dropout masks in both runs
+        if use_targets:
+            loss = model(ids, targets=targets)
+        else:
+            loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+    assert loss_a.item() > 0.5 * math.log(config.vocab_size)  # a real loss, not a trivial zero
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_padded_vocabulary_head_changes_neither_loss_nor_gradients(family):
+    """The GPU's head padded to a multiple of 64 (97 -> 128 here) with -inf logits is exact."""
+    config = FAMILIES[family]
+    model = random_model(config)
+    targets = random_ids(config, 2, 8, seed=2)
+    hidden = torch.randn(2, 8, config.emb_dim, generator=torch.Generator().manual_seed(3))
+    results = []
+    for pad_vocab_to in (1, 64):
+        model.zero_grad()
+        leaf = hidden.clone().requires_grad_()
+        loss = model.next_token_loss(leaf, targets, pad_vocab_to=pad_vocab_to)
+        loss.backward()
+        head = model.out_head
+        results.append((loss.detach(), leaf.grad, head.weight.grad.clone(),
+                        None if head.bias is None else head.bias.grad.clone()))
+    assert torch.isfinite(results[1][0])
+    for unpadded, padded in zip(*results, strict=True):
+        if unpadded is not None:
+            assert padded.shape == unpadded.shape  # the padding never leaks out
+            torch.testing.assert_close(padded, unpadded, atol=1e-6, rtol=1e-5)

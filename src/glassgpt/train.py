@@ -34,7 +34,6 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from glassgpt.config import GPTConfig, get_preset
 from glassgpt.model import GPT
@@ -479,8 +478,8 @@ class Trainer:
             # Averaging gradients across processes is needed once per step, on the last micro-batch.
             syncing = index == accum - 1 or self.dist.world_size == 1
             with (nullcontext() if syncing else self.train_model.no_sync()), self.autocast():
-                logits = self.train_model(inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / accum
+                # The model computes the loss itself (on a GPU through a vocabulary-padded head).
+                loss = self.train_model(inputs, targets=targets) / accum
             self.scaler.scale(loss).backward()
             total += loss.detach()
         if self.config.grad_clip:
@@ -602,8 +601,7 @@ class Trainer:
             total, count = torch.zeros((), device=self.device), 0
             for inputs, targets in islice(loader, self.config.eval_batches):
                 with self.autocast():
-                    logits = self.model(inputs.to(self.device))
-                    total += F.cross_entropy(logits.flatten(0, 1), targets.to(self.device).flatten())
+                    total += self.model(inputs.to(self.device), targets=targets.to(self.device))
                 count += 1
             losses[name] = (total / count).item()
         self.model.train(was_training)
