@@ -115,7 +115,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         description += ", int8"
     timing = Timing()
     pieces = stream_text(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, timing=timing)
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, timing=timing,
+                         compile=args.compile)
     if args.stream:
         print(args.prompt, end="", flush=True)
         for piece in pieces:
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default="float32",
                           help="int8: dynamic quantisation, about 2.5x faster decoding on CPU")
     generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    generate.add_argument("--compile", action="store_true",
+                          help="CPU, float32: compiled matrix-vector kernels, ~1.4x faster decoding after "
+                               "a first-use compile of seconds (needs a C++ compiler)")
     generate.set_defaults(run=cmd_generate)
 
     download = verbs.add_parser("download", help="fetch OpenAI's GPT-2 weights from the Hugging Face Hub")

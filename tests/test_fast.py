@@ -1,0 +1,100 @@
+"""glassgpt.fast's CPU kernels compute what PyTorch's default kernels compute.
+
+`cpu_inference_kernels()` sends fp32 `F.linear` on a CPU to oneDNN (or, with compile=True, one-row
+products to a compiled matrix-vector kernel); results may differ only by rounding order, tokens
+not at all, and nothing that needs autograd, autocast or another dtype is touched.
+(The GPU fast paths are tested in tests/test_gpu.py.)
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glassgpt import GPT, get_preset
+from glassgpt.fast import CPULinear, compiled_matvec, cpu_inference_kernels, matvec
+from glassgpt.generate import generate
+
+# With and without Q/K/V biases, tied and untied heads.
+CONFIGS = {
+    "gpt2": get_preset("gpt2", vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2),
+    "verdict-162m": get_preset("verdict-162m", vocab_size=97, context_length=32, emb_dim=32, n_heads=4,
+                               n_layers=2, drop_rate=0.0),
+}
+
+
+def random_model(config, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_and_decode_logits_equal_the_default_kernels(name):
+    config = CONFIGS[name]
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = model(ids)
+        with cpu_inference_kernels():
+            cache = model.new_cache(batch_size=2)
+            pieces = [model(ids[:, :12], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_mode_really_takes_over_inference_linears():
+    """Not a pass-through: inside the mode, F.linear reaches a different kernel, with the same result."""
+    x, weight, bias = torch.randn(3, 64), torch.randn(48, 64), torch.randn(48)
+    with torch.inference_mode():
+        expected = F.linear(x, weight, bias)
+        with cpu_inference_kernels():
+            result = F.linear(x, weight, bias)
+            unbiased = F.linear(x, weight)
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unbiased, x @ weight.T, atol=1e-5, rtol=1e-5)
+    if torch.backends.mkldnn.is_available():
+        with torch.inference_mode(), torch.autograd.profiler.profile() as prof, cpu_inference_kernels():
+            F.linear(x, weight, bias)
+        names = {event.name for event in prof.function_events}
+        assert "mkldnn::_linear_pointwise" in names and "aten::linear" not in names
+
+
+def test_training_autocast_and_other_dtypes_keep_pytorchs_own_linear():
+    x = torch.randn(3, 64, requires_grad=True)
+    weight = torch.randn(48, 64, requires_grad=True)
+    with cpu_inference_kernels():
+        out = F.linear(x, weight)                    # autograd needed: the default path, with its gradient
+        out.sum().backward()
+        assert x.grad is not None and weight.grad is not None
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert F.linear(x, weight).dtype == torch.bfloat16  # autocast still applies
+        with torch.no_grad():
+            half = F.linear(x.bfloat16(), weight.bfloat16())
+    assert half.dtype == torch.bfloat16
+
+
+def test_matvec_is_a_one_row_linear():
+    x, weight, bias = torch.randn(1, 1, 200), torch.randn(70, 200), torch.randn(70)
+    torch.testing.assert_close(matvec(x, weight, bias), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(matvec(x, weight, None), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    assert matvec(x, weight, bias).shape == (1, 1, 70)
+
+
+def test_compiled_decoding_gives_the_same_tokens_and_logits():
+    """compile=True: one-token steps through the compiled matrix-vector kernel; prompts stay on oneDNN."""
+    config = CONFIGS["gpt2"]
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    expected = generate(model, ids, 20)
+    assert torch.equal(generate(model, ids, 20, compile=True), expected)
+    x, weight, bias = torch.randn(1, 1, 32), torch.randn(96, 32), torch.randn(96)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled_matvec(x, weight, bias), F.linear(x, weight, bias),
+                                   atol=1e-5, rtol=1e-5)
+        with CPULinear(compile=True), torch.autograd.profiler.profile() as prof:
+            F.linear(x, weight, bias)
+    assert not any(event.name in ("aten::linear", "mkldnn::_linear_pointwise") for event in prof.function_events)
