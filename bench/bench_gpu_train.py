@@ -154,6 +154,10 @@ def make_train_step(model, loss_of, device: torch.device, compile: bool, graphs:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             return loss_of(inputs, targets)
 
+    if graphs and accum > 1:
+        # Each micro-batch's backward would write its gradients into the same graph-owned buffers
+        # that the previous one's accumulated gradients still point to.
+        raise ValueError("CUDA graphs (\"graphs\" variants) need --accum 1")
     if compile:
         # "reduce-overhead" also replays forward and backward as CUDA graphs (no launch gaps).
         compute_loss = torch.compile(compute_loss, mode="reduce-overhead" if graphs else "default")

@@ -19,13 +19,17 @@ token is then a single graph launch, with no host-device synchronisation until t
 
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from glassgpt.model import GPT
 
-HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Measured on x86-64 (AMD and Intel); elsewhere (Arm) PyTorch's default BLAS stays in charge.
+HAS_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
