@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from glassgpt import GPT, get_preset
-from glassgpt.fast import CPULinear, compiled_matvec, cpu_inference_kernels, matvec
+from glassgpt.fast import (
+    HAS_ONEDNN_LINEAR,
+    ONEDNN_FOR_ONE_ROW,
+    CPULinear,
+    compiled_matvec,
+    cpu_inference_kernels,
+    matvec,
+)
 from glassgpt.generate import generate
 
 # With and without Q/K/V biases, tied and untied heads.
@@ -46,9 +53,16 @@ def test_prefill_and_decode_logits_equal_the_default_kernels(name):
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_the_mode_really_takes_over_inference_linears():
-    """Not a pass-through: inside the mode, F.linear reaches a different kernel, with the same result."""
-    x, weight, bias = torch.randn(3, 64), torch.randn(48, 64), torch.randn(48)
+def kernels_used(x, weight, bias) -> set[str]:
+    with torch.inference_mode(), torch.autograd.profiler.profile() as prof, cpu_inference_kernels():
+        F.linear(x, weight, bias)
+    return {event.name for event in prof.function_events} & {"mkldnn::_linear_pointwise", "aten::linear"}
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_mode_sends_each_product_to_the_kernel_chosen_for_this_cpu(rows):
+    """Not a pass-through: several rows go to oneDNN on x86-64, one row on AMD only; same results."""
+    x, weight, bias = torch.randn(rows, 64), torch.randn(48, 64), torch.randn(48)
     with torch.inference_mode():
         expected = F.linear(x, weight, bias)
         with cpu_inference_kernels():
@@ -56,11 +70,8 @@ def test_the_mode_really_takes_over_inference_linears():
             unbiased = F.linear(x, weight)
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(unbiased, x @ weight.T, atol=1e-5, rtol=1e-5)
-    if torch.backends.mkldnn.is_available():
-        with torch.inference_mode(), torch.autograd.profiler.profile() as prof, cpu_inference_kernels():
-            F.linear(x, weight, bias)
-        names = {event.name for event in prof.function_events}
-        assert "mkldnn::_linear_pointwise" in names and "aten::linear" not in names
+    onednn = ONEDNN_FOR_ONE_ROW if rows == 1 else HAS_ONEDNN_LINEAR
+    assert kernels_used(x, weight, bias) == {"mkldnn::_linear_pointwise" if onednn else "aten::linear"}
 
 
 def test_training_autocast_and_other_dtypes_keep_pytorchs_own_linear():

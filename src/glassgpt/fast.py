@@ -6,9 +6,11 @@ the 2-core EPYC this project is developed on) MKL's matrix-vector product runs o
 reads weights at 12-13 GB/s, where the memory gives 49 GB/s to two threads; one decoded token is
 nothing but matrix-vector products over every weight, so decoding ran at a quarter of the memory's
 speed. oneDNN, the other CPU library inside the same PyTorch, splits the same products over all
-threads: 1.4-2x faster for one row, and for the 256-row products of a prefill too.
-`cpu_inference_kernels()` routes the model's `F.linear` calls there while it is active, changing
-nothing in the model; `glassgpt.generate` uses it around each decoding step.
+threads: 1.4-2x faster there, for one row and for the 256 rows of a prefill alike. On an Intel
+Xeon MKL's one-row product is the faster (33 vs 26 tokens/s decoding GPT-2 small) and oneDNN only
+wins for several rows (prefill 1.15x). `cpu_inference_kernels()` routes the model's `F.linear`
+calls accordingly while it is active, changing nothing in the model; `glassgpt.generate` uses it
+around each decoding step on a CPU.
 
 GPU. Decoding one token of GPT-2 small is a few hundred small kernels; launched one by one from Python,
 the launches take longer than the GPU work. Here the model runs unchanged (no copy of it), on a
@@ -27,9 +29,24 @@ from torch.overrides import TorchFunctionMode
 
 from glassgpt.model import GPT
 
-# Measured on x86-64 (AMD and Intel); elsewhere (Arm) PyTorch's default BLAS stays in charge.
+
+def _cpu_vendor() -> str:
+    """'AuthenticAMD', 'GenuineIntel', ... (from /proc/cpuinfo on Linux, else the platform's words)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# Measured on x86-64 only (AMD and Intel); elsewhere (Arm) PyTorch's default BLAS stays in charge.
 HAS_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
                      and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+# One-row products (decoding) go to oneDNN only where MKL's matrix-vector kernel is the slow one.
+ONEDNN_FOR_ONE_ROW = HAS_ONEDNN_LINEAR and "AuthenticAMD" in _cpu_vendor()
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -58,9 +75,11 @@ class CPULinear(TorchFunctionMode):
     untouched.
 
     The same function, x @ W.T + b, differing only by rounding order: through oneDNN's kernel
-    (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears), or, with
-    `compile=True`, one-row products through `compiled_matvec` (faster still, after a compile of a
-    few seconds per weight shape; it needs the C++ compiler torch.compile uses on a CPU).
+    (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for products
+    of several rows, and of one row on AMD processors; or, with `compile=True`, one-row products
+    through `compiled_matvec` (faster still on the AMD EPYC, 2.1x transformers' decoding against
+    oneDNN's 1.5x, after a compile of seconds per weight shape; it needs the C++ compiler
+    torch.compile uses on a CPU; on an Intel Xeon it was not faster than MKL).
     """
 
     def __init__(self, compile: bool = False):
@@ -73,9 +92,10 @@ class CPULinear(TorchFunctionMode):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if _fast_cpu_linear_suits(x, weight, bias):
-                if self.compile and x.numel() == x.shape[-1]:
+                one_row = x.numel() == x.shape[-1]
+                if self.compile and one_row:
                     return compiled_matvec(x, weight, bias)
-                if HAS_ONEDNN_LINEAR:
+                if ONEDNN_FOR_ONE_ROW or (HAS_ONEDNN_LINEAR and not one_row):
                     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return func(*args, **kwargs)
 
