@@ -127,7 +127,8 @@ def _decode_steps(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
     # On a CPU, fp32 matrix products go to multi-threaded kernels (see glassgpt.fast).
-    kernels = (lambda: cpu_inference_kernels(compile)) if device.type == "cpu" else nullcontext
+    fp32_cpu = device.type == "cpu" and model.tok_emb.weight.dtype == torch.float32
+    kernels = (lambda: cpu_inference_kernels(compile)) if fp32_cpu else nullcontext
     was_training = model.training
     model.eval()
     try:
