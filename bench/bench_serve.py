@@ -47,13 +47,15 @@ def save_checkpoint(preset: str, directory: Path) -> Path:
     return save_model(GPT.from_preset(preset), directory / preset, tokenizer=get_tokenizer("gpt2"))
 
 
-def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32", threads: int = 0) -> dict:
+def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32", threads: int = 0,
+            compile: bool = False) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     body = {"prompt": "Every effort moves you", "max_tokens": n_tokens, "temperature": 0.7, "top_k": 50, "seed": 0}
     started = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "glassgpt.cli", "serve", "--model", model, "--port", str(port),
-                               "--dtype", dtype, *(["--threads", str(threads)] if threads else [])],
+                               "--dtype", dtype, *(["--threads", str(threads)] if threads else []),
+                               *(["--compile"] if compile else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while True:
@@ -77,7 +79,7 @@ def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32", 
         local_model, tokenizer, _ = resolve_model(model, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
         if dtype == "int8":
             local_model = quantize_int8(local_model)
-        settings = {k: body[k] for k in ("temperature", "top_k", "seed")}
+        settings = {**{k: body[k] for k in ("temperature", "top_k", "seed")}, "compile": compile}
         latencies, local_latencies, tokens_per_s = [], [], []
         for _ in range(n_requests):
             request_started = time.perf_counter()
@@ -128,10 +130,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="store_true", help="also serve the preset from a saved checkpoint")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "all"], default="all")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for server and peer (0: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="serve --compile (and the peer with compile=True)")
     args = parser.parse_args()
 
     for dtype in ("float32", "bfloat16", "int8") if args.dtype == "all" else (args.dtype,):
-        report("preset, random weights", measure(args.model, args.requests, args.tokens, dtype, args.threads),
+        report("preset, random weights" + (", --compile" if args.compile else ""),
+               measure(args.model, args.requests, args.tokens, dtype, args.threads, args.compile),
                args.requests, args.tokens)
     if args.checkpoint:
         with tempfile.TemporaryDirectory() as directory:

@@ -109,3 +109,30 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits():
         with CPULinear(compile=True), torch.autograd.profiler.profile() as prof:
             F.linear(x, weight, bias)
     assert not any(event.name in ("aten::linear", "mkldnn::_linear_pointwise") for event in prof.function_events)
+
+
+def test_a_machine_where_compiling_fails_still_decodes(monkeypatch):
+    """No C++ compiler (say): one warning, then the eager kernels, with the same tokens."""
+    import glassgpt.fast as fast
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(fast, "compiled_matvec", broken)
+    monkeypatch.setattr(fast, "_compile_failure", None)
+    config = CONFIGS["verdict-162m"]
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(3))
+    with pytest.warns(RuntimeWarning, match="No working C\\+\\+ compiler found"):
+        out = generate(model, ids, 6, compile=True)
+    assert torch.equal(out, generate(model, ids, 6))
+    assert fast._compile_failure == "InvalidCxxCompiler: No working C++ compiler found"
+
+
+def test_compiled_decoding_of_bf16_weights_matches_fp32_within_bf16_rounding():
+    x, weight, bias = torch.randn(1, 1, 256), torch.randn(80, 256), torch.randn(80)
+    with torch.inference_mode():
+        expected = F.linear(x, weight, bias)
+        result = compiled_matvec(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+    assert result.dtype == torch.bfloat16
+    assert ((result.float() - expected).norm() / expected.norm()).item() < 1e-2

@@ -66,6 +66,18 @@ def test_generate_answers_the_greedy_continuation_with_counts(client, model, tok
     assert body["tokens_per_s"] == pytest.approx(7 / body["time_s"], rel=0.02)
 
 
+def test_compiled_serving_warms_up_its_kernels_and_answers_the_same_text(model, tokenizer):
+    """--compile: the warm-up compiles the one-token kernels (so requests don't), same greedy text."""
+    import glassgpt.fast as fast
+
+    fast._compiled_matvec = None
+    with TestClient(create_app(model, tokenizer, compile=True)) as client:
+        assert fast._compiled_matvec is not None  # compiled at start-up, before any request
+        for prompt in ("Every effort moves you", "I had always thought"):
+            body = client.post("/generate", json={"prompt": prompt, "max_tokens": 9}).json()
+            assert body["completion"] == generate_text(model, tokenizer, prompt, 9)
+
+
 def test_generate_defaults_to_50_tokens_capped_by_the_server(model, tokenizer):
     with TestClient(create_app(model, tokenizer, max_tokens_cap=60)) as client:
         assert client.post("/generate", json={"prompt": "Hi"}).json()["completion_tokens"] == 50

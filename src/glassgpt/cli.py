@@ -170,7 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     serve(args.model, host=args.host, port=args.port, lazy=args.lazy, max_tokens_cap=args.max_tokens_cap,
           max_running=args.max_running, max_waiting=args.max_waiting, cors_origins=args.cors_origin or (),
-          dtype=args.dtype)
+          dtype=args.dtype, compile=args.compile)
     return 0
 
 
@@ -252,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="int8: dynamic quantisation, about 2.5x faster decoding on CPU")
     generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     generate.add_argument("--compile", action="store_true",
-                          help="CPU, float32: compiled matrix-vector kernels, ~1.4x faster decoding after "
-                               "a first-use compile of seconds (needs a C++ compiler)")
+                          help="CPU, float32/bfloat16: compiled matrix-vector kernels, faster decoding on AMD "
+                               "CPUs after a first-use compile of seconds (needs a C++ compiler)")
     generate.set_defaults(run=cmd_generate)
 
     download = verbs.add_parser("download", help="fetch OpenAI's GPT-2 weights from the Hugging Face Hub")
@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
                        help="weights in memory; auto: bfloat16 on CPUs with native bf16 (AVX-512 BF16/AMX), "
                             "else float32; int8 (dynamic quantisation) decodes ~2.5x faster on CPU")
+    serve.add_argument("--compile", action="store_true",
+                       help="CPU, float32/bfloat16: compiled matrix-vector kernels for decoding, compiled "
+                            "at start-up (seconds to a minute; needs a C++ compiler)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                        help="a browser origin allowed to call the API, e.g. https://site.example (repeatable)")

@@ -22,6 +22,7 @@ token is then a single graph launch, with no host-device synchronisation until t
 from __future__ import annotations
 
 import platform
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 _compiled_matvec = None
+_compile_failure: str | None = None  # why torch.compile could not work here, once it has failed
 
 
 def compiled_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -70,14 +72,30 @@ def compiled_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return _compiled_matvec(x, weight, bias)
 
 
+def _try_compiled_matvec(x, weight, bias) -> torch.Tensor | None:
+    """`compiled_matvec`, or None (with one warning per process) where compiling fails, e.g. on a
+    machine without the C++ compiler that torch.compile needs on a CPU: decoding then goes on with
+    the eager kernels instead of stopping."""
+    global _compile_failure
+    if _compile_failure is not None:
+        return None
+    try:
+        return compiled_matvec(x, weight, bias)
+    except Exception as error:  # compilers fail in many ways; all of them mean "not here"
+        _compile_failure = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"compile=True: torch.compile does not work here ({_compile_failure}); "
+                      "decoding without it", RuntimeWarning, stacklevel=2)
+        return None
+
+
 class CPULinear(TorchFunctionMode):
-    """While active, fp32 `F.linear` on a CPU without autograd runs on faster kernels; all else is
+    """While active, `F.linear` on a CPU without autograd runs on faster kernels; all else is
     untouched.
 
-    The same function, x @ W.T + b, differing only by rounding order: through oneDNN's kernel
-    (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for products
-    of several rows, and of one row on AMD processors; or, with `compile=True`, one-row products
-    through `compiled_matvec` (faster still on the AMD EPYC, 2.1x transformers' decoding against
+    The same function, x @ W.T + b, differing only by rounding order: in fp32 through oneDNN's
+    kernel (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for
+    products of several rows, and of one row on AMD processors; or, with `compile=True`, one-row
+    products in fp32 or bf16 (accumulated in fp32) through `compiled_matvec` (faster still on the AMD EPYC, 2.1x transformers' decoding against
     oneDNN's 1.5x, after a compile of seconds per weight shape; it needs the C++ compiler
     torch.compile uses on a CPU; on an Intel Xeon it was not faster than MKL).
     """
@@ -91,23 +109,25 @@ class CPULinear(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if _fast_cpu_linear_suits(x, weight, bias):
+            if _cpu_inference(x, weight, bias):
                 one_row = x.numel() == x.shape[-1]
-                if self.compile and one_row:
-                    return compiled_matvec(x, weight, bias)
-                if ONEDNN_FOR_ONE_ROW or (HAS_ONEDNN_LINEAR and not one_row):
+                if self.compile and one_row and x.dtype in (torch.float32, torch.bfloat16):
+                    out = _try_compiled_matvec(x, weight, bias)
+                    if out is not None:
+                        return out
+                if x.dtype == torch.float32 and (ONEDNN_FOR_ONE_ROW or (HAS_ONEDNN_LINEAR and not one_row)):
                     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return func(*args, **kwargs)
 
 
-def _fast_cpu_linear_suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32)
+def _cpu_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A CPU product of one dtype throughout, with no autograd and no autocast to honour."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
 def cpu_inference_kernels(compile: bool = False) -> CPULinear:
-    """A context manager: faster kernels for the CPU's fp32 inference matrix products (`CPULinear`).
+    """A context manager: faster kernels for the CPU's inference matrix products (`CPULinear`).
 
     Use it around inference calls: `with torch.inference_mode(), cpu_inference_kernels(): model(ids)`.
     """

@@ -126,9 +126,11 @@ def _decode_steps(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
             mask[:, :prompt_length] = attention_mask
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    # On a CPU, fp32 matrix products go to multi-threaded kernels (see glassgpt.fast).
-    fp32_cpu = device.type == "cpu" and model.tok_emb.weight.dtype == torch.float32
-    kernels = (lambda: cpu_inference_kernels(compile)) if fp32_cpu else nullcontext
+    # On a CPU, fp32 matrix products go to multi-threaded kernels (see glassgpt.fast); with
+    # compile=True, one-token products in fp32 or bf16 go to compiled ones.
+    dtype = model.tok_emb.weight.dtype
+    faster = device.type == "cpu" and (dtype == torch.float32 or (compile and dtype == torch.bfloat16))
+    kernels = (lambda: cpu_inference_kernels(compile)) if faster else nullcontext
     was_training = model.training
     model.eval()
     try:
@@ -196,9 +198,9 @@ def iter_tokens(model: GPT, ids, max_new_tokens: int, temperature: float | None 
     top-k and top-p filtering, with a private generator seeded by `seed` (same seed, same text).
     `eos_id` is yielded when produced and ends a single sequence; in a batch, finished rows repeat
     it until every row has finished. Bad settings raise ValueError here, before any step runs.
-    `compile=True`: on a CPU in fp32, one-token steps use compiled matrix-vector kernels
-    (`glassgpt.fast.compiled_matvec`: about 1.4x faster decoding after a first-use compile of
-    seconds); elsewhere it changes nothing.
+    `compile=True`: on a CPU in fp32 or bf16, one-token steps use compiled matrix-vector kernels
+    (`glassgpt.fast.compiled_matvec`: faster decoding on AMD processors after a first-use compile
+    of seconds); elsewhere it changes nothing.
     """
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:

@@ -63,6 +63,7 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser
     lazy: bool = False                  # load the model on the first request instead of at start-up
     dtype: str = "float32"              # float32, bfloat16 or int8 weights (not for GPT objects)
+    compile: bool = False               # CPU decoding through compiled kernels (compiled at warm-up)
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_chars", "inspect_max_tokens", "max_running", "max_body_bytes"):
@@ -162,7 +163,7 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
         if "cors_origins" in overrides:
             overrides["cors_origins"] = tuple(overrides["cors_origins"])
         settings = ServeSettings(**{**{f.name: getattr(settings, f.name) for f in fields(settings)}, **overrides})
-    host = ModelHost(model, tokenizer, dtype=settings.dtype)
+    host = ModelHost(model, tokenizer, dtype=settings.dtype, compile=settings.compile)
     gate = Gate(settings.max_running, settings.max_waiting)
     GenerateRequest, InspectRequest = request_models(settings)
 
@@ -226,7 +227,7 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
         """Continue the prompt; answer the whole continuation with its token counts and timing."""
         def work():
             model, tokenizer = host.get()
-            return run_generation(model, tokenizer, request.prompt, sampling(request))
+            return run_generation(model, tokenizer, request.prompt, sampling(request), compile=host.compile)
 
         return {**await gated(work), "model": host.name}
 
@@ -252,7 +253,7 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
                     model, tokenizer = host.get()
                     result = run_generation(model, tokenizer, request.prompt, sampling(request),
                                             on_piece=lambda piece: push("piece", {"text": piece}),
-                                            cancelled=cancelled)
+                                            cancelled=cancelled, compile=host.compile)
                 push("done", {**result, "model": host.name})
             except Exception as error:
                 log.exception("streamed generation failed")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from glassgpt.generate import Timing, stream_text
+from glassgpt.generate import Timing, iter_tokens, stream_text
 from glassgpt.model import GPT
 
 log = logging.getLogger("glassgpt.serve")
@@ -56,16 +56,20 @@ class ModelHost:
 
     `source` is a GPT (then `tokenizer` is required) or anything `resolve_model` accepts, loaded
     as `dtype`: "float32", "bfloat16" or "int8" (dynamic quantisation of the Linear layers: a
-    quarter of the bytes to read per token, the limit of decoding on a CPU).
+    quarter of the bytes to read per token, the limit of decoding on a CPU). `compile=True`:
+    decode through compiled matrix-vector kernels on a CPU (`glassgpt.generate`), compiled during
+    the warm-up.
     """
 
-    def __init__(self, source, tokenizer=None, name: str | None = None, dtype: str = "float32"):
+    def __init__(self, source, tokenizer=None, name: str | None = None, dtype: str = "float32",
+                 compile: bool = False):
         if isinstance(source, GPT) and tokenizer is None:
             raise ValueError("serving a GPT object needs its tokenizer: pass tokenizer=...")
         if not isinstance(source, GPT):
             check_model_spec(source)  # fail at start-up, not on the first request
         self.source = source
         self.dtype = dtype
+        self.compile = compile
         self._model = source if isinstance(source, GPT) else None
         self._tokenizer = tokenizer
         self.name = name or (source.config.name if isinstance(source, GPT) else Path(str(source)).name)
@@ -104,17 +108,14 @@ class ModelHost:
                     self._warm = True
         return self._model, self._tokenizer
 
-    @staticmethod
-    def _warm_up(model: GPT) -> None:
-        # PyTorch's first calls set up thread pools and allocator caches; pay for that at start-up
-        # (a prefill and a cached decode step), not in the first user's request.
-        device = model.tok_emb.weight.device
+    def _warm_up(self, model: GPT) -> None:
+        # PyTorch's first calls set up thread pools, kernels and allocator caches (and, with
+        # compile=True, compile them); pay for that at start-up, through the very path requests
+        # take (a prefill and a cached decode step), not in the first user's request.
         prefill = max(1, min(8, model.config.context_length - 1))
-        with torch.inference_mode():
-            cache = model.new_cache(1)
-            model(torch.zeros((1, prefill), dtype=torch.long, device=device), cache=cache)
-            if prefill < model.config.context_length:
-                model(torch.zeros((1, 1), dtype=torch.long, device=device), cache=cache)
+        steps = 2 if prefill < model.config.context_length else 1
+        for _ in iter_tokens(model, [0] * prefill, steps, compile=self.compile):
+            pass
 
     @staticmethod
     def _check(model: GPT, tokenizer) -> None:
@@ -222,7 +223,7 @@ def fit_prompt(tokenizer, prompt: str, context_length: int, max_tokens: int) -> 
 
 def run_generation(model: GPT, tokenizer, prompt: str, sampling: Sampling,
                    on_piece: Callable[[str], None] | None = None,
-                   cancelled: threading.Event | None = None) -> dict:
+                   cancelled: threading.Event | None = None, compile: bool = False) -> dict:
     """Continue `prompt`; call `on_piece` with each text piece as it is made; return the summary.
 
     The summary is what POST /generate answers: text, completion, token counts, timing and
@@ -236,7 +237,8 @@ def run_generation(model: GPT, tokenizer, prompt: str, sampling: Sampling,
     pieces = []
     stream = stream_text(model, tokenizer, used_prompt, max_new_tokens=sampling.max_tokens,
                          temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                         seed=sampling.seed, stop=list(sampling.stop) or None, timing=timing)
+                         seed=sampling.seed, stop=list(sampling.stop) or None, timing=timing,
+                         compile=compile)
     for piece in stream:
         pieces.append(piece)
         if on_piece is not None:
