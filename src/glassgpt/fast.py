@@ -95,9 +95,10 @@ class CPULinear(TorchFunctionMode):
     The same function, x @ W.T + b, differing only by rounding order: in fp32 through oneDNN's
     kernel (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for
     products of several rows, and of one row on AMD processors; or, with `compile=True`, one-row
-    products in fp32 or bf16 (accumulated in fp32) through `compiled_matvec` (faster still on the AMD EPYC, 2.1x transformers' decoding against
-    oneDNN's 1.5x, after a compile of seconds per weight shape; it needs the C++ compiler
-    torch.compile uses on a CPU; on an Intel Xeon it was not faster than MKL).
+    products in fp32 or bf16 through `compiled_matvec`. That is faster still on the AMD EPYC
+    (1.7-2.1x transformers' decoding against oneDNN's ~1.5x) after a compile of seconds per weight
+    shape, and needs the C++ compiler torch.compile uses on a CPU; on an Intel Xeon it was not
+    faster than MKL.
     """
 
     def __init__(self, compile: bool = False):

@@ -277,7 +277,7 @@ class GPT(nn.Module):
         hidden from attention and positions count real tokens only, so each row computes what it
         would alone.
         `targets`: the next token of each position; the result is then the mean cross-entropy
-        (see `next_token_loss`), computed without handing the logits back.
+        (see `next_token_loss`) and nothing else, computed without handing the logits back.
         """
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
             raise ValueError("ids must be an integer tensor of shape (batch, n_tokens)")
@@ -310,12 +310,12 @@ class GPT(nn.Module):
             layer_cache = cache.layers[index] if cache is not None else None
             x, weights = block(x, layer_cache, return_attention, key_mask)
             all_weights.append(weights)
+        if cache is not None:
+            cache.advance(n_tokens)
         x = self.final_norm(x)
         if targets is not None:
             return self.next_token_loss(x, targets)
         logits = self.out_head(x)                                         # (B, T, vocab_size)
-        if cache is not None:
-            cache.advance(n_tokens)
         return (logits, all_weights) if return_attention else logits
 
     def next_token_loss(self, hidden: torch.Tensor, targets: torch.Tensor, pad_vocab_to: int | None = None):

@@ -113,8 +113,7 @@ class ModelHost:
         # compile=True, compile them); pay for that at start-up, through the very path requests
         # take (a prefill and a cached decode step), not in the first user's request.
         prefill = max(1, min(8, model.config.context_length - 1))
-        steps = 2 if prefill < model.config.context_length else 1
-        for _ in iter_tokens(model, [0] * prefill, steps, compile=self.compile):
+        for _ in iter_tokens(model, [0] * prefill, 2, compile=self.compile):
             pass
 
     @staticmethod
