@@ -9,8 +9,9 @@ not at all, and nothing that needs autograd, autocast or another dtype is touche
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import random_model  # GPT-2's initialisation plus noise on every parameter
 
-from glassgpt import GPT, get_preset
+from glassgpt import get_preset
 from glassgpt.fast import (
     HAS_ONEDNN_LINEAR,
     ONEDNN_FOR_ONE_ROW,
@@ -27,17 +28,6 @@ CONFIGS = {
     "verdict-162m": get_preset("verdict-162m", vocab_size=97, context_length=32, emb_dim=32, n_heads=4,
                                n_layers=2, drop_rate=0.0),
 }
-
-
-def random_model(config, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
