@@ -200,12 +200,10 @@ def main() -> None:
     same = torch.equal(ours_generate(ours, prompt, 50, compile=True), expected)
     print(f"  and with compile=True: {same} (first call, compiling included: {time.perf_counter() - started:.1f} s)")
 
-    contenders = {"glassgpt": ours_generate, "glassgpt compile": partial(ours_generate, compile=True),
-                  "transformers": hf_generate}
-    one = rounds({name: partial(fn, model, prompt, 1) for name, fn, model in
-                  zip(contenders, contenders.values(), (ours, ours, hf), strict=True)}, args.repeats)
-    full = rounds({name: partial(fn, model, prompt, 50) for name, fn, model in
-                   zip(contenders, contenders.values(), (ours, ours, hf), strict=True)}, args.repeats)
+    runs = {"glassgpt": partial(ours_generate, ours), "glassgpt compile": partial(ours_generate, ours, compile=True),
+            "transformers": partial(hf_generate, hf)}
+    one = rounds({name: partial(run, prompt, 1) for name, run in runs.items()}, args.repeats)
+    full = rounds({name: partial(run, prompt, 50) for name, run in runs.items()}, args.repeats)
     decode = {name: 49 / (full[name] - one[name]) for name in full}
     end_to_end = {name: 50 / full[name] for name in full}
     print("\ndecode, 8-token prompt + 50 new tokens")
