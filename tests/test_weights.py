@@ -281,6 +281,8 @@ def test_generate_cli_with_a_checkpoint_prints_prompt_and_continuation(tmp_path,
     streamed = capsys.readouterr()
     assert streamed.out == printed
     assert "prefill" in streamed.err and "decode" in streamed.err and "tokens/s" in streamed.err
+    assert main(args + ["--compile"]) == 0  # compiled CPU kernels: the same seeded text
+    assert capsys.readouterr().out == printed
 
 
 def test_generate_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
