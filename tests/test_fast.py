@@ -126,3 +126,14 @@ def test_compiled_decoding_of_bf16_weights_matches_fp32_within_bf16_rounding():
         result = compiled_matvec(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
     assert result.dtype == torch.bfloat16
     assert ((result.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_the_mode_stays_out_of_calls_where_it_would_change_nothing(rows, monkeypatch):
+    import glassgpt.fast as fast
+
+    for one_row_onednn in (True, False):  # an AMD, then an Intel processor
+        monkeypatch.setattr(fast, "ONEDNN_FOR_ONE_ROW", one_row_onednn)
+        useful = one_row_onednn if rows == 1 else fast.HAS_ONEDNN_LINEAR
+        assert isinstance(fast.cpu_inference_kernels(rows=rows), CPULinear) == useful
+        assert isinstance(fast.cpu_inference_kernels(compile=True, rows=rows), CPULinear)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import platform
 import warnings
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -134,12 +135,16 @@ def _cpu_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
-def cpu_inference_kernels(compile: bool = False) -> CPULinear:
+def cpu_inference_kernels(compile: bool = False, rows: int | None = None) -> CPULinear | nullcontext:
     """A context manager: faster kernels for the CPU's inference matrix products (`CPULinear`).
 
     Use it around inference calls: `with torch.inference_mode(), cpu_inference_kernels(): model(ids)`.
+    `rows`, the token rows a call feeds when the caller knows them: where the mode would hand every
+    product of such a call back to PyTorch (one row on an Intel CPU, say), it is not entered at all,
+    sparing each of the step's few hundred operations its dispatch.
     """
-    return CPULinear(compile)
+    useful = ONEDNN_FOR_ONE_ROW if rows == 1 else HAS_ONEDNN_LINEAR
+    return CPULinear(compile) if compile or useful else nullcontext()
 
 
 class GraphedDecoder:

@@ -130,16 +130,16 @@ def _decode_steps(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
     # compile=True, one-token products in fp32 or bf16 go to compiled ones.
     dtype = model.tok_emb.weight.dtype
     faster = device.type == "cpu" and (dtype == torch.float32 or (compile and dtype == torch.bfloat16))
-    kernels = (lambda: cpu_inference_kernels(compile)) if faster else nullcontext
+    kernels = (lambda rows: cpu_inference_kernels(compile, rows)) if faster else (lambda rows: nullcontext())
     was_training = model.training
     model.eval()
     try:
         cache = None
         length = prompt_length
         for _ in range(max_new_tokens):
-            with torch.inference_mode(), kernels():
+            with torch.inference_mode():
                 next_ids, cache = _step(model, tokens, mask, length, cache, use_cache, temperature, top_k,
-                                        top_p, generator)
+                                        top_p, generator, kernels)
                 if eos_id is not None:
                     next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
                     finished |= next_ids == eos_id
@@ -153,21 +153,25 @@ def _decode_steps(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 
 def _step(model: GPT, tokens: torch.Tensor, mask: torch.Tensor | None, length: int, cache,
-          use_cache: bool, temperature, top_k, top_p, generator):
-    """One decoding step over tokens[:, :length]: (next ids (B,), the cache for the next step)."""
+          use_cache: bool, temperature, top_k, top_p, generator, kernels):
+    """One decoding step over tokens[:, :length]: (next ids (B,), the cache for the next step).
+
+    `kernels(rows)` is the context for the model call that feeds `rows` token rows.
+    """
     context = model.config.context_length
-    if use_cache and cache is not None and length <= context:
-        begin = length - 1                                             # decode: just the newest token
-        logits = model(tokens[:, begin:length], cache=cache,
-                       attention_mask=mask[:, :length] if mask is not None else None)
-    elif use_cache and length <= context:
-        cache = model.new_cache(tokens.shape[0])                       # prefill the whole prompt
-        logits = model(tokens[:, :length], cache=cache,
-                       attention_mask=mask[:, :length] if mask is not None else None)
+    if use_cache and length <= context:
+        if cache is None:
+            cache, begin = model.new_cache(tokens.shape[0]), 0         # prefill the whole prompt
+        else:
+            begin = length - 1                                         # decode: just the newest token
+        step_cache, mask_begin = cache, 0                              # the mask covers cached tokens too
     else:                                                              # past the context: recompute
         begin = max(0, length - context)
-        logits = model(tokens[:, begin:length],
-                       attention_mask=mask[:, begin:length] if mask is not None else None)
+        step_cache, mask_begin = None, begin
+    fed = tokens[:, begin:length]
+    with kernels(fed.numel()):
+        logits = model(fed, cache=step_cache,
+                       attention_mask=mask[:, mask_begin:length] if mask is not None else None)
     return sample_next(logits[:, -1, :], temperature, top_k, top_p, generator), cache
 
 
