@@ -48,9 +48,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     else:
         tokenizer = get_tokenizer(args.tokenizer, text=args.text if args.tokenizer == "char" else None)
     ids = tokenizer.encode(args.text)
-    pieces = (tokenizer.token_strings(ids) if hasattr(tokenizer, "token_strings")
-              else [tokenizer.decode([i]) for i in ids])
-    for token_id, piece in zip(ids, pieces, strict=True):
+    for token_id, piece in zip(ids, tokenizer.token_strings(ids), strict=True):
         print(f"{token_id:>7}  {piece!r}")
     print(f"{len(ids)} tokens")
     return 0

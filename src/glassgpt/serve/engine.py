@@ -261,13 +261,6 @@ def run_generation(model: GPT, tokenizer, prompt: str, sampling: Sampling,
 
 # ---------------------------------------------------------------- looking inside
 
-def token_strings(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's own text (GPT-2 tokens may be partial characters, shown with U+FFFD)."""
-    if hasattr(tokenizer, "token_strings"):
-        return tokenizer.token_strings(ids)
-    return [tokenizer.decode([i]) for i in ids]
-
-
 def inspect_text(model: GPT, tokenizer, text: str, top: int = 10) -> dict:
     """Tokens of `text`, the `top` most likely next tokens and every head's attention weights.
 
@@ -283,9 +276,9 @@ def inspect_text(model: GPT, tokenizer, text: str, top: int = 10) -> dict:
         attention = [torch.round(w[0].double(), decimals=4).tolist() for w in weights]
     top_ids = top_ids.tolist()
     return {
-        "tokens": [{"id": i, "text": s} for i, s in zip(ids, token_strings(tokenizer, ids), strict=True)],
+        "tokens": [{"id": i, "text": s} for i, s in zip(ids, tokenizer.token_strings(ids), strict=True)],
         "next_tokens": [{"id": i, "text": s, "prob": round(p, 6)}
-                        for i, s, p in zip(top_ids, token_strings(tokenizer, top_ids), top_probs.tolist(),
+                        for i, s, p in zip(top_ids, tokenizer.token_strings(top_ids), top_probs.tolist(),
                                            strict=True)],
         "attention": attention,
         "n_layers": model.config.n_layers,
