@@ -258,7 +258,8 @@ def _text_decoder(tokenizer):
     # decoder keeps an incomplete UTF-8 sequence until its last byte arrives; invalid bytes
     # become U+FFFD, as `tokenizer.decode` does on the whole text.
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return lambda token_id: utf8.decode(tokenizer.decode_bytes([token_id])), lambda: utf8.decode(b"", final=True)
+    return (lambda token_id: utf8.decode(tokenizer.decode_bytes([token_id])),
+            lambda: utf8.decode(b"", final=True))
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
