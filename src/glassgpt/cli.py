@@ -86,9 +86,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 0
     model = tokenizer = None
     if args.model:
-        from glassgpt.weights import load_model
+        from glassgpt.hub import resolve_model
 
-        model, tokenizer = load_model(args.model)
+        model, tokenizer, _ = resolve_model(args.model)
     result = run_topic(args.topic, model, tokenizer)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -101,16 +101,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from glassgpt.generate import Timing, check_sampling, stream_text
-    from glassgpt.weights import quantize_int8, resolve_model
+    from glassgpt.hub import resolve_model
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before loading gigabytes of weights
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}[args.dtype]
-    model, tokenizer, description = resolve_model(args.model, device=args.device, dtype=dtype)
-    if args.dtype == "int8":
-        model = quantize_int8(model)
-        description += ", int8"
+    model, tokenizer, description = resolve_model(args.model, device=args.device, dtype=args.dtype)
     timing = Timing()
     pieces = stream_text(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, timing=timing,
@@ -131,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from glassgpt.weights import download_gpt2
+    from glassgpt.hub import download_gpt2
 
     try:
         path = download_gpt2(args.name, args.dir)
@@ -144,9 +140,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from glassgpt.weights import export_hf, load_model
+    from glassgpt.hub import resolve_model
+    from glassgpt.weights import export_hf
 
-    model, _ = load_model(args.checkpoint)
+    model, _, _ = resolve_model(args.checkpoint, presets=False)
     directory = export_hf(model, args.to_hf)
     print(f"wrote {directory}/config.json and model.safetensors "
           f"(load with transformers.GPT2LMHeadModel.from_pretrained({str(directory)!r}))")
@@ -187,6 +184,7 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from glassgpt.config import PRESETS
+    from glassgpt.hub import DTYPES, GPT2_NAMES
 
     parser = argparse.ArgumentParser(prog="glassgpt", description="A GPT you can see through.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -229,14 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("topic", nargs="?", help="a topic from --list (no topic: list them)")
     explain.add_argument("--list", action="store_true", help="list the topics")
     explain.add_argument("--json", action="store_true", help="print the steps as JSON")
-    explain.add_argument("--model", metavar="DIR", help="a saved model for the block, gpt and sampling topics")
+    explain.add_argument("--model", help="a saved model (directory or GPT-2 name) for the block, gpt and "
+                         "sampling topics")
     explain.set_defaults(run=cmd_explain)
 
     generate = verbs.add_parser("generate", help="continue a prompt with a model")
     generate.add_argument("prompt")
     generate.add_argument("--model", default="gpt2",
-                          help="checkpoint directory, GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; "
-                               "found locally, never downloaded) or preset (random weights)")
+                          help=f"checkpoint directory, GPT-2 name ({', '.join(GPT2_NAMES)}; found locally, "
+                               "never downloaded) or preset (random weights)")
     generate.add_argument("--max-tokens", type=int, default=50, help="new tokens at most (default 50)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     generate.add_argument("--top-k", type=int, default=None)
@@ -246,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stream", action="store_true", help="print the text as it is generated")
     generate.add_argument("--verbose", action="store_true", help="print prefill and decode speed")
     generate.add_argument("--device", default="cpu")
-    generate.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default="float32",
+    generate.add_argument("--dtype", choices=list(DTYPES), default="float32",
                           help="int8: dynamic quantisation, about 2.5x faster decoding on CPU")
     generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     generate.add_argument("--compile", action="store_true",
@@ -255,12 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=cmd_generate)
 
     download = verbs.add_parser("download", help="fetch OpenAI's GPT-2 weights from the Hugging Face Hub")
-    download.add_argument("name", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+    download.add_argument("name", choices=GPT2_NAMES)
     download.add_argument("--dir", default=None, help="a directory to put the files in (default: the HF cache)")
     download.set_defaults(run=cmd_download)
 
     export = verbs.add_parser("export", help="write a checkpoint in another format")
-    export.add_argument("checkpoint", help="a model directory (glassgpt, Hugging Face or OpenAI format)")
+    export.add_argument("checkpoint", help="a model directory (glassgpt, Hugging Face or OpenAI format) "
+                        "or a GPT-2 name found locally")
     export.add_argument("--to-hf", required=True, metavar="DIR",
                         help="write config.json + model.safetensors for transformers' GPT2LMHeadModel")
     export.set_defaults(run=cmd_export)
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-cap", type=int, default=256, help="the most tokens one request may ask for")
     serve.add_argument("--max-running", type=int, default=1, help="generations at once")
     serve.add_argument("--max-waiting", type=int, default=8, help="requests queued; beyond them: 503")
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
+    serve.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                        help="weights in memory; auto: bfloat16 on CPUs with native bf16 (AVX-512 BF16/AMX), "
                             "else float32; int8 (dynamic quantisation) decodes ~2.5x faster on CPU")
     serve.add_argument("--compile", action="store_true",
