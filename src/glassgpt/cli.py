@@ -86,9 +86,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 0
     model = tokenizer = None
     if args.model:
-        from glassgpt.hub import resolve_model
+        from glassgpt.weights import load_model
 
-        model, tokenizer, _ = resolve_model(args.model)
+        model, tokenizer = load_model(args.model)
     result = run_topic(args.topic, model, tokenizer)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -227,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("topic", nargs="?", help="a topic from --list (no topic: list them)")
     explain.add_argument("--list", action="store_true", help="list the topics")
     explain.add_argument("--json", action="store_true", help="print the steps as JSON")
-    explain.add_argument("--model", help="a saved model (directory or GPT-2 name) for the block, gpt and "
-                         "sampling topics")
+    explain.add_argument("--model", metavar="DIR", help="a saved model for the block, gpt and sampling topics")
     explain.set_defaults(run=cmd_explain)
 
     generate = verbs.add_parser("generate", help="continue a prompt with a model")
