@@ -141,8 +141,8 @@ def perplexity(model, ids: torch.Tensor, window: int) -> float:
 
 
 def reduced_precision(ours, args, prompt) -> None:
+    from glassgpt.hub import resolve_model
     from glassgpt.tokenizer import bundled_text, get_tokenizer
-    from glassgpt.weights import resolve_model
 
     model = ours
     if args.model:

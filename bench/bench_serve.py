@@ -27,7 +27,7 @@ import httpx
 import torch
 
 from glassgpt.generate import generate_text
-from glassgpt.weights import quantize_int8, resolve_model
+from glassgpt.hub import resolve_model
 
 REFERENCE_COLD_S, REFERENCE_WARM_S = 10.0, 2.5
 TARGET_COLD_S, TARGET_WARM_S = 3.0, 1.0
@@ -76,9 +76,7 @@ def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32", 
         # so that both meet the same load on the machine. Their ratio is the server's overhead.
         if threads:
             torch.set_num_threads(threads)
-        local_model, tokenizer, _ = resolve_model(model, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-        if dtype == "int8":
-            local_model = quantize_int8(local_model)
+        local_model, tokenizer, _ = resolve_model(model, dtype=dtype)
         settings = {**{k: body[k] for k in ("temperature", "top_k", "seed")}, "compile": compile}
         latencies, local_latencies, tokens_per_s = [], [], []
         for _ in range(n_requests):

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glassgpt.bpe import BPETokenizer
-from glassgpt.tokenizer import GPT2_EOS, bundled_text, get_tokenizer
+from glassgpt.bpe import GPT2_EOS, BPETokenizer
+from glassgpt.tokenizer import bundled_text, get_tokenizer
 
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 

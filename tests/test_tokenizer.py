@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glassgpt import CharTokenizer, get_tokenizer
+from glassgpt.bpe import BPETokenizer
 from glassgpt.tokenizer import bundled_text, tokenizer_from_dict
 
 
@@ -64,3 +65,34 @@ def test_gpt2_decode_rejects_out_of_range_ids():
 def test_unknown_tokenizer_name():
     with pytest.raises(ValueError, match="unknown tokenizer"):
         get_tokenizer("sentencepiece")
+
+
+TEXT = "héllo wörld, 猫!"
+TOKENIZERS = {
+    "char": lambda: CharTokenizer.from_text(TEXT),
+    "gpt2": lambda: get_tokenizer("gpt2"),
+    "bpe": lambda: BPETokenizer.from_tiktoken_ranks(),
+}
+
+
+@pytest.mark.parametrize("kind", TOKENIZERS)
+def test_every_tokenizer_offers_bytes_token_strings_and_a_description(kind):
+    tokenizer = TOKENIZERS[kind]()
+    ids = tokenizer.encode(TEXT)
+    assert tokenizer.decode_bytes(ids) == TEXT.encode("utf-8")
+    pieces = tokenizer.token_strings(ids)
+    assert len(pieces) == len(ids) and pieces[0] == "h"
+    assert tokenizer_from_dict(tokenizer.to_dict()).encode(TEXT) == ids
+    with pytest.raises(ValueError, match="out of range|not in this tokenizer's vocabulary"):
+        tokenizer.token_strings([tokenizer.vocab_size])
+
+
+def test_token_strings_show_each_token_with_partial_characters_as_replacement():
+    chars = CharTokenizer.from_text(TEXT)
+    assert chars.token_strings(chars.encode(TEXT)) == list(TEXT)
+    gpt2 = get_tokenizer("gpt2")
+    ids = gpt2.encode(TEXT)  # 猫 is three UTF-8 bytes in three tokens, none a character alone
+    expected = ["h", "é", "llo", " w", "ör", "ld", ",", " \ufffd", "\ufffd", "\ufffd", "!"]
+    assert gpt2.token_strings(ids) == expected
+    assert BPETokenizer.from_tiktoken_ranks().token_strings(ids) == expected  # from scratch, same
+    assert gpt2.decode_bytes(ids[7:10]) == " 猫".encode()

@@ -13,22 +13,14 @@ import sys
 import pytest
 import torch
 
-from glassgpt import weights
+from glassgpt import hub
 from glassgpt.cli import main
 from glassgpt.config import GPTConfig
 from glassgpt.generate import generate, generate_text, left_pad
+from glassgpt.hub import find_gpt2, quantize_int8, resolve_model
 from glassgpt.model import GPT
 from glassgpt.tokenizer import get_tokenizer
-from glassgpt.weights import (
-    config_to_hf,
-    export_hf,
-    find_gpt2,
-    load_model,
-    load_openai_tf,
-    quantize_int8,
-    resolve_model,
-    save_model,
-)
+from glassgpt.weights import config_to_hf, export_hf, load_model, load_openai_tf, save_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -234,7 +226,7 @@ def test_gpt2_names_resolve_from_the_hf_cache_and_from_models_dir(tmp_path, monk
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(weights, "LOCAL_MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(hub, "LOCAL_MODELS_DIR", tmp_path / "models")
     assert find_gpt2("gpt2-medium") is None
     with pytest.raises(FileNotFoundError, match="glassgpt download gpt2-medium"):
         resolve_model("gpt2-medium")

@@ -22,13 +22,17 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
+from importlib import resources
 from itertools import pairwise
 from pathlib import Path
 
 import regex
 
-from glassgpt.tokenizer import ASSETS, GPT2_EOS, GPT2_SPLIT_PATTERN
-
+# GPT-2's pre-tokenisation (step 1): words with their leading space, numbers, punctuation runs and
+# spaces, so merges never cross a word boundary (and "'s", "'ll" etc. stay separate).
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_EOS = "<|endoftext|>"  # GPT-2's one special token, between documents; its id follows the table
+GPT2_RANKS = resources.files("glassgpt") / "assets" / "gpt2.tiktoken"  # GPT-2's table, one token a line
 NOT_A_TOKEN = float("inf")  # the "rank" of a byte string that is not in the table
 CACHE_LIMIT = 100_000  # distinct chunks remembered before the cache starts over
 
@@ -224,7 +228,7 @@ class BPETokenizer:
     def from_tiktoken_ranks(cls, path: str | Path | None = None) -> BPETokenizer:
         """GPT-2's table from a tiktoken ranks file (one "base64-bytes rank" per line; default: the
         bundled `assets/gpt2.tiktoken`); `<|endoftext|>` takes the id after the last rank (50256)."""
-        path = Path(path) if path else Path(str(ASSETS / "gpt2.tiktoken"))
+        path = Path(path) if path else Path(str(GPT2_RANKS))
         ranked = {}
         for line_number, line in enumerate(path.read_text(encoding="ascii").splitlines(), start=1):
             if not line.strip():

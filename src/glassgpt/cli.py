@@ -48,9 +48,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     else:
         tokenizer = get_tokenizer(args.tokenizer, text=args.text if args.tokenizer == "char" else None)
     ids = tokenizer.encode(args.text)
-    pieces = (tokenizer.token_strings(ids) if hasattr(tokenizer, "token_strings")
-              else [tokenizer.decode([i]) for i in ids])
-    for token_id, piece in zip(ids, pieces, strict=True):
+    for token_id, piece in zip(ids, tokenizer.token_strings(ids), strict=True):
         print(f"{token_id:>7}  {piece!r}")
     print(f"{len(ids)} tokens")
     return 0
@@ -103,16 +101,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from glassgpt.generate import Timing, check_sampling, stream_text
-    from glassgpt.weights import quantize_int8, resolve_model
+    from glassgpt.hub import resolve_model
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before loading gigabytes of weights
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}[args.dtype]
-    model, tokenizer, description = resolve_model(args.model, device=args.device, dtype=dtype)
-    if args.dtype == "int8":
-        model = quantize_int8(model)
-        description += ", int8"
+    model, tokenizer, description = resolve_model(args.model, device=args.device, dtype=args.dtype)
     timing = Timing()
     pieces = stream_text(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, timing=timing,
@@ -133,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from glassgpt.weights import download_gpt2
+    from glassgpt.hub import download_gpt2
 
     try:
         path = download_gpt2(args.name, args.dir)
@@ -146,9 +140,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from glassgpt.weights import export_hf, load_model
+    from glassgpt.hub import resolve_model
+    from glassgpt.weights import export_hf
 
-    model, _ = load_model(args.checkpoint)
+    model, _, _ = resolve_model(args.checkpoint, presets=False)
     directory = export_hf(model, args.to_hf)
     print(f"wrote {directory}/config.json and model.safetensors "
           f"(load with transformers.GPT2LMHeadModel.from_pretrained({str(directory)!r}))")
@@ -189,6 +184,7 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from glassgpt.config import PRESETS
+    from glassgpt.hub import DTYPES, GPT2_NAMES
 
     parser = argparse.ArgumentParser(prog="glassgpt", description="A GPT you can see through.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -237,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = verbs.add_parser("generate", help="continue a prompt with a model")
     generate.add_argument("prompt")
     generate.add_argument("--model", default="gpt2",
-                          help="checkpoint directory, GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; "
-                               "found locally, never downloaded) or preset (random weights)")
+                          help=f"checkpoint directory, GPT-2 name ({', '.join(GPT2_NAMES)}; found locally, "
+                               "never downloaded) or preset (random weights)")
     generate.add_argument("--max-tokens", type=int, default=50, help="new tokens at most (default 50)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     generate.add_argument("--top-k", type=int, default=None)
@@ -248,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stream", action="store_true", help="print the text as it is generated")
     generate.add_argument("--verbose", action="store_true", help="print prefill and decode speed")
     generate.add_argument("--device", default="cpu")
-    generate.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default="float32",
+    generate.add_argument("--dtype", choices=list(DTYPES), default="float32",
                           help="int8: dynamic quantisation, about 2.5x faster decoding on CPU")
     generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     generate.add_argument("--compile", action="store_true",
@@ -257,12 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=cmd_generate)
 
     download = verbs.add_parser("download", help="fetch OpenAI's GPT-2 weights from the Hugging Face Hub")
-    download.add_argument("name", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+    download.add_argument("name", choices=GPT2_NAMES)
     download.add_argument("--dir", default=None, help="a directory to put the files in (default: the HF cache)")
     download.set_defaults(run=cmd_download)
 
     export = verbs.add_parser("export", help="write a checkpoint in another format")
-    export.add_argument("checkpoint", help="a model directory (glassgpt, Hugging Face or OpenAI format)")
+    export.add_argument("checkpoint", help="a model directory (glassgpt, Hugging Face or OpenAI format) "
+                        "or a GPT-2 name found locally")
     export.add_argument("--to-hf", required=True, metavar="DIR",
                         help="write config.json + model.safetensors for transformers' GPT2LMHeadModel")
     export.set_defaults(run=cmd_export)
@@ -277,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-cap", type=int, default=256, help="the most tokens one request may ask for")
     serve.add_argument("--max-running", type=int, default=1, help="generations at once")
     serve.add_argument("--max-waiting", type=int, default=8, help="requests queued; beyond them: 503")
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
+    serve.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                        help="weights in memory; auto: bfloat16 on CPUs with native bf16 (AVX-512 BF16/AMX), "
                             "else float32; int8 (dynamic quantisation) decodes ~2.5x faster on CPU")
     serve.add_argument("--compile", action="store_true",

@@ -646,9 +646,7 @@ def sampling(model, tokenizer) -> list[Step]:
 
     def piece(token_id: int) -> str:
         """The token's text in quotes, so that spaces show."""
-        if hasattr(tokenizer, "token_strings"):
-            return repr(tokenizer.token_strings([token_id])[0])
-        return repr(tokenizer.decode([token_id]))
+        return repr(tokenizer.token_strings([token_id])[0])
 
     prompt, ids = _prompt_ids(tokenizer, model.config.context_length)
     device = model.tok_emb.weight.device

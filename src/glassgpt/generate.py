@@ -254,13 +254,12 @@ def generate(model: GPT, ids, max_new_tokens: int, temperature: float | None = 0
 
 def _text_decoder(tokenizer):
     """A function id -> text piece that holds back bytes until they form whole characters."""
-    if hasattr(tokenizer, "decode_bytes"):
-        # Byte-level BPE: one emoji or CJK character can span several tokens. The incremental
-        # decoder keeps an incomplete UTF-8 sequence until its last byte arrives; invalid bytes
-        # become U+FFFD, as `tokenizer.decode` does on the whole text.
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda token_id: utf8.decode(tokenizer.decode_bytes([token_id])), lambda: utf8.decode(b"", final=True)
-    return lambda token_id: tokenizer.decode([token_id]), lambda: ""
+    # Byte-level BPE: one emoji or CJK character can span several tokens. The incremental
+    # decoder keeps an incomplete UTF-8 sequence until its last byte arrives; invalid bytes
+    # become U+FFFD, as `tokenizer.decode` does on the whole text.
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return (lambda token_id: utf8.decode(tokenizer.decode_bytes([token_id])),
+            lambda: utf8.decode(b"", final=True))
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -284,7 +283,7 @@ def detokenize_stream(tokenizer, ids: Iterable[int], stop: str | Sequence[str] |
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not s for s in stops):
         raise ValueError("stop strings must not be empty")
-    eos_id = getattr(tokenizer, "eos_id", None)
+    eos_id = tokenizer.eos_id
     decode_piece, flush = _text_decoder(tokenizer)
     pending = ""
     for token_id in ids:
@@ -361,7 +360,7 @@ def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, tempera
     if any(not s for s in stops):
         raise ValueError("stop strings must not be empty")
     ids = tokenizer.encode(prompt)
-    eos_id = getattr(tokenizer, "eos_id", None)
+    eos_id = tokenizer.eos_id
     if not ids:
         if eos_id is None:
             raise ValueError("the prompt is empty; give at least one character")

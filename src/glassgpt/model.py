@@ -228,11 +228,12 @@ class GPT(nn.Module):
         return cls(get_preset(name, **overrides))
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> GPT:
-        """Load weights saved in Hugging Face's GPT-2 format (a directory with config.json)."""
-        from glassgpt.weights import load_pretrained
+    def from_pretrained(cls, spec, device="cpu", dtype=None) -> GPT:
+        """Trained weights: a GPT-2 name found on this machine ("gpt2", ...), a Hugging Face GPT-2
+        directory, or a glassgpt checkpoint or run directory (`glassgpt.hub.resolve_model`)."""
+        from glassgpt.hub import resolve_model  # hub builds GPTs: imported here, not at the top
 
-        return load_pretrained(path, **kwargs)
+        return resolve_model(spec, device, dtype, presets=False)[0]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

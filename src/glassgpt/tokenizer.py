@@ -3,7 +3,8 @@
 - `CharTokenizer`: one id per distinct character of a text (TinyGPT, Tiny Shakespeare).
 - `GPT2Tokenizer`: OpenAI's GPT-2 byte-pair encoding through tiktoken, from a ranks file shipped
   in the package, so it works offline.
-- The from-scratch byte-level BPE for teaching lives in `glassgpt.bpe`.
+- The from-scratch byte-level BPE for teaching lives in `glassgpt.bpe`, which also owns what it
+  teaches and `GPT2Tokenizer` reuses: GPT-2's split pattern, its end-of-text token and its table.
 """
 
 from __future__ import annotations
@@ -13,22 +14,33 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-ASSETS = resources.files("glassgpt") / "assets"
+from glassgpt.bpe import GPT2_EOS, GPT2_RANKS, GPT2_SPLIT_PATTERN, BPETokenizer
 
-# GPT-2's pre-tokenisation: split text into words, numbers, punctuation runs and spaces before
-# merging bytes, so merges never cross a word boundary (and "'s", "'ll" etc. stay separate).
-GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT2_EOS = "<|endoftext|>"
+ASSETS = resources.files("glassgpt") / "assets"
 
 
 class Tokenizer(Protocol):
+    """What every tokenizer offers (`CharTokenizer`, `GPT2Tokenizer`, `bpe.BPETokenizer`)."""
+
     name: str
     vocab_size: int
-    eos_id: int | None
+    eos_id: int | None  # the end-of-text id, or None for a tokenizer without one
 
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The UTF-8 bytes `ids` stand for: one token may hold part of a character."""
+        ...
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each id's own text (U+FFFD where its bytes are only part of a character)."""
+        ...
+
+    def to_dict(self) -> dict:
+        """A JSON-ready description that `tokenizer_from_dict` rebuilds the tokenizer from."""
+        ...
 
 
 class CharTokenizer:
@@ -58,10 +70,16 @@ class CharTokenizer:
             ) from None
 
     def decode(self, ids: list[int]) -> str:
-        try:
-            return "".join(self.chars[int(i)] for i in ids)
-        except IndexError:
-            raise ValueError(f"token id out of range for a vocabulary of {self.vocab_size}") from None
+        return "".join(self.token_strings(ids))
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        for i in ids:
+            if not 0 <= int(i) < self.vocab_size:  # a negative id must not index from the end
+                raise ValueError(f"token id out of range for a vocabulary of {self.vocab_size}")
+        return [self.chars[int(i)] for i in ids]
 
     def to_dict(self) -> dict:
         return {"type": "char", "chars": "".join(self.chars)}
@@ -79,7 +97,7 @@ class GPT2Tokenizer:
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
-        path = Path(ranks_path) if ranks_path else Path(str(ASSETS / "gpt2.tiktoken"))
+        path = Path(ranks_path) if ranks_path else Path(str(GPT2_RANKS))
         ranks = load_tiktoken_bpe(str(path))
         self.eos_id = len(ranks)  # 50256: the one special token sits right after the merges
         self.encoding = tiktoken.Encoding(
@@ -96,17 +114,22 @@ class GPT2Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; a byte sequence cut mid-character decodes with U+FFFD in its place."""
-        for i in ids:
-            if not 0 <= int(i) < self.vocab_size:
-                raise ValueError(f"token id {int(i)} out of range for GPT-2's {self.vocab_size} ids")
-        return self.encoding.decode([int(i) for i in ids])
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: list[int]) -> bytes:
-        return self.encoding.decode_bytes([int(i) for i in ids])
+        return self.encoding.decode_bytes(self._checked(ids))
 
     def token_strings(self, ids: list[int]) -> list[str]:
         """Each id's own text (bytes shown with replacement characters where not valid UTF-8)."""
-        return [self.encoding.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace") for i in ids]
+        return [self.encoding.decode_single_token_bytes(i).decode("utf-8", errors="replace")
+                for i in self._checked(ids)]
+
+    def _checked(self, ids: list[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:  # tiktoken would fail with a bare KeyError
+                raise ValueError(f"token id {i} out of range for GPT-2's {self.vocab_size} ids")
+        return ids
 
     def to_dict(self) -> dict:
         return {"type": "gpt2"}
@@ -137,8 +160,6 @@ def tokenizer_from_dict(data: dict) -> Tokenizer:
     if kind == "char":
         return CharTokenizer(data["chars"])
     if kind == "bpe":  # the from-scratch BPE stores its whole token table
-        from glassgpt.bpe import BPETokenizer
-
         return BPETokenizer.from_dict(data)
     raise ValueError(f"unknown tokenizer type {kind!r} in saved tokenizer")
 

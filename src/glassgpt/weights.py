@@ -12,6 +12,8 @@ OpenAI's original release (what our tutorial downloads): `hparams.json` + a Tens
 `model.ckpt.*` + `encoder.json`/`vocab.bpe`. The same tensors under names like
 `model/h0/attn/c_attn/w`, with a leading 1 on the Conv1D weights. Reading it needs TensorFlow
 (`pip install 'glassgpt[tf]'`); the BPE files are GPT-2's, which glassgpt bundles already.
+
+Finding a model by name (GPT-2 sizes, presets) and downloading are `glassgpt.hub`'s.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from glassgpt.config import GPTConfig
 from glassgpt.model import GPT
+from glassgpt.tokenizer import get_tokenizer, tokenizer_from_dict
 
 GLASSGPT_META = "glassgpt.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -67,32 +70,36 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
     return model
 
 
+def model_format(path: str | Path) -> str:
+    """"glassgpt", "hf" or "openai-tf": the format of the model in directory `path`, from its
+    marker file alone (nothing else is read), or FileNotFoundError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory holding a model")
+    for marker, name in ((GLASSGPT_META, "glassgpt"), ("config.json", "hf"), ("hparams.json", "openai-tf")):
+        if (path / marker).exists():
+            return name
+    raise FileNotFoundError(
+        f"{path} holds no model: expected {GLASSGPT_META} (glassgpt), config.json (Hugging Face "
+        "GPT-2) or hparams.json + model.ckpt.* (OpenAI's original GPT-2 release)"
+    )
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer) from a directory in any format glassgpt reads.
 
     glassgpt (`glassgpt.json`), Hugging Face GPT-2 (`config.json`) or OpenAI's original release
     (`hparams.json` + TensorFlow checkpoint). The model comes back in eval mode.
     """
-    from glassgpt.tokenizer import get_tokenizer, tokenizer_from_dict
-
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory holding a model")
-    if (path / GLASSGPT_META).exists():
+    kind = model_format(path)
+    if kind == "glassgpt":
         meta = json.loads((path / GLASSGPT_META).read_text(encoding="utf-8"))
         model = _build(GPTConfig.from_dict(meta["config"]), load_file(str(path / WEIGHTS_FILE)), str(path))
         tokenizer = tokenizer_from_dict(meta.get("tokenizer", {"type": "gpt2"}))
-    elif (path / "config.json").exists():
-        model = load_pretrained(path)
+    else:  # OpenAI's GPT-2, in either of its formats: GPT-2's own tokenizer
+        model = load_pretrained(path) if kind == "hf" else load_openai_tf(path)
         tokenizer = get_tokenizer("gpt2")
-    elif (path / "hparams.json").exists():
-        model = load_openai_tf(path)
-        tokenizer = get_tokenizer("gpt2")
-    else:
-        raise FileNotFoundError(
-            f"{path} holds no model: expected {GLASSGPT_META} (glassgpt), config.json (Hugging Face "
-            "GPT-2) or hparams.json + model.ckpt.* (OpenAI's original GPT-2 release)"
-        )
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval(), tokenizer
 
@@ -219,6 +226,20 @@ def load_pretrained(path: str | Path) -> GPT:
     return _build(config, ours, str(directory))
 
 
+def export_hf(model: GPT, directory: str | Path) -> Path:
+    """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained` loads."""
+    hf_config = config_to_hf(model.config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    tensors = {}
+    for our_name, their_name, transposed in hf_names(model.config):
+        tensor = state[our_name].detach().float().cpu()
+        tensors[their_name] = (tensor.t() if transposed else tensor).contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+    return directory
+
 def _build(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
     """A GPT of `config` holding `state` (glassgpt names), without a wasted random initialisation."""
     with torch.device("meta"):
@@ -285,131 +306,3 @@ def load_openai_tf(path: str | Path) -> GPT:
         state[our_name] = tensor.t().contiguous() if transposed else tensor
     return _build(config, state, checkpoint)
 
-
-def export_hf(model: GPT, directory: str | Path) -> Path:
-    """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained` loads."""
-    hf_config = config_to_hf(model.config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    tensors = {}
-    for our_name, their_name, transposed in hf_names(model.config):
-        tensor = state[our_name].detach().float().cpu()
-        tensors[their_name] = (tensor.t() if transposed else tensor).contiguous()
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
-    return directory
-
-
-# ---------------------------------------------------------------- OpenAI's GPT-2 by name, via the Hugging Face Hub
-
-GPT2_REPOS = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
-GPT2_FILES = ["config.json", "model.safetensors"]
-LOCAL_MODELS_DIR = Path("models")  # `models/gpt2/` next to where glassgpt runs is found by name
-
-
-def _hand_placement_help(name: str) -> str:
-    repo = GPT2_REPOS[name]
-    return (f"place the files by hand: download {' and '.join(GPT2_FILES)} from "
-            f"https://huggingface.co/{repo}/tree/main into {LOCAL_MODELS_DIR / name}/ "
-            f"(found by name) or any directory you then pass as --model DIR")
-
-
-def find_gpt2(name: str) -> Path | None:
-    """The directory of a GPT-2 already on this machine: `models/NAME/`, else the Hugging Face cache."""
-    if name not in GPT2_REPOS:
-        raise ValueError(f"unknown GPT-2 name {name!r}; choose one of: {', '.join(GPT2_REPOS)}")
-    local = LOCAL_MODELS_DIR / name
-    if (local / "config.json").exists():
-        return local
-    from huggingface_hub import try_to_load_from_cache
-
-    for repo in (GPT2_REPOS[name], name):  # the Hub's current id, and the legacy one ("gpt2")
-        config_path = try_to_load_from_cache(repo, "config.json")
-        if isinstance(config_path, str):
-            snapshot = Path(config_path).parent
-            if any((snapshot / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
-                return snapshot
-    return None
-
-
-def download_gpt2(name: str, directory: str | Path | None = None) -> Path:
-    """Fetch OpenAI's GPT-2 `name` from the Hugging Face Hub: into `directory`, else the HF cache.
-
-    Returns the directory holding config.json + model.safetensors. Without network (or with
-    HF_HUB_OFFLINE=1) it fails at once with a ConnectionError that says how to place the files by hand.
-    """
-    if name not in GPT2_REPOS:
-        raise ValueError(f"unknown GPT-2 name {name!r}; choose one of: {', '.join(GPT2_REPOS)}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        path = snapshot_download(GPT2_REPOS[name], allow_patterns=GPT2_FILES,
-                                 local_dir=str(directory) if directory else None)
-    except (HfHubHTTPError, OSError) as error:  # offline, unreachable, refused, or no such repo
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConnectionError(
-            f"could not download {name} from the Hugging Face Hub ({reason}).\n"
-            f"To use it offline, {_hand_placement_help(name)}."
-        ) from None
-    return Path(path)
-
-
-def resolve_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer, description) for a --model argument.
-
-    `spec` is a directory (glassgpt, Hugging Face or OpenAI format), a GPT-2 name found on this
-    machine (see `find_gpt2`; nothing is downloaded), or a preset name (random weights, to try the
-    pipeline).
-    """
-    from glassgpt.config import PRESETS
-    from glassgpt.tokenizer import get_tokenizer
-
-    if Path(spec).is_dir():
-        model, tokenizer = load_model(spec, device, dtype)
-        return model, tokenizer, f"{spec} ({model.config.name})"
-    if spec in GPT2_REPOS:
-        directory = find_gpt2(spec)
-        if directory is None:
-            raise FileNotFoundError(
-                f"{spec} is not on this machine. Run `glassgpt download {spec}` or "
-                f"{_hand_placement_help(spec)}"
-            )
-        model, tokenizer = load_model(directory, device, dtype)
-        return model, tokenizer, f"{spec} from {directory}"
-    if spec in PRESETS:
-        tokenizer = get_tokenizer("gpt2")
-        model = GPT.from_preset(spec)
-        if model.config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(
-                f"preset {spec} has a vocabulary of {model.config.vocab_size:,}, too small for GPT-2's "
-                f"{tokenizer.vocab_size:,} tokens; use a trained checkpoint directory instead"
-            )
-        model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
-        return model.eval(), tokenizer, f"preset {spec} (random weights)"
-    raise FileNotFoundError(
-        f"--model {spec!r} is neither a directory, a GPT-2 name ({', '.join(GPT2_REPOS)}) "
-        f"nor a preset ({', '.join(PRESETS)})"
-    )
-
-
-def quantize_int8(model: GPT) -> GPT:
-    """`model` with every Linear layer quantised to int8 (dynamic quantisation, CPU only), in place.
-
-    Weights are read as int8, a quarter of the bytes of fp32, and decoding on CPU is bound by
-    reading weights: 2.3-2.8x faster there for under 0.1% perplexity (docs/PERFORMANCE.md).
-    Embeddings and norms stay fp32.
-    """
-    import warnings
-
-    if model.tok_emb.weight.device.type != "cpu" or model.tok_emb.weight.dtype != torch.float32:
-        raise ValueError("int8 dynamic quantisation needs an fp32 model on the CPU")
-    with warnings.catch_warnings():  # torch points users of this API at torchao; it still works
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)

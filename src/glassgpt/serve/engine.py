@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from glassgpt.generate import Timing, iter_tokens, stream_text
+from glassgpt.hub import check_model_spec, quantize_int8, resolve_model
 from glassgpt.model import GPT
 
 log = logging.getLogger("glassgpt.serve")
@@ -25,36 +26,10 @@ log = logging.getLogger("glassgpt.serve")
 
 # ---------------------------------------------------------------- the model being served
 
-def check_model_spec(spec: str | Path) -> None:
-    """Raise FileNotFoundError, saying what to do, unless `spec` can name a model at all."""
-    from glassgpt.config import PRESETS
-
-    gpt2_names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-    if not Path(spec).is_dir() and str(spec) not in PRESETS and str(spec) not in gpt2_names:
-        raise FileNotFoundError(
-            f"no model at {str(spec)!r}: train one with `make demo` (it writes runs/demo), give a "
-            f"checkpoint directory, a GPT-2 you have locally (--model gpt2), or a preset for random "
-            f"weights (--model verdict-162m; presets: {', '.join(PRESETS)})"
-        )
-
-
-def resolve_model(spec: str | Path, dtype: torch.dtype | None = None):
-    """(model, tokenizer) for a --model argument, by the same rules as `glassgpt generate`."""
-    from glassgpt.weights import resolve_model as resolve
-
-    check_model_spec(spec)
-    model, tokenizer, _ = resolve(str(spec), dtype=dtype)
-    return model, tokenizer
-
-
-# int8 models are loaded in float32, then quantised.
-LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
-
-
 class ModelHost:
     """The served model: loaded once, at start-up or on the first request that needs it.
 
-    `source` is a GPT (then `tokenizer` is required) or anything `resolve_model` accepts, loaded
+    `source` is a GPT (then `tokenizer` is required) or anything `hub.resolve_model` accepts, loaded
     as `dtype`: "float32", "bfloat16" or "int8" (dynamic quantisation of the Linear layers: a
     quarter of the bytes to read per token, the limit of decoding on a CPU). `compile=True`:
     decode through compiled matrix-vector kernels on a CPU (`glassgpt.generate`), compiled during
@@ -91,11 +66,12 @@ class ModelHost:
             with self._lock:
                 if self._model is None:
                     started = time.perf_counter()
-                    model, tokenizer = resolve_model(self.source, LOAD_DTYPES[self.dtype])
+                    int8 = self.dtype == "int8"
+                    model, tokenizer, _ = resolve_model(self.source, dtype="float32" if int8 else self.dtype)
                     self._check(model, tokenizer)
+                    # Described before quantising: int8 Linear layers hold no parameters to count.
                     self.description = describe_model(model, tokenizer, self.name)
-                    if self.dtype == "int8":
-                        from glassgpt.weights import quantize_int8
+                    if int8:
                         model = quantize_int8(model)
                         self.description["dtype"] = "int8 (Linear layers; embeddings and norms float32)"
                     self._tokenizer = tokenizer
@@ -261,13 +237,6 @@ def run_generation(model: GPT, tokenizer, prompt: str, sampling: Sampling,
 
 # ---------------------------------------------------------------- looking inside
 
-def token_strings(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's own text (GPT-2 tokens may be partial characters, shown with U+FFFD)."""
-    if hasattr(tokenizer, "token_strings"):
-        return tokenizer.token_strings(ids)
-    return [tokenizer.decode([i]) for i in ids]
-
-
 def inspect_text(model: GPT, tokenizer, text: str, top: int = 10) -> dict:
     """Tokens of `text`, the `top` most likely next tokens and every head's attention weights.
 
@@ -283,9 +252,9 @@ def inspect_text(model: GPT, tokenizer, text: str, top: int = 10) -> dict:
         attention = [torch.round(w[0].double(), decimals=4).tolist() for w in weights]
     top_ids = top_ids.tolist()
     return {
-        "tokens": [{"id": i, "text": s} for i, s in zip(ids, token_strings(tokenizer, ids), strict=True)],
+        "tokens": [{"id": i, "text": s} for i, s in zip(ids, tokenizer.token_strings(ids), strict=True)],
         "next_tokens": [{"id": i, "text": s, "prob": round(p, 6)}
-                        for i, s, p in zip(top_ids, token_strings(tokenizer, top_ids), top_probs.tolist(),
+                        for i, s, p in zip(top_ids, tokenizer.token_strings(top_ids), top_probs.tolist(),
                                            strict=True)],
         "attention": attention,
         "n_layers": model.config.n_layers,
