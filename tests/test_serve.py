@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from glassgpt.cli import main
 from glassgpt.config import GPTConfig
 from glassgpt.generate import generate_text
+from glassgpt.inspect import record_attention
 from glassgpt.model import GPT
 from glassgpt.serve import ServeSettings, create_app, write_site
 from glassgpt.serve import app as app_module
@@ -225,7 +226,7 @@ def test_inspect_returns_tokens_next_token_probabilities_and_attention(client, m
     assert [t["text"] for t in body["tokens"]] == ["The", " painting", " was"]
 
     with torch.no_grad():
-        logits, weights = model(torch.tensor([ids]), return_attention=True)
+        logits, weights = record_attention(model, torch.tensor([ids]))
     probs = torch.softmax(logits[0, -1].double(), dim=-1)
     expected = probs.topk(10)
     assert [t["id"] for t in body["next_tokens"]] == expected.indices.tolist()
