@@ -71,9 +71,9 @@ def test_compiled_serving_warms_up_its_kernels_and_answers_the_same_text(model, 
     """--compile: the warm-up compiles the one-token kernels (so requests don't), same greedy text."""
     import glassgpt.fast as fast
 
-    fast._compiled_matvec = None
+    fast.COMPILED.reset()
     with TestClient(create_app(model, tokenizer, compile=True)) as client:
-        assert fast._compiled_matvec is not None  # compiled at start-up, before any request
+        assert fast.COMPILED.kernel is not None  # compiled at start-up, before any request
         for prompt in ("Every effort moves you", "I had always thought"):
             body = client.post("/generate", json={"prompt": prompt, "max_tokens": 9}).json()
             assert body["completion"] == generate_text(model, tokenizer, prompt, 9)

@@ -1,15 +1,14 @@
-"""Fast paths: oneDNN matrix products for inference on a CPU. (On a GPU: `glassgpt.cuda_graphs`.)
+"""Faster kernels for inference matrix products on a CPU, changing nothing in the model.
 
-CPU. Every fp32 matrix product of PyTorch's CPU build goes to MKL. On AMD processors (measured on
-the 2-core EPYC this project is developed on) MKL's matrix-vector product runs on one thread and
-reads weights at 12-13 GB/s, where the memory gives 49 GB/s to two threads; one decoded token is
-nothing but matrix-vector products over every weight, so decoding ran at a quarter of the memory's
-speed. oneDNN, the other CPU library inside the same PyTorch, splits the same products over all
-threads: 1.4-2x faster there, for one row and for the 256 rows of a prefill alike. On an Intel
-Xeon MKL's one-row product is the faster (33 vs 26 tokens/s decoding GPT-2 small) and oneDNN only
-wins for several rows (prefill 1.15x). `cpu_inference_kernels()` routes the model's `F.linear`
-calls accordingly while it is active, changing nothing in the model; `glassgpt.generate` uses it
-around each decoding step on a CPU.
+One decoded token is little but matrix-vector products over every weight, so decoding on a CPU is
+bound by how fast those products read memory. PyTorch's CPU build sends every fp32 product to MKL,
+whose matrix-vector kernel runs on one thread on AMD processors; oneDNN, the other CPU library
+inside the same PyTorch, splits the same products over all threads. `cpu_inference_kernels()`
+routes the model's `F.linear` calls to the kernel that was measured faster for the processor and
+the number of rows, or with `compile=True` one-row products to a compiled matrix-vector loop;
+`glassgpt.generate` enters it around each CPU decoding step. Measurements on AMD and Intel
+processors: docs/PERFORMANCE.md ("the CPU kernels of `glassgpt.fast`").
+(Fast decoding on a GPU, with CUDA graphs, is `glassgpt.cuda_graphs`.)
 """
 
 from __future__ import annotations
@@ -36,9 +35,11 @@ def _cpu_vendor() -> str:
 
 
 # Measured on x86-64 only (AMD and Intel); elsewhere (Arm) PyTorch's default BLAS stays in charge.
-HAS_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+HAS_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64")
+                     and torch.backends.mkldnn.is_available()
                      and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-# One-row products (decoding) go to oneDNN only where MKL's matrix-vector kernel is the slow one.
+# oneDNN is faster for products of several rows on x86-64; for one row (decoding) only where MKL's
+# matrix-vector kernel is the slow one (AMD; on Intel, MKL's is the faster).
 ONEDNN_FOR_ONE_ROW = HAS_ONEDNN_LINEAR and "AuthenticAMD" in _cpu_vendor()
 
 
@@ -52,37 +53,46 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-_compiled_matvec = None
-_compile_failure: str | None = None  # why torch.compile could not work here, once it has failed
+class CompileState:
+    """The process's compiled `matvec` kernel (made on first use), and why compiling failed, once it has."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget both: the next compiled product compiles (and may fail) again."""
+        self.kernel = None
+        self.failure: str | None = None
+
+
+COMPILED = CompileState()
 
 
 def compiled_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`matvec` through torch.compile, compiled on first use.
 
-    With symbolic shapes one kernel serves every weight shape (two: with and without a bias):
-    GPT-2 small's first compiled step takes 3.5 s with a warm compiler cache on the 2-core EPYC
-    (17 s cold), against 5 s (21 s) shape by shape, and streams as fast.
+    With symbolic shapes one kernel serves every weight shape (two: with and without a bias), so
+    the first compiled step compiles once, not once per weight shape, and streams as fast.
     """
-    global _compiled_matvec
-    if _compiled_matvec is None:
-        _compiled_matvec = torch.compile(matvec, dynamic=True)
+    if COMPILED.kernel is None:
+        COMPILED.kernel = torch.compile(matvec, dynamic=True)
     # Detached, parameters are plain tensors to the compiler, which would otherwise hold their
     # shapes fixed and compile once per shape after all.
-    return _compiled_matvec(x, weight.detach(), None if bias is None else bias.detach())
+    return COMPILED.kernel(x, weight.detach(), None if bias is None else bias.detach())
 
 
 def _try_compiled_matvec(x, weight, bias) -> torch.Tensor | None:
     """`compiled_matvec`, or None (with one warning per process) where compiling fails, e.g. on a
     machine without the C++ compiler that torch.compile needs on a CPU: decoding then goes on with
     the eager kernels instead of stopping."""
-    global _compile_failure
-    if _compile_failure is not None:
+    if COMPILED.failure is not None:
         return None
     try:
         return compiled_matvec(x, weight, bias)
     except Exception as error:  # compilers fail in many ways; all of them mean "not here"
-        _compile_failure = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"compile=True: torch.compile does not work here ({_compile_failure}); "
+        message = str(error).strip()
+        COMPILED.failure = message.splitlines()[0] if message else type(error).__name__
+        warnings.warn(f"compile=True: torch.compile does not work here ({COMPILED.failure}); "
                       "decoding without it", RuntimeWarning, stacklevel=2)
         return None
 
@@ -94,10 +104,8 @@ class CPULinear(TorchFunctionMode):
     The same function, x @ W.T + b, differing only by rounding order: in fp32 through oneDNN's
     kernel (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for
     products of several rows, and of one row on AMD processors; or, with `compile=True`, one-row
-    products in fp32 or bf16 through `compiled_matvec`. That is faster still on the AMD EPYC
-    (1.7-2.1x transformers' decoding against oneDNN's ~1.5x) after a first-use compile of seconds,
-    and needs the C++ compiler torch.compile uses on a CPU; on an Intel Xeon it was not faster than
-    MKL.
+    products in fp32 or bf16 through `compiled_matvec`, which needs the C++ compiler torch.compile
+    uses on a CPU and costs seconds on first use (faster still on AMD; not faster than MKL on Intel).
     """
 
     def __init__(self, compile: bool = False):
