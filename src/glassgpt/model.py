@@ -92,7 +92,8 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """`mask`, optional, broadcastable to (B, H, T, S): True where a query may see a key (a padded
-        batch gives each row its own). Without it each query sees the keys up to its own position."""
+        batch gives each row its own). Without it each query sees the keys up to its own position (every
+        key when `causal=False`)."""
         batch, n_tokens, _ = x.shape                                  # x: (B, T, d_in)
         queries, keys, values = self.qkv(x).split(self.d_out, dim=2)  # each (B, T, d_out)
 
