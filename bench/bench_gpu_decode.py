@@ -24,7 +24,7 @@ import torch._inductor.config
 from bench_gpu_train import measure_copy_bandwidth, synchronize
 
 from glassgpt import GPT, get_preset
-from glassgpt.fast import GraphedDecoder
+from glassgpt.cuda_graphs import GraphedDecoder
 from glassgpt.generate import generate
 
 

@@ -109,14 +109,14 @@ def test_a_machine_where_compiling_fails_still_decodes(monkeypatch):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
     monkeypatch.setattr(fast, "compiled_matvec", broken)
-    monkeypatch.setattr(fast, "_compile_failure", None)
+    monkeypatch.setattr(fast.COMPILED, "failure", None)
     config = CONFIGS["verdict-162m"]
     model = random_model(config)
     ids = torch.randint(0, config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(3))
     with pytest.warns(RuntimeWarning, match="No working C\\+\\+ compiler found"):
         out = generate(model, ids, 6, compile=True)
     assert torch.equal(out, generate(model, ids, 6))
-    assert fast._compile_failure == "InvalidCxxCompiler: No working C++ compiler found"
+    assert fast.COMPILED.failure == "InvalidCxxCompiler: No working C++ compiler found"
 
 
 def test_compiled_decoding_of_bf16_weights_matches_fp32_within_bf16_rounding():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from glassgpt import GPT, get_preset
-from glassgpt.fast import GraphedDecoder
+from glassgpt.cuda_graphs import GraphedDecoder, StaticKVCache, static_forward
 from glassgpt.generate import generate
 
 SMALL = get_preset("gpt2", vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
@@ -50,16 +50,16 @@ def test_static_cache_decoding_equals_full_forward(fused):
     ids = torch.randint(0, SMALL.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(batch_size=2, max_length=24, static=True)
+        cache = StaticKVCache.for_model(model, batch_size=2, max_length=24)
         # A prefill, a chunk after a cached prefix, then one token at a time.
-        pieces = [model(ids[:, :7], cache=cache), model(ids[:, 7:10], cache=cache)]
-        pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(10, 20)]
+        pieces = [static_forward(model, ids[:, :7], cache), static_forward(model, ids[:, 7:10], cache)]
+        pieces += [static_forward(model, ids[:, t:t + 1], cache) for t in range(10, 20)]
     assert int(cache.length) == 20
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
     # Unwritten slots stay hidden after a reset, whatever they hold.
     cache.reset()
     with torch.no_grad():
-        again = model(ids[:, :5], cache=cache)
+        again = static_forward(model, ids[:, :5], cache)
     torch.testing.assert_close(again, full[:, :5], atol=1e-5, rtol=1e-5)
 
 

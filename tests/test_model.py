@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from glassgpt import GPT, GPTConfig, get_preset
+from glassgpt.inspect import record_attention
 from glassgpt.model import GELU, LayerNorm, MultiHeadAttention
 
 # One small model per preset family: the same switches (norm placement, activation, biases, tying,
@@ -99,7 +100,7 @@ def test_bad_ids_are_a_clear_error(bad):
 def test_attention_weights_are_causal_distributions():
     config = FAMILIES["gpt2"]
     model = random_model(config)
-    logits, weights = model(random_ids(config, 2, 10), return_attention=True)
+    logits, weights = record_attention(model, random_ids(config, 2, 10))
     assert logits.shape == (2, 10, config.vocab_size)
     assert len(weights) == config.n_layers
     for w in weights:
@@ -162,7 +163,7 @@ def test_multihead_attention_matches_the_tutorial_numbers():
     torch.manual_seed(123)
     mha = MultiHeadAttention(d_in=3, d_out=2, n_heads=2, dropout=0.0, qkv_bias=False).eval()
     batch = torch.stack([INPUTS, INPUTS])
-    out, _ = mha(batch)
+    out = mha(batch)
     assert out.shape == (2, 6, 2)
     torch.testing.assert_close(out[0, 0], torch.tensor([0.3190, 0.4858]), atol=1e-4, rtol=0)
 

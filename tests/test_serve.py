@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from glassgpt.cli import main
 from glassgpt.config import GPTConfig
 from glassgpt.generate import generate_text
+from glassgpt.inspect import record_attention
 from glassgpt.model import GPT
 from glassgpt.serve import ServeSettings, create_app, write_site
 from glassgpt.serve import app as app_module
@@ -70,9 +71,9 @@ def test_compiled_serving_warms_up_its_kernels_and_answers_the_same_text(model, 
     """--compile: the warm-up compiles the one-token kernels (so requests don't), same greedy text."""
     import glassgpt.fast as fast
 
-    fast._compiled_matvec = None
+    fast.COMPILED.reset()
     with TestClient(create_app(model, tokenizer, compile=True)) as client:
-        assert fast._compiled_matvec is not None  # compiled at start-up, before any request
+        assert fast.COMPILED.kernel is not None  # compiled at start-up, before any request
         for prompt in ("Every effort moves you", "I had always thought"):
             body = client.post("/generate", json={"prompt": prompt, "max_tokens": 9}).json()
             assert body["completion"] == generate_text(model, tokenizer, prompt, 9)
@@ -225,7 +226,7 @@ def test_inspect_returns_tokens_next_token_probabilities_and_attention(client, m
     assert [t["text"] for t in body["tokens"]] == ["The", " painting", " was"]
 
     with torch.no_grad():
-        logits, weights = model(torch.tensor([ids]), return_attention=True)
+        logits, weights = record_attention(model, torch.tensor([ids]))
     probs = torch.softmax(logits[0, -1].double(), dim=-1)
     expected = probs.topk(10)
     assert [t["id"] for t in body["next_tokens"]] == expected.indices.tolist()

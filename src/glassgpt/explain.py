@@ -29,6 +29,7 @@ from torch import nn
 
 from glassgpt.config import GPTConfig, get_preset
 from glassgpt.generate import filter_logits
+from glassgpt.inspect import record_attention
 from glassgpt.model import GELU, GPT, FeedForward, LayerNorm, MultiHeadAttention
 from glassgpt.tokenizer import CharTokenizer, get_tokenizer
 
@@ -111,7 +112,7 @@ def _record_outputs(modules: dict[str, nn.Module]):
 
     def hook_for(label: str):
         def hook(module, inputs, output):
-            records.append((label, output[0] if isinstance(output, tuple) else output))
+            records.append((label, output))
         return hook
 
     handles = [module.register_forward_hook(hook_for(label)) for label, module in modules.items()]
@@ -238,7 +239,7 @@ def attention(model, tokenizer) -> list[Step]:
 
     attention = _single_head_attention(causal=False)
     qkv = attention.qkv(inputs)                                 # (6, 6): queries | keys | values
-    context, head_weights = attention(inputs.unsqueeze(0), return_weights=True)
+    context, (head_weights,) = record_attention(attention, inputs.unsqueeze(0))
     return [
         _step("Six tokens, six vectors",
               "Each token of \"Your journey starts with one step\" is a 3-d embedding. Attention will "
@@ -314,7 +315,7 @@ def scaling(model, tokenizer) -> list[Step]:
 def causal(model, tokenizer) -> list[Step]:
     inputs = _inputs()
     attention = _single_head_attention(causal=True)
-    context, weights = attention(inputs.unsqueeze(0), return_weights=True)
+    context, (weights,) = record_attention(attention, inputs.unsqueeze(0))
     weights = weights[0, 0]                                     # (6, 6)
     mask = MultiHeadAttention.causal_mask(6, 6, start=0, device="cpu")
     torch.manual_seed(SEED)
@@ -349,15 +350,13 @@ def multihead(model, tokenizer) -> list[Step]:
     batch = torch.stack([_inputs(), _inputs()])                 # (2, 6, 3): two copies
     torch.manual_seed(SEED)
     attention = MultiHeadAttention(3, 2, n_heads=2, dropout=0.0, qkv_bias=False).eval()
-    attention.fused = False
     concatenated = []
     handle = attention.out_proj.register_forward_hook(lambda module, inputs, output: concatenated.append(inputs[0]))
     try:
-        output, weights = attention(batch, return_weights=True)
+        output, (weights,) = record_attention(attention, batch)
     finally:
         handle.remove()
-    attention.fused = True
-    fused_output, _ = attention(batch)
+    fused_output = attention(batch)
     d_out, heads = attention.d_out, attention.n_heads
     shapes = [
         ["input", _shape(batch)],
@@ -533,7 +532,7 @@ def block(model, tokenizer) -> list[Step]:
         "feed-forward contract": layer.ff.contract,
     })
     try:
-        out, _ = layer(x)
+        out = layer(x)
     finally:
         remove()
     order = ("x + attention(norm1(x)), then x + feed-forward(norm2(x))" if config.norm_placement == "pre"

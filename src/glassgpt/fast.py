@@ -1,22 +1,14 @@
-"""Fast paths: oneDNN matrix products for inference on a CPU; on a GPU, greedy decoding with a static
-KV cache, compiled once and replayed as a CUDA graph.
+"""Faster kernels for inference matrix products on a CPU, changing nothing in the model.
 
-CPU. Every fp32 matrix product of PyTorch's CPU build goes to MKL. On AMD processors (measured on
-the 2-core EPYC this project is developed on) MKL's matrix-vector product runs on one thread and
-reads weights at 12-13 GB/s, where the memory gives 49 GB/s to two threads; one decoded token is
-nothing but matrix-vector products over every weight, so decoding ran at a quarter of the memory's
-speed. oneDNN, the other CPU library inside the same PyTorch, splits the same products over all
-threads: 1.4-2x faster there, for one row and for the 256 rows of a prefill alike. On an Intel
-Xeon MKL's one-row product is the faster (33 vs 26 tokens/s decoding GPT-2 small) and oneDNN only
-wins for several rows (prefill 1.15x). `cpu_inference_kernels()` routes the model's `F.linear`
-calls accordingly while it is active, changing nothing in the model; `glassgpt.generate` uses it
-around each decoding step on a CPU.
-
-GPU. Decoding one token of GPT-2 small is a few hundred small kernels; launched one by one from Python,
-the launches take longer than the GPU work. Here the model runs unchanged (no copy of it), on a
-`StaticKVCache` whose shapes never change and whose length lives on the device, so one decode step
-can be compiled (`torch.compile` fuses the small kernels) and captured as a CUDA graph: each new
-token is then a single graph launch, with no host-device synchronisation until the end.
+One decoded token is little but matrix-vector products over every weight, so decoding on a CPU is
+bound by how fast those products read memory. PyTorch's CPU build sends every fp32 product to MKL,
+whose matrix-vector kernel runs on one thread on AMD processors; oneDNN, the other CPU library
+inside the same PyTorch, splits the same products over all threads. `cpu_inference_kernels()`
+routes the model's `F.linear` calls to the kernel that was measured faster for the processor and
+the number of rows, or with `compile=True` one-row products to a compiled matrix-vector loop;
+`glassgpt.generate` enters it around each CPU decoding step. Measurements on AMD and Intel
+processors: docs/PERFORMANCE.md ("the CPU kernels of `glassgpt.fast`").
+(Fast decoding on a GPU, with CUDA graphs, is `glassgpt.cuda_graphs`.)
 """
 
 from __future__ import annotations
@@ -28,8 +20,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-
-from glassgpt.model import GPT
 
 
 def _cpu_vendor() -> str:
@@ -45,9 +35,11 @@ def _cpu_vendor() -> str:
 
 
 # Measured on x86-64 only (AMD and Intel); elsewhere (Arm) PyTorch's default BLAS stays in charge.
-HAS_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+HAS_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64")
+                     and torch.backends.mkldnn.is_available()
                      and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-# One-row products (decoding) go to oneDNN only where MKL's matrix-vector kernel is the slow one.
+# oneDNN is faster for products of several rows on x86-64; for one row (decoding) only where MKL's
+# matrix-vector kernel is the slow one (AMD; on Intel, MKL's is the faster).
 ONEDNN_FOR_ONE_ROW = HAS_ONEDNN_LINEAR and "AuthenticAMD" in _cpu_vendor()
 
 
@@ -61,37 +53,46 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-_compiled_matvec = None
-_compile_failure: str | None = None  # why torch.compile could not work here, once it has failed
+class CompileState:
+    """The process's compiled `matvec` kernel (made on first use), and why compiling failed, once it has."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget both: the next compiled product compiles (and may fail) again."""
+        self.kernel = None
+        self.failure: str | None = None
+
+
+COMPILED = CompileState()
 
 
 def compiled_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`matvec` through torch.compile, compiled on first use.
 
-    With symbolic shapes one kernel serves every weight shape (two: with and without a bias):
-    GPT-2 small's first compiled step takes 3.5 s with a warm compiler cache on the 2-core EPYC
-    (17 s cold), against 5 s (21 s) shape by shape, and streams as fast.
+    With symbolic shapes one kernel serves every weight shape (two: with and without a bias), so
+    the first compiled step compiles once, not once per weight shape, and streams as fast.
     """
-    global _compiled_matvec
-    if _compiled_matvec is None:
-        _compiled_matvec = torch.compile(matvec, dynamic=True)
+    if COMPILED.kernel is None:
+        COMPILED.kernel = torch.compile(matvec, dynamic=True)
     # Detached, parameters are plain tensors to the compiler, which would otherwise hold their
     # shapes fixed and compile once per shape after all.
-    return _compiled_matvec(x, weight.detach(), None if bias is None else bias.detach())
+    return COMPILED.kernel(x, weight.detach(), None if bias is None else bias.detach())
 
 
 def _try_compiled_matvec(x, weight, bias) -> torch.Tensor | None:
     """`compiled_matvec`, or None (with one warning per process) where compiling fails, e.g. on a
     machine without the C++ compiler that torch.compile needs on a CPU: decoding then goes on with
     the eager kernels instead of stopping."""
-    global _compile_failure
-    if _compile_failure is not None:
+    if COMPILED.failure is not None:
         return None
     try:
         return compiled_matvec(x, weight, bias)
     except Exception as error:  # compilers fail in many ways; all of them mean "not here"
-        _compile_failure = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"compile=True: torch.compile does not work here ({_compile_failure}); "
+        message = str(error).strip()
+        COMPILED.failure = message.splitlines()[0] if message else type(error).__name__
+        warnings.warn(f"compile=True: torch.compile does not work here ({COMPILED.failure}); "
                       "decoding without it", RuntimeWarning, stacklevel=2)
         return None
 
@@ -103,10 +104,8 @@ class CPULinear(TorchFunctionMode):
     The same function, x @ W.T + b, differing only by rounding order: in fp32 through oneDNN's
     kernel (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for
     products of several rows, and of one row on AMD processors; or, with `compile=True`, one-row
-    products in fp32 or bf16 through `compiled_matvec`. That is faster still on the AMD EPYC
-    (1.7-2.1x transformers' decoding against oneDNN's ~1.5x) after a first-use compile of seconds,
-    and needs the C++ compiler torch.compile uses on a CPU; on an Intel Xeon it was not faster than
-    MKL.
+    products in fp32 or bf16 through `compiled_matvec`, which needs the C++ compiler torch.compile
+    uses on a CPU and costs seconds on first use (faster still on AMD; not faster than MKL on Intel).
     """
 
     def __init__(self, compile: bool = False):
@@ -145,98 +144,3 @@ def cpu_inference_kernels(compile: bool = False, rows: int | None = None) -> CPU
     """
     useful = ONEDNN_FOR_ONE_ROW if rows == 1 else HAS_ONEDNN_LINEAR
     return CPULinear(compile) if compile or useful else nullcontext()
-
-
-class GraphedDecoder:
-    """Greedy decoding of `batch_size` rows at a time, each step one replay of a CUDA graph.
-
-    `max_length` (default the model's context) bounds prompt + new tokens. On a CUDA device the
-    decoder compiles and captures its graph on first use (this takes a while); later calls reuse it.
-    On the CPU it runs the same step without a graph, which is how CI tests it.
-    Typical use: `GraphedDecoder(model.to("cuda", torch.bfloat16)).generate(ids, 200)`.
-    """
-
-    def __init__(self, model: GPT, batch_size: int = 1, max_length: int | None = None, compile: bool = True):
-        device = model.tok_emb.weight.device
-        self.model = model.eval()
-        self.cache = model.new_cache(batch_size, max_length, static=True)
-        self.batch_size = batch_size
-        self.max_length = self.cache.layers[0].keys.shape[2]
-        # The graph's fixed inputs and outputs: the newest token of each row, and its logits.
-        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.logits = torch.zeros(batch_size, model.config.vocab_size, dtype=model.tok_emb.weight.dtype,
-                                  device=device)
-        self._step = torch.compile(self._decode_step, fullgraph=True) if compile else self._decode_step
-        self.use_graph = device.type == "cuda"
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.started = False
-
-    def _decode_step(self) -> None:
-        """Feed `token` at the cache's position; leave the greedy next token in `token`."""
-        logits = self.model(self.token, cache=self.cache)[:, -1]         # (B, vocab)
-        self.logits.copy_(logits)
-        self.token.copy_(logits.argmax(dim=-1, keepdim=True))
-
-    def _capture(self) -> None:
-        # Warm-up runs compile and autotune; they must happen on a side stream before capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(3):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self._step()
-        # The warm-up steps wrote into the cache; resetting its length hides those slots again.
-        self.cache.reset()
-
-    @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Start a new sequence from prompts `ids` (B, T); return the last position's logits (B, vocab).
-
-        The greedy next token is left ready for `step()`.
-        """
-        if ids.dim() != 2 or ids.shape[0] != self.batch_size:
-            raise ValueError(f"ids must have shape ({self.batch_size}, n_tokens), got {tuple(ids.shape)}")
-        if not 0 < ids.shape[1] <= self.max_length:
-            raise ValueError(f"a prompt of {ids.shape[1]} tokens does not fit in {self.max_length}")
-        if self.use_graph and self.graph is None:
-            self._capture()
-        self.cache.reset()
-        logits = self.model(ids.to(self.token.device), cache=self.cache)[:, -1]
-        self.logits.copy_(logits)
-        self.token.copy_(logits.argmax(dim=-1, keepdim=True))
-        self.started = True
-        return self.logits
-
-    @torch.no_grad()
-    def step(self) -> torch.Tensor:
-        """Feed the pending token, pick the next one; return the logits it was picked from (B, vocab).
-
-        The returned tensor is the graph's output buffer: the next step overwrites it.
-        """
-        if not self.started:
-            raise RuntimeError("call prefill(ids) before step()")
-        if self.use_graph:
-            self.graph.replay()
-        else:
-            self._step()
-        return self.logits
-
-    @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """`ids` (B, T) followed by `max_new_tokens` greedily chosen tokens: (B, T + max_new_tokens)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        # The last new token is never fed back, so it needs no slot in the cache.
-        if ids.shape[1] + max_new_tokens - 1 > self.max_length:
-            raise ValueError(f"{ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the decoder's "
-                             f"max_length of {self.max_length}")
-        self.prefill(ids)
-        new_tokens = torch.empty(self.batch_size, max_new_tokens, dtype=torch.long, device=self.token.device)
-        new_tokens[:, :1] = self.token
-        for index in range(1, max_new_tokens):
-            self.step()
-            new_tokens[:, index:index + 1] = self.token
-        return torch.cat([ids.to(new_tokens.device), new_tokens], dim=1)

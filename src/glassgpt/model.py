@@ -6,6 +6,9 @@ LayerNorm -> GELU -> multi-head causal self-attention -> feed-forward -> transfo
 Each component has an *explicit* path, written out as the maths, and a *fused* path that calls
 PyTorch's fused kernels (layer_norm, gelu, scaled_dot_product_attention). Tests prove the two equal;
 `GPT.set_fused(False)` switches a whole model to the explicit path.
+
+The model only computes. Reading its attention weights is `glassgpt.inspect`'s job; fast GPU
+decoding (a static cache, CUDA graphs) is `glassgpt.cuda_graphs`'s.
 """
 
 from __future__ import annotations
@@ -78,14 +81,19 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
         self.dropout = dropout
         self.attn_dropout = nn.Dropout(dropout)
+        # Passes the attention weights through unchanged: forward hooks on it read them on the
+        # explicit path (`glassgpt.inspect.record_attention`), so forward returns one tensor.
+        self.probe = nn.Identity()
         # causal=False lets every token see every token (the walk-through's unmasked first steps in
         # `glassgpt.explain`); it always runs the explicit path.
         self.causal = causal
         self.fused = True
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, return_weights: bool = False,
-                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`key_mask` (B, S), optional: False for padding keys no query may attend to."""
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`, optional, broadcastable to (B, H, T, S): True where a query may see a key (a padded
+        batch gives each row its own). Without it each query sees the keys up to its own position (every
+        key when `causal=False`)."""
         batch, n_tokens, _ = x.shape                                  # x: (B, T, d_in)
         queries, keys, values = self.qkv(x).split(self.d_out, dim=2)  # each (B, T, d_out)
 
@@ -100,22 +108,18 @@ class MultiHeadAttention(nn.Module):
             start = cache.length
             keys, values = cache.append(keys, values)                 # (B, H, start + T, head_dim)
 
-        if self.fused and self.causal and not return_weights:
-            context, weights = self._fused(queries, keys, values, start, key_mask), None
+        if self.fused and self.causal:
+            context = self._fused(queries, keys, values, start, mask)
         else:
-            context, weights = self._explicit(queries, keys, values, start, key_mask)
+            context = self._explicit(queries, keys, values, start, mask)
 
         # Concatenate the heads again: (B, H, T, head_dim) -> (B, T, d_out), then mix them.
         context = context.transpose(1, 2).reshape(batch, n_tokens, self.d_out)
-        return self.out_proj(context), weights
+        return self.out_proj(context)
 
     @staticmethod
-    def causal_mask(n_queries: int, n_keys: int, start, device) -> torch.Tensor:
-        """True where query i (at position start + i) must not see key j, i.e. j is in its future.
-
-        `start` is an int, or a 0-d tensor for a `StaticKVCache`, whose unwritten slots then count
-        as future keys.
-        """
+    def causal_mask(n_queries: int, n_keys: int, start: int, device) -> torch.Tensor:
+        """True where query i (at position start + i) must not see key j, i.e. j is in its future."""
         query_positions = start + torch.arange(n_queries, device=device)
         return torch.arange(n_keys, device=device) > query_positions[:, None]  # (T, S)
 
@@ -128,33 +132,26 @@ class MultiHeadAttention(nn.Module):
         itself = torch.ones(n_queries, n_keys, dtype=torch.bool, device=key_mask.device)
         return allowed | (itself.triu(diagonal=start) & itself.tril(diagonal=start))
 
-    def _explicit(self, queries, keys, values, start, key_mask=None):
+    def _explicit(self, queries, keys, values, start, mask=None):
         scores = queries @ keys.transpose(2, 3)                       # (B, H, T, S)
         # Dividing by sqrt(head_dim) keeps the scores' variance near 1, so softmax stays soft.
         scores = scores / math.sqrt(self.head_dim)
-        if key_mask is not None:
-            mask = ~self.padded_allowed(scores.shape[-2], key_mask, start)
-        elif self.causal:
-            mask = self.causal_mask(scores.shape[-2], scores.shape[-1], start, scores.device)
-        else:
-            mask = torch.zeros(scores.shape[-2:], dtype=torch.bool, device=scores.device)
-        scores = scores.masked_fill(mask, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        context = self.attn_dropout(weights) @ values                 # (B, H, T, head_dim)
-        return context, weights
+        if mask is None and self.causal:
+            mask = ~self.causal_mask(scores.shape[-2], scores.shape[-1], start, scores.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = self.probe(torch.softmax(scores, dim=-1))
+        return self.attn_dropout(weights) @ values                    # (B, H, T, head_dim)
 
-    def _fused(self, queries, keys, values, start, key_mask=None):
+    def _fused(self, queries, keys, values, start, mask=None):
         dropout = self.dropout if self.training else 0.0
         n_queries, n_keys = queries.shape[-2], keys.shape[-2]
-        if key_mask is not None:  # a padded batch: each row has its own mask
-            allowed = self.padded_allowed(n_queries, key_mask, start)
-            return F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout)
-        if n_queries == n_keys:  # no cached prefix: the ordinary causal triangle
+        if mask is None and n_queries == n_keys:  # no cached prefix: the ordinary causal triangle
             return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout, is_causal=True)
-        if n_queries == 1 and isinstance(start, int):  # one new token sees every key, itself included
-            return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout)
-        allowed = ~self.causal_mask(n_queries, n_keys, start, queries.device)
-        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout)
+        if mask is None and n_queries > 1:  # a chunk after a cached prefix: the triangle, shifted
+            mask = ~self.causal_mask(n_queries, n_keys, start, queries.device)
+        # (One new token with no mask sees every key, itself included.)
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
 
 
 class FeedForward(nn.Module):
@@ -189,17 +186,13 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(config.emb_dim, config.hidden_dim, config.activation, config.ff_bias)
         self.drop_resid = nn.Dropout(config.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, return_weights: bool = False,
-                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_norm:
-            attended, weights = self.attn(self.norm1(x), cache, return_weights, key_mask)
-            x = x + self.drop_resid(attended)
-            x = x + self.drop_resid(self.ff(self.norm2(x)))
-        else:
-            attended, weights = self.attn(x, cache, return_weights, key_mask)
-            x = self.norm1(x + self.drop_resid(attended))
-            x = self.norm2(x + self.drop_resid(self.ff(x)))
-        return x, weights
+            x = x + self.drop_resid(self.attn(self.norm1(x), cache, mask))
+            return x + self.drop_resid(self.ff(self.norm2(x)))
+        x = self.norm1(x + self.drop_resid(self.attn(x, cache, mask)))
+        return self.norm2(x + self.drop_resid(self.ff(x)))
 
 
 class GPT(nn.Module):
@@ -265,14 +258,11 @@ class GPT(nn.Module):
         return self
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
-                return_attention: bool = False, attention_mask: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None):
         """Logits for every position of `ids` (B, T); with `targets` (B, T), the training loss instead.
 
         With a `cache`, `ids` are the tokens that follow those already in the cache: only they are
         computed, their keys and values are appended, and the cache's length grows by T.
-        With `return_attention=True`, attention runs on the explicit path and the result is
-        (logits, [weights of each block, (B, n_heads, T, T_total)]).
         `attention_mask` (B, T_total), for batches of prompts of different lengths padded on the
         left: 1 for real tokens, 0 for padding, covering the cached tokens and `ids`. Padding is
         hidden from attention and positions count real tokens only, so each row computes what it
@@ -286,17 +276,14 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if n_tokens == 0:
             raise ValueError("ids must hold at least one token")
-        # A StaticKVCache keeps its length on the device, so the caller checks bounds: reading it
-        # here would make the host wait for the GPU at every step.
-        if isinstance(start, int) and start + n_tokens > self.config.context_length:
-            raise ValueError(
-                f"{start + n_tokens} tokens exceed the model's context length of "
-                f"{self.config.context_length}; crop the input to its last {self.config.context_length} tokens"
-            )
+        context = self.config.context_length
+        if start + n_tokens > context:
+            raise ValueError(f"{start + n_tokens} tokens exceed the model's context length of {context}; "
+                             f"crop the input to its last {context} tokens")
         if cache is not None and cache.batch_size != batch:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, got {batch}")
 
-        key_mask = None
+        mask = None  # without one, each attention applies the causal rule itself
         if attention_mask is None:
             positions = start + torch.arange(n_tokens, device=ids.device)
         else:
@@ -305,19 +292,16 @@ class GPT(nn.Module):
                                  f"{(batch, start + n_tokens)}, got {tuple(attention_mask.shape)}")
             key_mask = attention_mask.bool()
             positions = (key_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+            mask = MultiHeadAttention.padded_allowed(n_tokens, key_mask, start)  # (B, 1, T, S)
         x = self.drop_emb(self.tok_emb(ids) + self.pos_emb(positions))  # (B, T, emb_dim)
-        all_weights = []
         for index, block in enumerate(self.blocks):
-            layer_cache = cache.layers[index] if cache is not None else None
-            x, weights = block(x, layer_cache, return_attention, key_mask)
-            all_weights.append(weights)
+            x = block(x, cache.layers[index] if cache is not None else None, mask)
         if cache is not None:
             cache.advance(n_tokens)
         x = self.final_norm(x)
         if targets is not None:
             return self.next_token_loss(x, targets)
-        logits = self.out_head(x)                                         # (B, T, vocab_size)
-        return (logits, all_weights) if return_attention else logits
+        return self.out_head(x)                                           # (B, T, vocab_size)
 
     def next_token_loss(self, hidden: torch.Tensor, targets: torch.Tensor, pad_vocab_to: int | None = None):
         """Mean cross-entropy of the output head's logits for `hidden` (B, T, emb_dim) against `targets`.
@@ -334,19 +318,16 @@ class GPT(nn.Module):
         padding = -vocab_size % multiple
         if padding:
             weight = F.pad(weight, (0, 0, 0, padding))
-            bias = bias if bias is not None else torch.zeros(vocab_size, device=weight.device, dtype=weight.dtype)
+            if bias is None:
+                bias = torch.zeros(vocab_size, device=weight.device, dtype=weight.dtype)
             bias = F.pad(bias, (0, padding), value=float("-inf"))
         logits = F.linear(hidden, weight, bias)                           # (B, T, padded vocab)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    def new_cache(self, batch_size: int = 1, max_length: int | None = None, static: bool = False) -> KVCache:
-        """An empty KV cache for this model, on its device and in its dtype.
-
-        `static=True` gives a `StaticKVCache`, whose shapes never change (for CUDA graphs).
-        """
+    def new_cache(self, batch_size: int = 1, max_length: int | None = None) -> KVCache:
+        """An empty KV cache for this model, on its device and in its dtype."""
         weight = self.tok_emb.weight
-        kind = StaticKVCache if static else KVCache
-        return kind(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype)
+        return KVCache(self.config, batch_size, max_length, device=weight.device, dtype=weight.dtype)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
@@ -405,7 +386,7 @@ class KVCache:
     recomputes from the last `context_length` tokens (see `glassgpt.generate`).
     """
 
-    layer_type = LayerCache
+    layer_type = LayerCache  # a subclass may store its layers differently (glassgpt.cuda_graphs)
 
     def __init__(self, config: GPTConfig, batch_size: int, max_length: int | None = None,
                  device=None, dtype=torch.float32):
@@ -422,38 +403,3 @@ class KVCache:
 
     def reset(self) -> None:
         self.advance(-self.length)
-
-
-class StaticLayerCache(LayerCache):
-    """One block's keys and values, written at a position held in a device tensor."""
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' keys/values (B, H, T, hd); return the whole buffer.
-
-        Attention then reads every slot, and the causal mask hides those not yet written.
-        """
-        slots = self.length + torch.arange(keys.shape[2], device=keys.device)
-        self.keys.index_copy_(2, slots, keys)
-        self.values.index_copy_(2, slots, values)
-        return self.keys, self.values
-
-
-class StaticKVCache(KVCache):
-    """A KV cache whose length is a 0-d tensor on the device instead of a Python int.
-
-    Every step reads and writes the same buffers at positions computed on the device, so nothing in
-    a decode step depends on a host-side number: the step can be compiled once and captured as a
-    CUDA graph (see `glassgpt.fast`). The price is attention over the whole buffer each step, and no
-    host-side overflow check: the caller keeps prompt + new tokens within `max_length`; and no
-    `attention_mask` (rows of one batch share their positions).
-    """
-
-    layer_type = StaticLayerCache
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_length: int | None = None,
-                 device=None, dtype=torch.float32):
-        super().__init__(config, batch_size, max_length, device, dtype)
-        self.length = torch.zeros((), dtype=torch.long, device=device)
-        # Every layer shares the one length tensor; advance() and reset() update it in place.
-        for layer in self.layers:
-            layer.length = self.length

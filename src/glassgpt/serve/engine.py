@@ -19,6 +19,7 @@ import torch
 
 from glassgpt.generate import Timing, iter_tokens, stream_text
 from glassgpt.hub import check_model_spec, quantize_int8, resolve_model
+from glassgpt.inspect import record_attention
 from glassgpt.model import GPT
 
 log = logging.getLogger("glassgpt.serve")
@@ -240,12 +241,12 @@ def run_generation(model: GPT, tokenizer, prompt: str, sampling: Sampling,
 def inspect_text(model: GPT, tokenizer, text: str, top: int = 10) -> dict:
     """Tokens of `text`, the `top` most likely next tokens and every head's attention weights.
 
-    Attention comes from the explicit path (`return_attention=True`): weights[layer][head][i][j]
+    Attention comes from the explicit path (`record_attention`): weights[layer][head][i][j]
     is how much token i looks at token j, each row summing to 1.
     """
     ids = tokenizer.encode(text)
     with torch.inference_mode():
-        logits, weights = model(torch.tensor([ids], device=model.tok_emb.weight.device), return_attention=True)
+        logits, weights = record_attention(model, torch.tensor([ids], device=model.tok_emb.weight.device))
         probs = torch.softmax(logits[0, -1].double(), dim=-1)
         top_probs, top_ids = probs.topk(min(top, probs.shape[0]))
         # float64 before rounding, so 0.1234 serialises as 0.1234 and not 0.12340000271797180.
