@@ -375,6 +375,7 @@ class InstructSettings:
     precision: str = field(default="fp32", metadata=_help(
         "fp32, bf16, fp16 (autocast; fp16 on CUDA only), or auto (bf16 where the device has it natively)"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps"))
+    threads: int | None = field(default=None, metadata=_help("CPU threads for torch (None: torch's default)"))
     lora_rank: int | None = field(default=None, metadata=_help(
         "train rank-R LoRA adapters instead of the weights (merged into them when saved)"))
     lora_alpha: float | None = field(default=None, metadata=_help(
@@ -391,7 +392,7 @@ class InstructSettings:
         for key in ("epochs", "batch_size", "eval_batches", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("max_length", "max_steps", "lora_rank"):
+        for key in ("max_length", "max_steps", "lora_rank", "threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1 (or None), got {getattr(self, key)}")
         if self.test_responses is not None and self.test_responses < 0:
@@ -605,6 +606,8 @@ class InstructionTrainer:
         from glassgpt.train import has_native_bf16, pick_device
 
         self.model, self.data, self.settings, self.out = model, data, settings, out
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
         self.device = pick_device(settings.device)
         precision = settings.precision
         if precision == "auto":
