@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -232,6 +233,14 @@ def test_settings_carry_the_issues_flags_with_the_tutorials_defaults():
         InstructSettings.from_dict({"colour": 1})
 
 
+@pytest.fixture
+def one_thread():
+    """A tiny model's steps run fastest on one thread (and far faster than on two busy ones)."""
+    threads = torch.get_num_threads()
+    yield 1
+    torch.set_num_threads(threads)
+
+
 def small_model(vocab_size: int, context_length: int = 96, **overrides) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=64, n_heads=4,
@@ -262,15 +271,25 @@ def test_bad_runs_are_refused_before_anything_is_written(tmp_path, data):
         assert not out.exists()
 
 
+def test_one_bf16_step_on_the_tutorials_data_with_gpt2s_tokenizer_counts_truncations(data, one_thread):
+    gpt2, template = get_tokenizer("gpt2"), InstructionTemplate()
+    splits = split_instructions(data[:40])
+    settings = InstructSettings(max_steps=1, batch_size=4, max_length=64, precision="bf16", device="cpu",
+                                threads=one_thread, max_new_tokens=3, test_responses=2, progress=False)
+    results = finetune_instruct(small_model(50257, context_length=128), gpt2, splits, None, settings)
+    def length(e: dict) -> int:
+        return len(gpt2.encode(template.format_prompt(e["instruction"], e["input"]))) + len(gpt2.encode(e["output"]))
+
+    lengths = {name: [length(e) for e in part] for name, part in splits._asdict().items()}
+    assert results["truncated"] == {name: sum(n > 64 for n in ns) for name, ns in lengths.items()}
+    assert results["truncated"]["train"] > 0
+    assert results["tokens"] == {name: sum(min(n, 64) for n in ns) for name, ns in lengths.items()}
+    assert results["examples"] == {"train": 34, "val": 2, "test": 4} and results["test_responses"] == 2
+    assert results["steps"] == 1 and results["precision"] == "bf16"
+    assert all(math.isfinite(results[f"{name}_loss"]) for name in ("train", "val", "test"))
+
+
 # ---------------------------------------------------------------- the mechanism, end to end
-
-
-@pytest.fixture
-def one_thread():
-    """A tiny model's steps run fastest on one thread (and far faster than on two busy ones)."""
-    threads = torch.get_num_threads()
-    yield 1
-    torch.set_num_threads(threads)
 
 
 def test_a_small_model_learns_to_answer_its_training_instructions_exactly(tmp_path, data, one_thread):
