@@ -278,7 +278,8 @@ def test_one_bf16_step_on_the_tutorials_data_with_gpt2s_tokenizer_counts_truncat
                                 threads=one_thread, max_new_tokens=3, test_responses=2, progress=False)
     results = finetune_instruct(small_model(50257, context_length=128), gpt2, splits, None, settings)
     def length(e: dict) -> int:
-        return len(gpt2.encode(template.format_prompt(e["instruction"], e["input"]))) + len(gpt2.encode(e["output"]))
+        prompt = template.format_prompt(e["instruction"], e["input"])
+        return len(gpt2.encode(prompt)) + len(gpt2.encode(e["output"]))
 
     lengths = {name: [length(e) for e in part] for name, part in splits._asdict().items()}
     assert results["truncated"] == {name: sum(n > 64 for n in ns) for name, ns in lengths.items()}
