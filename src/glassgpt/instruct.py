@@ -505,8 +505,10 @@ def prepare_data(splits, tokenizer, template: InstructionTemplate, model: GPT,
         for number, example in enumerate(tokenized[name], start=1):
             # Masked, a prompt of P tokens leaves targets from position P - 1 on: none if P > max_length.
             if mask_prompt and example.prompt_length > max_length:
+                instruction = getattr(splits, name)[number - 1]["instruction"]
                 raise ValueError(
-                    f"{name} example {number}: its prompt alone is {example.prompt_length} tokens, so with "
+                    f"{name} example {number} ({instruction[:40]!r}): its prompt alone is "
+                    f"{example.prompt_length} tokens, so with "
                     f"mask_prompt and max_length {max_length} nothing is left to learn; raise max_length "
                     "or shorten the example")
     return PreparedData(splits, tokenized, truncated, max_length, tokenizer.eos_id)
