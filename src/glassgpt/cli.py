@@ -161,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.dtype == "auto":  # bf16 halves the bytes each decoded token reads, where the CPU computes it natively
         import torch
 
-        from glassgpt.train import has_native_bf16
+        from glassgpt.device import has_native_bf16
 
         args.dtype = "bfloat16" if has_native_bf16(torch.device("cpu")) else "float32"
     if args.threads:
