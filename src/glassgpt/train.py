@@ -38,6 +38,7 @@ import torch
 from glassgpt.config import GPTConfig, get_preset
 from glassgpt.device import has_native_bf16, peak_flops, pick_device
 from glassgpt.model import GPT
+from glassgpt.plots import plot_losses
 from glassgpt.tokenizer import CharTokenizer
 
 # ---------------------------------------------------------------- settings and recipes
@@ -253,33 +254,6 @@ def flops_per_token(model_config: GPTConfig, n_parameters: int) -> float:
     """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's scores."""
     c = model_config
     return 6 * n_parameters + 12 * c.n_layers * c.emb_dim * c.context_length
-
-
-def plot_losses(records: list[dict], path: Path) -> None:
-    """`loss.png`: train and validation loss against tokens seen, replaced atomically."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    steps = [r for r in records if r["event"] == "step"]
-    evals = [r for r in records if r["event"] == "eval"]
-    figure = Figure(figsize=(7, 4), dpi=110)
-    axes = figure.subplots()
-    if steps:
-        axes.plot([r["tokens"] for r in steps], [r["train_loss"] for r in steps],
-                  color="tab:blue", alpha=0.3, linewidth=0.8, label="train (each step)")
-    if evals:
-        axes.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "o-", color="tab:blue", label="train")
-        with_val = [r for r in evals if r.get("val_loss") is not None]
-        if with_val:
-            axes.plot([r["tokens"] for r in with_val], [r["val_loss"] for r in with_val], "o-",
-                      color="tab:orange", label="validation")
-    axes.set_xlabel("tokens seen")
-    axes.set_ylabel("cross-entropy loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the trainer
