@@ -34,8 +34,11 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from glassgpt.checkpoint import has_checkpoint, load_checkpoint, load_state, save_checkpoint
 from glassgpt.config import GPTConfig, get_preset
+from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
 from glassgpt.device import has_native_bf16, peak_flops, pick_device
 from glassgpt.model import GPT
 from glassgpt.plots import plot_losses
@@ -281,8 +284,6 @@ class Trainer:
     """Runs one `TrainConfig`: `Trainer(config).fit()`; `Trainer(config, resume=True)` continues `config.out`."""
 
     def __init__(self, config: TrainConfig, resume: bool = False):
-        from glassgpt.checkpoint import has_checkpoint
-
         self.config = config
         self.dist = Distributed.from_env()
         if config.threads:
@@ -349,8 +350,6 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
     def _setup_data(self) -> None:
-        from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
-
         c = self.config
         ids, self.tokenizer = load_corpus(c.corpus, c.tokenizer, c.text)
         context = c.context_length or get_preset(c.model).context_length
@@ -389,8 +388,6 @@ class Trainer:
 
     def say(self, message: str) -> None:
         if self.dist.is_main:
-            from tqdm import tqdm
-
             tqdm.write(message)
 
     def batches(self, start_step: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -438,8 +435,6 @@ class Trainer:
         Returns the metric records (also in OUT/metrics.jsonl). Raises TrainingDiverged if the
         loss stops being finite; the last checkpoint on disk is then the last good state.
         """
-        from tqdm import tqdm
-
         c = self.config
         end = self.total_steps if until_step is None else min(until_step, self.total_steps)
         if self.step == 0:
@@ -578,8 +573,6 @@ class Trainer:
         """Write OUT/last (and OUT/best + the top level when the validation loss improved)."""
         if not self.out or not self.dist.is_main:
             return
-        from glassgpt.checkpoint import save_checkpoint
-
         evals = [r for r in self.records if r["event"] == "eval" and r["step"] == self.step]
         val = evals[-1]["val_loss"] if evals else None
         if self.config.keep_best and val is not None:
@@ -604,14 +597,7 @@ class Trainer:
         self.last_checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
-        from safetensors.torch import load_file
-
-        from glassgpt.checkpoint import LAST, load_state
-        from glassgpt.weights import WEIGHTS_FILE, load_state_into
-
-        state = load_state(self.out)
-        weights = load_file(str(self.out / LAST / WEIGHTS_FILE), device=str(self.device))
-        load_state_into(self.model, weights, str(self.out / LAST))
+        state = load_checkpoint(self.out, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -636,8 +622,6 @@ class Trainer:
 
 def saved_config(out: str | Path) -> TrainConfig:
     """The settings of the run checkpointed in `out` (to resume it)."""
-    from glassgpt.checkpoint import load_state
-
     return TrainConfig.from_dict(load_state(out)["config"])
 
 
