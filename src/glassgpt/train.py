@@ -380,6 +380,10 @@ class Trainer:
                 f"x {d.world_size} windows: lower --batch-size or --grad-accum, or use more text"
             )
         self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
+        # The cadence, in steps, decided once: 0 means evaluate at the end of each epoch and checkpoint
+        # at each evaluation. (The last step does both whatever the cadence.)
+        self.eval_every = c.eval_every or self.steps_per_epoch
+        self.checkpoint_every = c.checkpoint_every or self.eval_every
         self.tokens_per_step = c.batch_size * c.grad_accum * d.world_size * context
         self.prompt_ids = self.tokenizer.encode(c.sample_prompt) if c.sample_prompt else []
         self.n_train_tokens, self.n_val_tokens = len(train_ids), len(val_ids)
@@ -453,8 +457,7 @@ class Trainer:
                 window_steps += 1
                 bar.update()
                 last = self.step == self.total_steps
-                evaluate = last or (self.step % c.eval_every == 0 if c.eval_every
-                                    else self.step % self.steps_per_epoch == 0)
+                evaluate = self.step % self.eval_every == 0 or last
                 if self.step % c.log_every == 0 or evaluate or self.step == end:
                     loss_value = self._mean_across_processes(loss)
                     elapsed = time.perf_counter() - window_start
@@ -468,12 +471,10 @@ class Trainer:
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
+                evaluation = self.evaluate_and_log() if evaluate else None
+                if self.step % self.checkpoint_every == 0 or last:
+                    self.save(val_loss=evaluation["val_loss"] if evaluation else None)
                 if evaluate:
-                    self.evaluate_and_log()
-                if last or (c.checkpoint_every and self.step % c.checkpoint_every == 0) or \
-                        (not c.checkpoint_every and evaluate):
-                    self.save()
-                if evaluate or last:
                     window_start, window_steps = time.perf_counter(), 0  # eval and saving are not training speed
         except KeyboardInterrupt:
             where = (f"the checkpoint of step {self.last_checkpoint_step} is in {self.out / 'last'}; "
@@ -569,18 +570,19 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def save(self) -> None:
-        """Write OUT/last (and OUT/best + the top level when the validation loss improved)."""
+    def save(self, val_loss: float | None = None) -> None:
+        """Write OUT/last, and OUT/best + the top level when `val_loss` (this step's) is the lowest yet.
+
+        With --no-keep-best, or no validation set, every checkpoint is the best one.
+        """
         if not self.out or not self.dist.is_main:
             return
-        evals = [r for r in self.records if r["event"] == "eval" and r["step"] == self.step]
-        val = evals[-1]["val_loss"] if evals else None
-        if self.config.keep_best and val is not None:
-            best = val < self.best_val
+        if self.config.keep_best and val_loss is not None:
+            best = val_loss < self.best_val
         else:
             best = not self.config.keep_best or self.val_set is None
-        if best and val is not None:
-            self.best_val = min(self.best_val, val)
+        if best and val_loss is not None:
+            self.best_val = min(self.best_val, val_loss)
         state = {
             "step": self.step,
             "best_val": self.best_val,
@@ -591,7 +593,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
         }
-        extra = {"training": {"step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": val,
+        extra = {"training": {"step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": val_loss,
                               "recipe_model": self.config.model}}
         save_checkpoint(self.out, self.model, self.tokenizer, state=state, best=best, extra=extra)
         self.last_checkpoint_step = self.step
