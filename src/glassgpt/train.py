@@ -47,59 +47,65 @@ from glassgpt.tokenizer import CharTokenizer
 # ---------------------------------------------------------------- settings and recipes
 
 
+def setting(default, help: str):
+    """A TrainConfig field with the help text of its --flag (a list default is copied per config)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run. Recipes fill these in; the command line overrides any of them."""
 
-    out: str | None = field(default=None, metadata={"help": "directory for checkpoints, metrics and loss.png (None: keep nothing)"})
+    out: str | None = setting(None, "directory for checkpoints, metrics and loss.png (None: keep nothing)")
     # data
-    corpus: list[str] = field(default_factory=list, metadata={"help": "text files (or 'bundled:NAME'), or one prepared directory"})
-    text: str | None = field(default=None, metadata={"help": "an inline training text instead of a corpus"})
-    tokenizer: str = field(default="gpt2", metadata={"help": "gpt2 or char (ignored for a prepared directory)"})
-    val_fraction: float = field(default=0.1, metadata={"help": "the last fraction of the tokens, held out for validation"})
-    stride: int | None = field(default=None, metadata={"help": "tokens between window starts (None: the context length)"})
+    corpus: list[str] = setting([], "text files (or 'bundled:NAME'), or one prepared directory")
+    text: str | None = setting(None, "an inline training text instead of a corpus")
+    tokenizer: str = setting("gpt2", "gpt2 or char (ignored for a prepared directory)")
+    val_fraction: float = setting(0.1, "the last fraction of the tokens, held out for validation")
+    stride: int | None = setting(None, "tokens between window starts (None: the context length)")
     # model
-    model: str = field(default="verdict-162m", metadata={"help": "a preset of glassgpt.config.PRESETS"})
-    model_name: str | None = field(default=None, metadata={"help": "the name saved with the model (None: the "
-                                                             "preset's, suffixed when resized)"})
-    context_length: int | None = field(default=None, metadata={"help": "tokens per window (None: the preset's; at most the preset's)"})
-    n_layers: int | None = field(default=None, metadata={"help": "blocks (None: the preset's)"})
-    n_heads: int | None = field(default=None, metadata={"help": "attention heads (None: the preset's)"})
-    emb_dim: int | None = field(default=None, metadata={"help": "embedding width (None: the preset's)"})
-    drop_rate: float | None = field(default=None, metadata={"help": "dropout (None: the preset's)"})
-    init: str = field(default="gpt2", metadata={"help": "gpt2 (N(0, 0.02), scaled residual projections) or "
-                                                 "pytorch (each layer's PyTorch default, as our reference)"})
+    model: str = setting("verdict-162m", "a preset of glassgpt.config.PRESETS")
+    model_name: str | None = setting(None, "the name saved with the model (None: the preset's, suffixed when resized)")
+    context_length: int | None = setting(None, "tokens per window (None: the preset's; at most the preset's)")
+    n_layers: int | None = setting(None, "blocks (None: the preset's)")
+    n_heads: int | None = setting(None, "attention heads (None: the preset's)")
+    emb_dim: int | None = setting(None, "embedding width (None: the preset's)")
+    drop_rate: float | None = setting(None, "dropout (None: the preset's)")
+    init: str = setting("gpt2", "gpt2 (N(0, 0.02), scaled residual projections) or pytorch (each layer's "
+                                "PyTorch default, as our reference)")
     # optimisation
-    batch_size: int = field(default=2, metadata={"help": "windows per micro-batch, per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches summed into each optimizer step"})
-    epochs: int = field(default=10, metadata={"help": "passes over the training windows"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps to run instead of whole epochs"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw or adam"})
-    lr: float = field(default=4e-4, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay, applied to weight matrices only"})
-    decay_embeddings: bool = field(default=False, metadata={"help": "decay the embedding matrices too"})
+    batch_size: int = setting(2, "windows per micro-batch, per process")
+    grad_accum: int = setting(1, "micro-batches summed into each optimizer step")
+    epochs: int = setting(10, "passes over the training windows")
+    max_steps: int | None = setting(None, "optimizer steps to run instead of whole epochs")
+    optimizer: str = setting("adamw", "adamw or adam")
+    lr: float = setting(4e-4, "peak learning rate")
+    weight_decay: float = setting(0.1, "AdamW decay, applied to weight matrices only")
+    decay_embeddings: bool = setting(False, "decay the embedding matrices too")
     beta1: float = 0.9
     beta2: float = 0.999
-    schedule: str = field(default="constant", metadata={"help": "constant or cosine (after the warmup)"})
-    warmup_steps: int = field(default=0, metadata={"help": "steps of linear warmup from 0 to lr"})
-    min_lr_fraction: float = field(default=0.1, metadata={"help": "cosine decays to lr x this"})
-    grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this (None: no clipping)"})
-    precision: str = field(default="fp32", metadata={"help": "fp32, bf16, fp16 (autocast; fp16 on CUDA only), or auto: "
-                                                      "bf16 where the GPU or CPU computes it natively, else fp32"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
-    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (None: torch's default)"})
+    schedule: str = setting("constant", "constant or cosine (after the warmup)")
+    warmup_steps: int = setting(0, "steps of linear warmup from 0 to lr")
+    min_lr_fraction: float = setting(0.1, "cosine decays to lr x this")
+    grad_clip: float | None = setting(None, "clip the gradient norm to this (None: no clipping)")
+    precision: str = setting("fp32", "fp32, bf16, fp16 (autocast; fp16 on CUDA only), or auto: bf16 where the "
+                                     "GPU or CPU computes it natively, else fp32")
+    compile: bool = setting(False, "torch.compile the model")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    threads: int | None = setting(None, "CPU threads for torch (None: torch's default)")
     seed: int = 123
     # evaluation, logging, checkpoints
-    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0: at the end of each epoch)"})
-    eval_batches: int = field(default=5, metadata={"help": "fixed batches averaged for the train and validation loss"})
-    sample_prompt: str = field(default="Every effort moves you", metadata={"help": "prompt continued at each evaluation"})
+    eval_every: int = setting(0, "steps between evaluations (0: at the end of each epoch)")
+    eval_batches: int = setting(5, "fixed batches averaged for the train and validation loss")
+    sample_prompt: str = setting("Every effort moves you", "prompt continued at each evaluation")
     sample_tokens: int = 25
-    sample_temperature: float = field(default=0.0, metadata={"help": "0: greedy; otherwise seeded sampling"})
-    log_every: int = field(default=1, metadata={"help": "steps between metric records (each one syncs with the device)"})
-    checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at each evaluation)"})
-    keep_best: bool = field(default=True, metadata={"help": "the top-level model is the lowest validation loss (else the last)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    sample_temperature: float = setting(0.0, "0: greedy; otherwise seeded sampling")
+    log_every: int = setting(1, "steps between metric records (each one syncs with the device)")
+    checkpoint_every: int = setting(0, "steps between checkpoints (0: at each evaluation)")
+    keep_best: bool = setting(True, "the top-level model is the lowest validation loss (else the last)")
+    progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         choices = {"tokenizer": ("gpt2", "char"), "init": ("gpt2", "pytorch"), "optimizer": ("adamw", "adam"),
