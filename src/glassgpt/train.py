@@ -9,7 +9,7 @@ gradient accumulation and clipping, bf16/fp16 autocast, optional torch.compile, 
 sample continuation, a progress bar, a JSONL metrics log, `loss.png`, atomic checkpoints
 (`glassgpt.checkpoint`) and exact resume. Under torchrun it trains data-parallel:
 
-    torchrun --nproc_per_node 2 -m glassgpt.train --recipe verdict --out runs/verdict
+    torchrun --nproc_per_node 2 -m glassgpt train --recipe verdict --out runs/verdict
 
 Each process reads its own shard of every epoch's windows, gradients are averaged across
 processes only on the last micro-batch of an accumulation (`no_sync` before it), and only rank 0
@@ -18,15 +18,12 @@ logs and writes. The global batch is batch_size x grad_accum x number of process
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import random
-import sys
 import time
-import typing
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -640,133 +637,9 @@ def train(config: TrainConfig, resume: bool = False) -> Trainer:
     return trainer
 
 
-def demo(out: str | Path = "runs/demo", recipe_name: str = "demo", serve: bool = True,
-         host: str = "127.0.0.1", port: int = 8000) -> int:
-    """The README's main job: train `recipe_name` into `out` unless a model is there, print samples,
-    then serve the model in the browser (when `glassgpt.serve` is available). Returns an exit status."""
-    import importlib
-
-    from glassgpt.checkpoint import has_checkpoint
-    from glassgpt.weights import GLASSGPT_META, load_model
-
-    out = Path(out)
-    settings = recipe(recipe_name, out=str(out))
-    if (out / GLASSGPT_META).exists() and not (out / ".demo-training").exists():
-        print(f"using the model already trained in {out} (delete the directory to train it again)")
-    else:
-        resume = has_checkpoint(out)  # an earlier demo was interrupted: continue it
-        print(f"{'resuming' if resume else 'training'} the '{recipe_name}' recipe into {out} "
-              "(about 3 minutes on a 2-core CPU; Ctrl-C stops, running again resumes)")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".demo-training").touch()  # marks a model file written by an unfinished run
-        train(saved_config(out) if resume else settings, resume=resume)
-        (out / ".demo-training").unlink()
-    model, tokenizer = load_model(out)
-    prompt = torch.tensor([tokenizer.encode(settings.sample_prompt)])
-    for label, sampling in (("greedy", {}), ("sampled, temperature 0.7, top-k 50",
-                                             {"temperature": 0.7, "top_k": 50, "seed": settings.seed})):
-        text = tokenizer.decode(model.generate(prompt, 40, **sampling)[0].tolist())
-        print(f"\n[{label}]\n{text}")
-    if not serve:
-        return 0
-    try:
-        server = importlib.import_module("glassgpt.serve")
-    except ImportError as error:
-        print(f"\n(the web server is not available: {error}); try: glassgpt generate --model {out} \"Every effort\"")
-        return 0
-    print(f"\nstarting the web server: open http://{host}:{port}/ in a browser (Ctrl-C stops)")
-    server.serve(str(out), host=host, port=port)
-    return 0
-
-
 def train_tinygpt(epochs: int = 200, lr: float = 0.01, seed: int = 123) -> tuple[GPT, CharTokenizer, list[float]]:
     """The `tinygpt` recipe in memory: (model, tokenizer, loss of each step)."""
     trainer = Trainer(recipe("tinygpt", epochs=epochs, lr=lr, seed=seed, eval_every=epochs))
     records = trainer.fit()
     losses = [r["train_loss"] for r in records if r["event"] == "step"]
     return trainer.model.eval(), trainer.tokenizer, losses
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--recipe`, `--resume`, and one `--flag` per TrainConfig setting (given flags override the recipe)."""
-    parser.add_argument("--recipe", choices=list(RECIPES), help="named settings to start from")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR (its settings, "
-                        "unless overridden)")
-    hints = typing.get_type_hints(TrainConfig)
-    for setting in dataclasses.fields(TrainConfig):
-        flag = "--" + setting.name.replace("_", "-")
-        kind = hints[setting.name]
-        help_text = setting.metadata.get("help", "")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif kind == list[str]:
-            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text)
-        else:
-            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            parser.add_argument(flag, type=_optional(base), default=argparse.SUPPRESS, metavar=base.__name__.upper(),
-                                help=help_text)
-
-
-def _optional(base: type):
-    def parse(text: str):
-        return None if text.lower() == "none" else base(text)
-
-    parse.__name__ = base.__name__
-    return parse
-
-
-def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
-    """(settings, resume?) from parsed arguments: recipe or saved run, then the flags given."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {name: value for name, value in vars(args).items() if name in names}
-    if args.resume:
-        base = saved_config(args.resume).to_dict()
-        given["out"] = args.resume
-    elif args.recipe:
-        base = RECIPES[args.recipe]
-    else:
-        base = {}
-    if not args.resume and not given.get("out"):
-        raise ValueError("say where the run goes: --out DIR")
-    return TrainConfig(**{**base, **given}), bool(args.resume)
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Train as the arguments say; print where the result is. Returns an exit status."""
-    config, resume = config_from_args(args)
-    try:
-        trainer = train(config, resume=resume)
-        if torch.distributed.is_initialized():
-            # Every rank finishes its last collective and rank 0 its last write before any rank tears
-            # the group down; tearing down early aborts the other rank's gloo threads (SIGABRT).
-            torch.distributed.barrier()
-    except TrainingDiverged:
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if trainer.dist.is_main and trainer.out:
-        print(f"done: {trainer.step} steps; model in {trainer.out} "
-              f"(glassgpt generate --model {trainer.out}), metrics in {trainer.out / 'metrics.jsonl'}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m glassgpt.train ...` (what torchrun runs): the same flags as `glassgpt train`."""
-    parser = argparse.ArgumentParser(prog="python -m glassgpt.train", description="Train a glassgpt model.")
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"glassgpt train: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
