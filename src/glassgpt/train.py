@@ -167,13 +167,13 @@ RECIPES: dict[str, dict] = {
         schedule="cosine", warmup_steps=100, grad_clip=1.0, eval_every=500, eval_batches=20,
         log_every=10, sample_prompt="ROMEO:", sample_tokens=100, sample_temperature=0.8,
     ),
-    # The README's main job: a 70M-parameter cut of the verdict model (6 blocks, 512 wide, context
-    # 256) that learns The Verdict well enough to quote it back in ~2 minutes on a 2-core CPU.
+    # The README's main job: the 70M-parameter cut of the verdict model (6 blocks, 512 wide, context
+    # 256) learns The Verdict well enough to quote it back in ~2 minutes on a 2-core CPU.
     "demo": dict(
-        model="verdict-162m", model_name="verdict-demo-70m", corpus=["bundled:the-verdict.txt"], tokenizer="gpt2",
-        n_layers=6, n_heads=8, emb_dim=512, context_length=256, drop_rate=0.0, init="pytorch",
+        model="verdict-demo-70m", corpus=["bundled:the-verdict.txt"], tokenizer="gpt2", init="pytorch",
         batch_size=2, val_fraction=0.1, epochs=12, optimizer="adamw", lr=4e-4, weight_decay=0.1,
-        precision="auto", eval_every=27, eval_batches=2, sample_prompt="Every effort moves you", keep_best=False,
+        precision="auto", eval_every=27, eval_batches=2, sample_prompt="Every effort moves you",
+        keep_best=False,
     ),
 }
 
