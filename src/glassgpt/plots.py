@@ -52,5 +52,6 @@ def plot_losses(records: list[dict], path: Path) -> None:
         "train (each step)": Curve([r["tokens"] for r in steps], [r["train_loss"] for r in steps],
                                    color="tab:blue", faint=True),
         "train": Curve([r["tokens"] for r in evals], [r["train_loss"] for r in evals], color="tab:blue"),
-        "validation": Curve([r["tokens"] for r in with_val], [r["val_loss"] for r in with_val], color="tab:orange"),
+        "validation": Curve([r["tokens"] for r in with_val], [r["val_loss"] for r in with_val],
+                            color="tab:orange"),
     }, xlabel="tokens seen", ylabel="cross-entropy loss")

@@ -31,6 +31,7 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from glassgpt.checkpoint import has_checkpoint, load_checkpoint, load_state, save_checkpoint
@@ -64,7 +65,8 @@ class TrainConfig:
     stride: int | None = setting(None, "tokens between window starts (None: the context length)")
     # model
     model: str = setting("verdict-162m", "a preset of glassgpt.config.PRESETS")
-    model_name: str | None = setting(None, "the name saved with the model (None: the preset's, suffixed when resized)")
+    model_name: str | None = setting(None, "the name saved with the model (None: the preset's, suffixed "
+                                           "when resized)")
     context_length: int | None = setting(None, "tokens per window (None: the preset's; at most the preset's)")
     n_layers: int | None = setting(None, "blocks (None: the preset's)")
     n_heads: int | None = setting(None, "attention heads (None: the preset's)")
@@ -87,8 +89,8 @@ class TrainConfig:
     warmup_steps: int = setting(0, "steps of linear warmup from 0 to lr")
     min_lr_fraction: float = setting(0.1, "cosine decays to lr x this")
     grad_clip: float | None = setting(None, "clip the gradient norm to this (None: no clipping)")
-    precision: str = setting("fp32", "fp32, bf16, fp16 (autocast; fp16 on CUDA only), or auto: bf16 where the "
-                                     "GPU or CPU computes it natively, else fp32")
+    precision: str = setting("fp32", "fp32, bf16, fp16 (autocast; fp16 on CUDA only), or auto: bf16 where "
+                                     "the GPU or CPU computes it natively, else fp32")
     compile: bool = setting(False, "torch.compile the model")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     threads: int | None = setting(None, "CPU threads for torch (None: torch's default)")
@@ -226,15 +228,17 @@ def build_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
     # The fused kernel updates every tensor of a group in one pass: on a CPU it takes 0.07 s per
     # verdict-162m step where the default loop takes 0.46 s. (Elsewhere, foreach: one kernel per op.)
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), **({"fused": True} if fused else {"foreach": True}))
-    return torch.optim.AdamW(groups, **kwargs) if config.optimizer == "adamw" else torch.optim.Adam(groups, **kwargs)
+    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2),
+                  **({"fused": True} if fused else {"foreach": True}))
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, **kwargs)
 
 
 def model_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
     """The preset with the run's overrides; the vocabulary always follows the tokenizer."""
     preset = get_preset(config.model)
-    overrides = {key: getattr(config, key) for key in ("context_length", "n_layers", "n_heads", "emb_dim", "drop_rate")
-                 if getattr(config, key) is not None}
+    overrides = {key: getattr(config, key) for key in ("context_length", "n_layers", "n_heads", "emb_dim",
+                                                       "drop_rate") if getattr(config, key) is not None}
     if config.emb_dim is not None and preset.ff_dim is not None:
         overrides["ff_dim"] = 4 * config.emb_dim  # keep GPT-2's 4x expansion when the width changes
     resized = any(key in overrides for key in ("n_layers", "n_heads", "emb_dim"))
@@ -243,7 +247,7 @@ def model_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
 
 
 def pytorch_default_init(model: GPT) -> GPT:
-    """Re-initialise every layer as PyTorch itself would: N(0, 1) embeddings, uniform(+-1/sqrt(fan_in)) linears.
+    """Re-initialise every layer as PyTorch would: N(0, 1) embeddings, uniform(+-1/sqrt(fan_in)) linears.
 
     Our reference builds its model from plain nn.Embedding / nn.Linear and keeps these defaults.
     On a text as small as The Verdict they memorise far faster than GPT-2's N(0, 0.02): unit-scale
@@ -284,7 +288,11 @@ class Distributed:
 
 
 class Trainer:
-    """Runs one `TrainConfig`: `Trainer(config).fit()`; `Trainer(config, resume=True)` continues `config.out`."""
+    """Runs one `TrainConfig`: `Trainer(config).fit()`; `Trainer(config, resume=True)` continues `config.out`.
+
+    `build_model` makes the model; everything around it (optimizer, schedule, precision, data-parallel,
+    evaluation, metrics, checkpoints) works on whatever model it returns.
+    """
 
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
@@ -305,16 +313,11 @@ class Trainer:
         self._setup_data()
 
         torch.manual_seed(config.seed)  # the same initial weights on every process
-        self.model = GPT(model_config_for(config, self.tokenizer.vocab_size))
-        if config.init == "pytorch":
-            pytorch_default_init(self.model)
-        self.model.to(self.device)
+        self.model = self.build_model().to(self.device)
         if self.dist.rank:  # but different dropout masks
             torch.manual_seed(config.seed + self.dist.rank)
         self.train_model = torch.compile(self.model) if config.compile else self.model
         if self.dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             self.train_model = DistributedDataParallel(
                 self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(self.model, config)
@@ -326,16 +329,23 @@ class Trainer:
         self.best_val = math.inf
         self.last_checkpoint_step: int | None = None
         self.records: list[dict] = []
-        self.flops_per_step = flops_per_token(self.model.config, self.model.num_parameters()) * self.tokens_per_step
+        self.flops_per_step = (flops_per_token(self.model.config, self.model.num_parameters())
+                               * self.tokens_per_step)
         self.peak_flops = peak_flops(self.device)
         if resume:
             self._load_checkpoint()
         elif self.out and self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
-            (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+            (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2),
+                                                        encoding="utf-8")
 
     # ------------------------------------------------------------ setup
+
+    def build_model(self) -> GPT:
+        """The model to train (on the CPU): a fresh one from the settings. A subclass may load weights."""
+        model = GPT(model_config_for(self.config, self.tokenizer.vocab_size))
+        return pytorch_default_init(model) if self.config.init == "pytorch" else model
 
     def _setup_precision(self) -> None:
         precision, device = self.config.precision, self.device
@@ -374,13 +384,15 @@ class Trainer:
         self.train_loader = make_loader(self.train_set, c.batch_size, train=True, seed=c.seed,
                                         rank=d.rank, world_size=d.world_size)
         # Evaluation reads the same leading windows every time, unshuffled, on every process.
-        self.train_eval_loader = make_loader(TokenWindows(train_ids, context, context), c.batch_size, train=False)
+        self.train_eval_loader = make_loader(TokenWindows(train_ids, context, context), c.batch_size,
+                                             train=False)
         self.val_loader = make_loader(self.val_set, c.batch_size, train=False) if self.val_set else None
         self.steps_per_epoch = len(self.train_loader) // c.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{len(self.train_set)} training windows make no full step of {c.batch_size} x {c.grad_accum} "
-                f"x {d.world_size} windows: lower --batch-size or --grad-accum, or use more text"
+                f"{len(self.train_set)} training windows make no full step of {c.batch_size} x "
+                f"{c.grad_accum} x {d.world_size} windows: lower --batch-size or --grad-accum, "
+                "or use more text"
             )
         self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
         # The cadence, in steps, decided once: 0 means evaluate at the end of each epoch and checkpoint
@@ -419,7 +431,8 @@ class Trainer:
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for index, (inputs, targets) in enumerate(micro_batches):
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
             # Averaging gradients across processes is needed once per step, on the last micro-batch.
             syncing = index == accum - 1 or self.dist.world_size == 1
             with (nullcontext() if syncing else self.train_model.no_sync()), self.autocast():
@@ -466,7 +479,8 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_steps * self.tokens_per_step / elapsed
                     self._check_finite(loss_value)
-                    record = self._record("step", train_loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1))
+                    record = self._record("step", train_loss=loss_value, lr=lr,
+                                          tokens_per_s=round(tokens_per_s, 1))
                     if self.peak_flops:
                         # Per GPU: the step's FLOPs are spread over world_size devices of this peak.
                         flops_per_s = window_steps * self.flops_per_step / elapsed / self.dist.world_size
@@ -478,11 +492,12 @@ class Trainer:
                 if self.step % self.checkpoint_every == 0 or last:
                     self.save(val_loss=evaluation["val_loss"] if evaluation else None)
                 if evaluate:
-                    window_start, window_steps = time.perf_counter(), 0  # eval and saving are not training speed
+                    # Evaluating and saving are not training speed.
+                    window_start, window_steps = time.perf_counter(), 0
         except KeyboardInterrupt:
             where = (f"the checkpoint of step {self.last_checkpoint_step} is in {self.out / 'last'}; "
-                     f"--resume {self.out} continues from it") if self.out and self.last_checkpoint_step else \
-                "no checkpoint was written yet"
+                     f"--resume {self.out} continues from it") if self.out and self.last_checkpoint_step \
+                else "no checkpoint was written yet"
             self.say(f"interrupted at step {self.step}: {where}")
             raise
         finally:
@@ -496,8 +511,8 @@ class Trainer:
         self.say(f"data: {self.n_train_tokens:,} training tokens -> {len(self.train_set):,} windows; "
                  f"{self.n_val_tokens:,} validation tokens; {self.steps_per_epoch:,} steps per epoch of "
                  f"{self.tokens_per_step:,} tokens; {self.total_steps:,} steps")
-        self.say(f"device {self.device} x {self.dist.world_size}, {self.precision}, {c.optimizer} lr {c.lr:g} "
-                 f"({c.schedule}), out {self.out or '(nothing kept)'}")
+        self.say(f"device {self.device} x {self.dist.world_size}, {self.precision}, {c.optimizer} "
+                 f"lr {c.lr:g} ({c.schedule}), out {self.out or '(nothing kept)'}")
 
     def _mean_across_processes(self, value: torch.Tensor) -> float:
         if self.dist.world_size > 1:
@@ -552,11 +567,11 @@ class Trainer:
         """The sample prompt continued by the current model (greedy, or seeded sampling)."""
         if not self.prompt_ids:
             return ""
-        context = self.model.config.context_length
+        c, context = self.config, self.model.config.context_length
         ids = torch.tensor([self.prompt_ids[-context:]], device=self.device)
         with self.autocast():
-            out = self.model.generate(ids, self.config.sample_tokens, temperature=self.config.sample_temperature,
-                                      top_k=50 if self.config.sample_temperature else None, seed=self.config.seed)
+            out = self.model.generate(ids, c.sample_tokens, temperature=c.sample_temperature,
+                                      top_k=50 if c.sample_temperature else None, seed=c.seed)
         return self.tokenizer.decode(out[0].tolist())
 
     def evaluate_and_log(self) -> dict:
@@ -596,8 +611,8 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
         }
-        extra = {"training": {"step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": val_loss,
-                              "recipe_model": self.config.model}}
+        extra = {"training": {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                              "val_loss": val_loss, "recipe_model": self.config.model}}
         save_checkpoint(self.out, self.model, self.tokenizer, state=state, best=best, extra=extra)
         self.last_checkpoint_step = self.step
 
@@ -637,7 +652,8 @@ def train(config: TrainConfig, resume: bool = False) -> Trainer:
     return trainer
 
 
-def train_tinygpt(epochs: int = 200, lr: float = 0.01, seed: int = 123) -> tuple[GPT, CharTokenizer, list[float]]:
+def train_tinygpt(epochs: int = 200, lr: float = 0.01,
+                  seed: int = 123) -> tuple[GPT, CharTokenizer, list[float]]:
     """The `tinygpt` recipe in memory: (model, tokenizer, loss of each step)."""
     trainer = Trainer(recipe("tinygpt", epochs=epochs, lr=lr, seed=seed, eval_every=epochs))
     records = trainer.fit()
