@@ -6,8 +6,9 @@
 The loop is the textbook one -- batch -> forward -> cross-entropy -> backward -> AdamW step --
 with what a real run needs around it: a learning-rate schedule (warmup, then constant or cosine),
 gradient accumulation and clipping, bf16/fp16 autocast, optional torch.compile, evaluation with a
-sample continuation, a progress bar, a JSONL metrics log, `loss.png`, atomic checkpoints
-(`glassgpt.checkpoint`) and exact resume. Under torchrun it trains data-parallel:
+sample continuation, a progress bar, a JSONL metrics log, `loss.png` (`glassgpt.plots`), atomic
+checkpoints (`glassgpt.checkpoint`) and exact resume. The `--flags` live in `glassgpt.cli`. Under
+torchrun it trains data-parallel:
 
     torchrun --nproc_per_node 2 -m glassgpt train --recipe verdict --out runs/verdict
 
