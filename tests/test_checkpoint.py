@@ -119,7 +119,8 @@ CRASHING_WRITER = textwrap.dedent("""
 def test_killing_the_writer_at_any_moment_leaves_a_consistent_checkpoint(tmp_path):
     for delay in (0.9, 1.3):
         out = tmp_path / f"run{delay}"
-        writer = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(out)], stdout=subprocess.PIPE,
+                                  text=True)
         first = writer.stdout.readline()  # at least one checkpoint is complete
         assert first.strip() == "1"
         time.sleep(delay)
