@@ -327,16 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"], default="gpt2")
     tokenize.set_defaults(run=cmd_tokenize)
 
-    demo = verbs.add_parser("demo",
-                            help="the main job: train the demo model if needed, sample it, serve it")
-    demo.add_argument("--out", default="runs/demo",
-                      help="where the demo model lives (trained there if missing)")
-    demo.add_argument("--recipe", default="demo", help="the recipe trained when no model is there")
-    demo.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
-                      help="start the web server afterwards (when glassgpt.serve is installed)")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
-    demo.set_defaults(run=cmd_demo)
+    demo_verb = verbs.add_parser("demo",
+                                 help="the main job: train the demo model if needed, sample it, serve it")
+    demo_verb.add_argument("--out", default="runs/demo",
+                           help="where the demo model lives (trained there if missing)")
+    demo_verb.add_argument("--recipe", default="demo", help="the recipe trained when no model is there")
+    demo_verb.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
+                           help="start the web server afterwards (when glassgpt.serve is installed)")
+    demo_verb.add_argument("--host", default="127.0.0.1")
+    demo_verb.add_argument("--port", type=int, default=8000)
+    demo_verb.set_defaults(run=cmd_demo)
 
     train = verbs.add_parser("train", help="train a model: --recipe NAME --out DIR, any setting overridable",
                              description="Train from a recipe (or from scratch settings); every setting "
