@@ -31,7 +31,7 @@ def run(gpus: int, args, out: Path) -> list[dict]:
         settings.append("--compile")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] \
         if gpus > 1 else [sys.executable]
-    subprocess.run(launcher + ["-m", "glassgpt.train", *settings], check=True, env=os.environ)
+    subprocess.run(launcher + ["-m", "glassgpt", "train", *settings], check=True, env=os.environ)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

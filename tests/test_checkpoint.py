@@ -16,6 +16,7 @@ from glassgpt.checkpoint import (
     LAST,
     STATE_FILE,
     has_checkpoint,
+    load_checkpoint,
     load_state,
     recover,
     save_checkpoint,
@@ -85,6 +86,17 @@ def test_a_crash_between_the_two_renames_is_recovered(tmp_path):
     assert stored_fill(tmp_path / LAST) == 1.0
 
 
+def test_load_checkpoint_puts_last_back_into_a_model(tmp_path):
+    save_checkpoint(tmp_path, tiny_model(1.0), TOKENIZER, state={"step": 1}, best=True)
+    save_checkpoint(tmp_path, tiny_model(2.0), TOKENIZER, state={"step": 2})
+    model = tiny_model(0.0)
+    state = load_checkpoint(tmp_path, model)
+    assert state["step"] == 2  # the last checkpoint, not the best one
+    assert all(torch.equal(p, torch.full_like(p, 2.0)) for p in model.parameters())
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        load_checkpoint(tmp_path / "elsewhere", model)
+
+
 CRASHING_WRITER = textwrap.dedent("""
     import sys, torch
     from glassgpt.checkpoint import save_checkpoint
@@ -107,7 +119,8 @@ CRASHING_WRITER = textwrap.dedent("""
 def test_killing_the_writer_at_any_moment_leaves_a_consistent_checkpoint(tmp_path):
     for delay in (0.9, 1.3):
         out = tmp_path / f"run{delay}"
-        writer = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(out)], stdout=subprocess.PIPE,
+                                  text=True)
         first = writer.stdout.readline()  # at least one checkpoint is complete
         assert first.strip() == "1"
         time.sleep(delay)

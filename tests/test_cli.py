@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 from glassgpt.cli import main
 
 
@@ -24,3 +27,11 @@ def test_tokenize_prints_ids(capsys):
 def test_tokenize_char(capsys):
     assert main(["tokenize", "hello hello", "--tokenizer", "char"]) == 0
     assert "11 tokens" in capsys.readouterr().out
+
+
+def test_python_m_glassgpt_is_the_command_with_its_error_policy():
+    """What torchrun starts (`torchrun -m glassgpt train ...`): the same verbs, the same refusals."""
+    result = subprocess.run([sys.executable, "-m", "glassgpt", "train", "--recipe", "tinygpt"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "glassgpt: error: say where the run goes: --out DIR"

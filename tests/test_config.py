@@ -12,6 +12,7 @@ EXPECTED_PARAMETERS = {
     "gpt2-large": 774_030_080,
     "gpt2-xl": 1_557_611_200,
     "verdict-162m": 162_419_712,
+    "verdict-demo-70m": 70_500_352,  # 2 x 50257 x 512 (untied) + 256 x 512 + 6 x 3,150,848 + 1,024
 }
 
 

@@ -217,7 +217,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
               "--eval-every", "3", "--no-progress", "--threads", "1", "--sample-prompt", "All:"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "glassgpt.train"]
+                "-m", "glassgpt", "train"]
     two = subprocess.run(torchrun + common + ["--batch-size", "2", "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -8,6 +8,7 @@ Layout of a training output directory `OUT` (`glassgpt train --out OUT`):
     OUT/best/                                  the same best model, as its own directory
     OUT/last/                                  the latest model + `trainer.pt` (optimizer, scheduler,
                                                step, random states): what `--resume OUT` continues from
+                                               (`load_checkpoint`)
     OUT/metrics.jsonl, OUT/loss.png, OUT/train_config.json
 
 Every write is atomic. A checkpoint directory is built under a temporary name, its files fsynced,
@@ -24,8 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, save_model
+from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, load_state_into, save_model
 
 LAST = "last"
 BEST = "best"
@@ -139,3 +141,13 @@ def load_state(out_dir: str | Path) -> dict:
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
     # weights_only: a checkpoint is data; it must not be able to run code when loaded.
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(out_dir: str | Path, model) -> dict:
+    """Put the weights of `out_dir/last` into `model` (onto its device) and return the trainer state
+    saved beside them (what `save_checkpoint` was given as `state`)."""
+    last = Path(out_dir) / LAST
+    state = load_state(out_dir)  # first: it recovers an interrupted swap and says when nothing is there
+    weights = load_file(str(last / WEIGHTS_FILE), device=str(next(model.parameters()).device))
+    load_state_into(model, weights, str(last))
+    return state

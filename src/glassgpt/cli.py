@@ -1,9 +1,20 @@
-"""The `glassgpt` command: thin verbs that parse, call the library, and print."""
+"""The `glassgpt` command (also `python -m glassgpt`): thin verbs that parse, call the library, and print.
+
+Each verb imports what it needs inside its function, so a verb never pays for another's imports
+(the server's FastAPI, the walk-through's rich, matplotlib...) and the command starts fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from glassgpt.train import TrainConfig
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -54,10 +65,129 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from glassgpt.train import run_from_args
+# ---------------------------------------------------------------- train and demo
 
-    return run_from_args(args)
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--recipe`, `--resume`, and one `--flag` per TrainConfig setting (given flags override the recipe)."""
+    from glassgpt.train import RECIPES, TrainConfig
+
+    parser.add_argument("--recipe", choices=list(RECIPES), help="named settings to start from")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR (its settings, "
+                        "unless overridden)")
+    hints = typing.get_type_hints(TrainConfig)
+    for setting in dataclasses.fields(TrainConfig):
+        flag = "--" + setting.name.replace("_", "-")
+        kind = hints[setting.name]
+        help_text = setting.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        elif kind == list[str]:
+            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        else:
+            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            parser.add_argument(flag, type=_optional(base), default=argparse.SUPPRESS,
+                                metavar=base.__name__.upper(), help=help_text)
+
+
+def _optional(base: type):
+    def parse(text: str):
+        return None if text.lower() == "none" else base(text)
+
+    parse.__name__ = base.__name__
+    return parse
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """(settings, resume?) from parsed arguments: recipe or saved run, then the flags given."""
+    from glassgpt.train import RECIPES, TrainConfig, saved_config
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {name: value for name, value in vars(args).items() if name in names}
+    if args.resume:
+        base = saved_config(args.resume).to_dict()
+        given["out"] = args.resume
+    elif args.recipe:
+        base = RECIPES[args.recipe]
+    else:
+        base = {}
+    if not args.resume and not given.get("out"):
+        raise ValueError("say where the run goes: --out DIR")
+    return TrainConfig(**{**base, **given}), bool(args.resume)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train as the arguments say (alone, or as one process of torchrun); print where the result is."""
+    import torch
+
+    from glassgpt.train import TrainingDiverged, train
+
+    config, resume = config_from_args(args)
+    try:
+        trainer = train(config, resume=resume)
+        if torch.distributed.is_initialized():
+            # Every rank finishes its last collective and rank 0 its last write before any rank tears
+            # the group down; tearing down early aborts the other rank's gloo threads (SIGABRT).
+            torch.distributed.barrier()
+    except TrainingDiverged:
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if trainer.dist.is_main and trainer.out:
+        print(f"done: {trainer.step} steps; model in {trainer.out} "
+              f"(glassgpt generate --model {trainer.out}), metrics in {trainer.out / 'metrics.jsonl'}")
+    return 0
+
+
+def demo(out: str | Path = "runs/demo", recipe_name: str = "demo", serve: bool = True,
+         host: str = "127.0.0.1", port: int = 8000) -> int:
+    """The README's main job: train `recipe_name` into `out` unless a model is there, print samples,
+    then serve the model in the browser (when `glassgpt.serve` is available). Returns an exit status."""
+    import importlib
+
+    import torch
+
+    from glassgpt.checkpoint import has_checkpoint
+    from glassgpt.train import recipe, saved_config, train
+    from glassgpt.weights import GLASSGPT_META, load_model
+
+    out = Path(out)
+    settings = recipe(recipe_name, out=str(out))
+    if (out / GLASSGPT_META).exists() and not (out / ".demo-training").exists():
+        print(f"using the model already trained in {out} (delete the directory to train it again)")
+    else:
+        resume = has_checkpoint(out)  # an earlier demo was interrupted: continue it
+        print(f"{'resuming' if resume else 'training'} the '{recipe_name}' recipe into {out} "
+              "(about 3 minutes on a 2-core CPU; Ctrl-C stops, running again resumes)")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".demo-training").touch()  # marks a model file written by an unfinished run
+        train(saved_config(out) if resume else settings, resume=resume)
+        (out / ".demo-training").unlink()
+    model, tokenizer = load_model(out)
+    prompt = torch.tensor([tokenizer.encode(settings.sample_prompt)])
+    for label, sampling in (("greedy", {}), ("sampled, temperature 0.7, top-k 50",
+                                             {"temperature": 0.7, "top_k": 50, "seed": settings.seed})):
+        text = tokenizer.decode(model.generate(prompt, 40, **sampling)[0].tolist())
+        print(f"\n[{label}]\n{text}")
+    if not serve:
+        return 0
+    try:
+        server = importlib.import_module("glassgpt.serve")
+    except ImportError as error:
+        print(f"\n(the web server is not available: {error}); "
+              f"try: glassgpt generate --model {out} \"Every effort\"")
+        return 0
+    print(f"\nstarting the web server: open http://{host}:{port}/ in a browser (Ctrl-C stops)")
+    server.serve(str(out), host=host, port=port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return demo(args.out, recipe_name=args.recipe, serve=args.serve, host=args.host, port=args.port)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -67,12 +197,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"{meta['n_tokens']:,} tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,}) in {args.out}; "
           f"train on it with: glassgpt train --corpus {args.out} ...")
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from glassgpt.train import demo
-
-    return demo(args.out, recipe_name=args.recipe, serve=args.serve, host=args.host, port=args.port)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -156,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.dtype == "auto":  # bf16 halves the bytes each decoded token reads, where the CPU computes it natively
         import torch
 
-        from glassgpt.train import has_native_bf16
+        from glassgpt.device import has_native_bf16
 
         args.dtype = "bfloat16" if has_native_bf16(torch.device("cpu")) else "float32"
     if args.threads:
@@ -199,16 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"], default="gpt2")
     tokenize.set_defaults(run=cmd_tokenize)
 
-    demo = verbs.add_parser("demo", help="the main job: train the demo model if needed, sample it, serve it")
-    demo.add_argument("--out", default="runs/demo", help="where the demo model lives (trained there if missing)")
-    demo.add_argument("--recipe", default="demo", help="the recipe trained when no model is there")
-    demo.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
-                      help="start the web server afterwards (when glassgpt.serve is installed)")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
-    demo.set_defaults(run=cmd_demo)
-
-    from glassgpt.train import add_train_arguments
+    demo_verb = verbs.add_parser("demo",
+                                 help="the main job: train the demo model if needed, sample it, serve it")
+    demo_verb.add_argument("--out", default="runs/demo",
+                           help="where the demo model lives (trained there if missing)")
+    demo_verb.add_argument("--recipe", default="demo", help="the recipe trained when no model is there")
+    demo_verb.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
+                           help="start the web server afterwards (when glassgpt.serve is installed)")
+    demo_verb.add_argument("--host", default="127.0.0.1")
+    demo_verb.add_argument("--port", type=int, default=8000)
+    demo_verb.set_defaults(run=cmd_demo)
 
     train = verbs.add_parser("train", help="train a model: --recipe NAME --out DIR, any setting overridable",
                              description="Train from a recipe (or from scratch settings); every setting "

@@ -6,10 +6,11 @@
 The loop is the textbook one -- batch -> forward -> cross-entropy -> backward -> AdamW step --
 with what a real run needs around it: a learning-rate schedule (warmup, then constant or cosine),
 gradient accumulation and clipping, bf16/fp16 autocast, optional torch.compile, evaluation with a
-sample continuation, a progress bar, a JSONL metrics log, `loss.png`, atomic checkpoints
-(`glassgpt.checkpoint`) and exact resume. Under torchrun it trains data-parallel:
+sample continuation, a progress bar, a JSONL metrics log, `loss.png` (`glassgpt.plots`), atomic
+checkpoints (`glassgpt.checkpoint`) and exact resume. The `--flags` live in `glassgpt.cli`. Under
+torchrun it trains data-parallel:
 
-    torchrun --nproc_per_node 2 -m glassgpt.train --recipe verdict --out runs/verdict
+    torchrun --nproc_per_node 2 -m glassgpt train --recipe verdict --out runs/verdict
 
 Each process reads its own shard of every epoch's windows, gradients are averaged across
 processes only on the last micro-batch of an accumulation (`no_sync` before it), and only rank 0
@@ -18,15 +19,12 @@ logs and writes. The global batch is batch_size x grad_accum x number of process
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import random
-import sys
 import time
-import typing
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,67 +32,80 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
+from glassgpt.checkpoint import has_checkpoint, load_checkpoint, load_state, save_checkpoint
 from glassgpt.config import GPTConfig, get_preset
+from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
+from glassgpt.device import has_native_bf16, peak_flops, pick_device
 from glassgpt.model import GPT
+from glassgpt.plots import plot_losses
 from glassgpt.tokenizer import CharTokenizer
 
 # ---------------------------------------------------------------- settings and recipes
+
+
+def setting(default, help: str):
+    """A TrainConfig field with the help text of its --flag (a list default is copied per config)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     """Every setting of a training run. Recipes fill these in; the command line overrides any of them."""
 
-    out: str | None = field(default=None, metadata={"help": "directory for checkpoints, metrics and loss.png (None: keep nothing)"})
+    out: str | None = setting(None, "directory for checkpoints, metrics and loss.png (None: keep nothing)")
     # data
-    corpus: list[str] = field(default_factory=list, metadata={"help": "text files (or 'bundled:NAME'), or one prepared directory"})
-    text: str | None = field(default=None, metadata={"help": "an inline training text instead of a corpus"})
-    tokenizer: str = field(default="gpt2", metadata={"help": "gpt2 or char (ignored for a prepared directory)"})
-    val_fraction: float = field(default=0.1, metadata={"help": "the last fraction of the tokens, held out for validation"})
-    stride: int | None = field(default=None, metadata={"help": "tokens between window starts (None: the context length)"})
+    corpus: list[str] = setting([], "text files (or 'bundled:NAME'), or one prepared directory")
+    text: str | None = setting(None, "an inline training text instead of a corpus")
+    tokenizer: str = setting("gpt2", "gpt2 or char (ignored for a prepared directory)")
+    val_fraction: float = setting(0.1, "the last fraction of the tokens, held out for validation")
+    stride: int | None = setting(None, "tokens between window starts (None: the context length)")
     # model
-    model: str = field(default="verdict-162m", metadata={"help": "a preset of glassgpt.config.PRESETS"})
-    model_name: str | None = field(default=None, metadata={"help": "the name saved with the model (None: the "
-                                                             "preset's, suffixed when resized)"})
-    context_length: int | None = field(default=None, metadata={"help": "tokens per window (None: the preset's; at most the preset's)"})
-    n_layers: int | None = field(default=None, metadata={"help": "blocks (None: the preset's)"})
-    n_heads: int | None = field(default=None, metadata={"help": "attention heads (None: the preset's)"})
-    emb_dim: int | None = field(default=None, metadata={"help": "embedding width (None: the preset's)"})
-    drop_rate: float | None = field(default=None, metadata={"help": "dropout (None: the preset's)"})
-    init: str = field(default="gpt2", metadata={"help": "gpt2 (N(0, 0.02), scaled residual projections) or "
-                                                 "pytorch (each layer's PyTorch default, as our reference)"})
+    model: str = setting("verdict-162m", "a preset of glassgpt.config.PRESETS")
+    model_name: str | None = setting(None, "the name saved with the model (None: the preset's, suffixed "
+                                           "when resized)")
+    context_length: int | None = setting(None, "tokens per window (None: the preset's; at most the preset's)")
+    n_layers: int | None = setting(None, "blocks (None: the preset's)")
+    n_heads: int | None = setting(None, "attention heads (None: the preset's)")
+    emb_dim: int | None = setting(None, "embedding width (None: the preset's)")
+    drop_rate: float | None = setting(None, "dropout (None: the preset's)")
+    init: str = setting("gpt2", "gpt2 (N(0, 0.02), scaled residual projections) or pytorch (each layer's "
+                                "PyTorch default, as our reference)")
     # optimisation
-    batch_size: int = field(default=2, metadata={"help": "windows per micro-batch, per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches summed into each optimizer step"})
-    epochs: int = field(default=10, metadata={"help": "passes over the training windows"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps to run instead of whole epochs"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw or adam"})
-    lr: float = field(default=4e-4, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay, applied to weight matrices only"})
-    decay_embeddings: bool = field(default=False, metadata={"help": "decay the embedding matrices too"})
+    batch_size: int = setting(2, "windows per micro-batch, per process")
+    grad_accum: int = setting(1, "micro-batches summed into each optimizer step")
+    epochs: int = setting(10, "passes over the training windows")
+    max_steps: int | None = setting(None, "optimizer steps to run instead of whole epochs")
+    optimizer: str = setting("adamw", "adamw or adam")
+    lr: float = setting(4e-4, "peak learning rate")
+    weight_decay: float = setting(0.1, "AdamW decay, applied to weight matrices only")
+    decay_embeddings: bool = setting(False, "decay the embedding matrices too")
     beta1: float = 0.9
     beta2: float = 0.999
-    schedule: str = field(default="constant", metadata={"help": "constant or cosine (after the warmup)"})
-    warmup_steps: int = field(default=0, metadata={"help": "steps of linear warmup from 0 to lr"})
-    min_lr_fraction: float = field(default=0.1, metadata={"help": "cosine decays to lr x this"})
-    grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this (None: no clipping)"})
-    precision: str = field(default="fp32", metadata={"help": "fp32, bf16, fp16 (autocast; fp16 on CUDA only), or auto: "
-                                                      "bf16 where the GPU or CPU computes it natively, else fp32"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
-    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (None: torch's default)"})
+    schedule: str = setting("constant", "constant or cosine (after the warmup)")
+    warmup_steps: int = setting(0, "steps of linear warmup from 0 to lr")
+    min_lr_fraction: float = setting(0.1, "cosine decays to lr x this")
+    grad_clip: float | None = setting(None, "clip the gradient norm to this (None: no clipping)")
+    precision: str = setting("fp32", "fp32, bf16, fp16 (autocast; fp16 on CUDA only), or auto: bf16 where "
+                                     "the GPU or CPU computes it natively, else fp32")
+    compile: bool = setting(False, "torch.compile the model")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    threads: int | None = setting(None, "CPU threads for torch (None: torch's default)")
     seed: int = 123
     # evaluation, logging, checkpoints
-    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0: at the end of each epoch)"})
-    eval_batches: int = field(default=5, metadata={"help": "fixed batches averaged for the train and validation loss"})
-    sample_prompt: str = field(default="Every effort moves you", metadata={"help": "prompt continued at each evaluation"})
+    eval_every: int = setting(0, "steps between evaluations (0: at the end of each epoch)")
+    eval_batches: int = setting(5, "fixed batches averaged for the train and validation loss")
+    sample_prompt: str = setting("Every effort moves you", "prompt continued at each evaluation")
     sample_tokens: int = 25
-    sample_temperature: float = field(default=0.0, metadata={"help": "0: greedy; otherwise seeded sampling"})
-    log_every: int = field(default=1, metadata={"help": "steps between metric records (each one syncs with the device)"})
-    checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at each evaluation)"})
-    keep_best: bool = field(default=True, metadata={"help": "the top-level model is the lowest validation loss (else the last)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    sample_temperature: float = setting(0.0, "0: greedy; otherwise seeded sampling")
+    log_every: int = setting(1, "steps between metric records (each one syncs with the device)")
+    checkpoint_every: int = setting(0, "steps between checkpoints (0: at each evaluation)")
+    keep_best: bool = setting(True, "the top-level model is the lowest validation loss (else the last)")
+    progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         choices = {"tokenizer": ("gpt2", "char"), "init": ("gpt2", "pytorch"), "optimizer": ("adamw", "adam"),
@@ -159,13 +170,13 @@ RECIPES: dict[str, dict] = {
         schedule="cosine", warmup_steps=100, grad_clip=1.0, eval_every=500, eval_batches=20,
         log_every=10, sample_prompt="ROMEO:", sample_tokens=100, sample_temperature=0.8,
     ),
-    # The README's main job: a 70M-parameter cut of the verdict model (6 blocks, 512 wide, context
-    # 256) that learns The Verdict well enough to quote it back in ~2 minutes on a 2-core CPU.
+    # The README's main job: the 70M-parameter cut of the verdict model (6 blocks, 512 wide, context
+    # 256) learns The Verdict well enough to quote it back in ~2 minutes on a 2-core CPU.
     "demo": dict(
-        model="verdict-162m", model_name="verdict-demo-70m", corpus=["bundled:the-verdict.txt"], tokenizer="gpt2",
-        n_layers=6, n_heads=8, emb_dim=512, context_length=256, drop_rate=0.0, init="pytorch",
+        model="verdict-demo-70m", corpus=["bundled:the-verdict.txt"], tokenizer="gpt2", init="pytorch",
         batch_size=2, val_fraction=0.1, epochs=12, optimizer="adamw", lr=4e-4, weight_decay=0.1,
-        precision="auto", eval_every=27, eval_batches=2, sample_prompt="Every effort moves you", keep_best=False,
+        precision="auto", eval_every=27, eval_batches=2, sample_prompt="Every effort moves you",
+        keep_best=False,
     ),
 }
 
@@ -218,15 +229,17 @@ def build_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
     # The fused kernel updates every tensor of a group in one pass: on a CPU it takes 0.07 s per
     # verdict-162m step where the default loop takes 0.46 s. (Elsewhere, foreach: one kernel per op.)
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), **({"fused": True} if fused else {"foreach": True}))
-    return torch.optim.AdamW(groups, **kwargs) if config.optimizer == "adamw" else torch.optim.Adam(groups, **kwargs)
+    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2),
+                  **({"fused": True} if fused else {"foreach": True}))
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, **kwargs)
 
 
 def model_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
     """The preset with the run's overrides; the vocabulary always follows the tokenizer."""
     preset = get_preset(config.model)
-    overrides = {key: getattr(config, key) for key in ("context_length", "n_layers", "n_heads", "emb_dim", "drop_rate")
-                 if getattr(config, key) is not None}
+    overrides = {key: getattr(config, key) for key in ("context_length", "n_layers", "n_heads", "emb_dim",
+                                                       "drop_rate") if getattr(config, key) is not None}
     if config.emb_dim is not None and preset.ff_dim is not None:
         overrides["ff_dim"] = 4 * config.emb_dim  # keep GPT-2's 4x expansion when the width changes
     resized = any(key in overrides for key in ("n_layers", "n_heads", "emb_dim"))
@@ -235,7 +248,7 @@ def model_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
 
 
 def pytorch_default_init(model: GPT) -> GPT:
-    """Re-initialise every layer as PyTorch itself would: N(0, 1) embeddings, uniform(+-1/sqrt(fan_in)) linears.
+    """Re-initialise every layer as PyTorch would: N(0, 1) embeddings, uniform(+-1/sqrt(fan_in)) linears.
 
     Our reference builds its model from plain nn.Embedding / nn.Linear and keeps these defaults.
     On a text as small as The Verdict they memorise far faster than GPT-2's N(0, 0.02): unit-scale
@@ -248,71 +261,10 @@ def pytorch_default_init(model: GPT) -> GPT:
     return model
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def has_native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matrix products in hardware (CUDA, or a CPU with AVX-512 BF16 / AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text().split()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known GPUs, for MFU (None where unknown)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for marker, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
-        if marker in name:
-            return flops
-    return None
-
-
 def flops_per_token(model_config: GPTConfig, n_parameters: int) -> float:
     """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's scores."""
     c = model_config
     return 6 * n_parameters + 12 * c.n_layers * c.emb_dim * c.context_length
-
-
-def plot_losses(records: list[dict], path: Path) -> None:
-    """`loss.png`: train and validation loss against tokens seen, replaced atomically."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    steps = [r for r in records if r["event"] == "step"]
-    evals = [r for r in records if r["event"] == "eval"]
-    figure = Figure(figsize=(7, 4), dpi=110)
-    axes = figure.subplots()
-    if steps:
-        axes.plot([r["tokens"] for r in steps], [r["train_loss"] for r in steps],
-                  color="tab:blue", alpha=0.3, linewidth=0.8, label="train (each step)")
-    if evals:
-        axes.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "o-", color="tab:blue", label="train")
-        with_val = [r for r in evals if r.get("val_loss") is not None]
-        if with_val:
-            axes.plot([r["tokens"] for r in with_val], [r["val_loss"] for r in with_val], "o-",
-                      color="tab:orange", label="validation")
-    axes.set_xlabel("tokens seen")
-    axes.set_ylabel("cross-entropy loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the trainer
@@ -337,11 +289,13 @@ class Distributed:
 
 
 class Trainer:
-    """Runs one `TrainConfig`: `Trainer(config).fit()`; `Trainer(config, resume=True)` continues `config.out`."""
+    """Runs one `TrainConfig`: `Trainer(config).fit()`; `Trainer(config, resume=True)` continues `config.out`.
+
+    `build_model` makes the model; everything around it (optimizer, schedule, precision, data-parallel,
+    evaluation, metrics, checkpoints) works on whatever model it returns.
+    """
 
     def __init__(self, config: TrainConfig, resume: bool = False):
-        from glassgpt.checkpoint import has_checkpoint
-
         self.config = config
         self.dist = Distributed.from_env()
         if config.threads:
@@ -360,16 +314,11 @@ class Trainer:
         self._setup_data()
 
         torch.manual_seed(config.seed)  # the same initial weights on every process
-        self.model = GPT(model_config_for(config, self.tokenizer.vocab_size))
-        if config.init == "pytorch":
-            pytorch_default_init(self.model)
-        self.model.to(self.device)
+        self.model = self.build_model().to(self.device)
         if self.dist.rank:  # but different dropout masks
             torch.manual_seed(config.seed + self.dist.rank)
         self.train_model = torch.compile(self.model) if config.compile else self.model
         if self.dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             self.train_model = DistributedDataParallel(
                 self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(self.model, config)
@@ -381,16 +330,23 @@ class Trainer:
         self.best_val = math.inf
         self.last_checkpoint_step: int | None = None
         self.records: list[dict] = []
-        self.flops_per_step = flops_per_token(self.model.config, self.model.num_parameters()) * self.tokens_per_step
+        self.flops_per_step = (flops_per_token(self.model.config, self.model.num_parameters())
+                               * self.tokens_per_step)
         self.peak_flops = peak_flops(self.device)
         if resume:
             self._load_checkpoint()
         elif self.out and self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
-            (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+            (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2),
+                                                        encoding="utf-8")
 
     # ------------------------------------------------------------ setup
+
+    def build_model(self) -> GPT:
+        """The model to train (on the CPU): a fresh one from the settings. A subclass may load weights."""
+        model = GPT(model_config_for(self.config, self.tokenizer.vocab_size))
+        return pytorch_default_init(model) if self.config.init == "pytorch" else model
 
     def _setup_precision(self) -> None:
         precision, device = self.config.precision, self.device
@@ -408,8 +364,6 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
     def _setup_data(self) -> None:
-        from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
-
         c = self.config
         ids, self.tokenizer = load_corpus(c.corpus, c.tokenizer, c.text)
         context = c.context_length or get_preset(c.model).context_length
@@ -431,15 +385,21 @@ class Trainer:
         self.train_loader = make_loader(self.train_set, c.batch_size, train=True, seed=c.seed,
                                         rank=d.rank, world_size=d.world_size)
         # Evaluation reads the same leading windows every time, unshuffled, on every process.
-        self.train_eval_loader = make_loader(TokenWindows(train_ids, context, context), c.batch_size, train=False)
+        self.train_eval_loader = make_loader(TokenWindows(train_ids, context, context), c.batch_size,
+                                             train=False)
         self.val_loader = make_loader(self.val_set, c.batch_size, train=False) if self.val_set else None
         self.steps_per_epoch = len(self.train_loader) // c.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{len(self.train_set)} training windows make no full step of {c.batch_size} x {c.grad_accum} "
-                f"x {d.world_size} windows: lower --batch-size or --grad-accum, or use more text"
+                f"{len(self.train_set)} training windows make no full step of {c.batch_size} x "
+                f"{c.grad_accum} x {d.world_size} windows: lower --batch-size or --grad-accum, "
+                "or use more text"
             )
         self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
+        # The cadence, in steps, decided once: 0 means evaluate at the end of each epoch and checkpoint
+        # at each evaluation. (The last step does both whatever the cadence.)
+        self.eval_every = c.eval_every or self.steps_per_epoch
+        self.checkpoint_every = c.checkpoint_every or self.eval_every
         self.tokens_per_step = c.batch_size * c.grad_accum * d.world_size * context
         self.prompt_ids = self.tokenizer.encode(c.sample_prompt) if c.sample_prompt else []
         self.n_train_tokens, self.n_val_tokens = len(train_ids), len(val_ids)
@@ -448,8 +408,6 @@ class Trainer:
 
     def say(self, message: str) -> None:
         if self.dist.is_main:
-            from tqdm import tqdm
-
             tqdm.write(message)
 
     def batches(self, start_step: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -474,7 +432,8 @@ class Trainer:
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for index, (inputs, targets) in enumerate(micro_batches):
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
             # Averaging gradients across processes is needed once per step, on the last micro-batch.
             syncing = index == accum - 1 or self.dist.world_size == 1
             with (nullcontext() if syncing else self.train_model.no_sync()), self.autocast():
@@ -497,8 +456,6 @@ class Trainer:
         Returns the metric records (also in OUT/metrics.jsonl). Raises TrainingDiverged if the
         loss stops being finite; the last checkpoint on disk is then the last good state.
         """
-        from tqdm import tqdm
-
         c = self.config
         end = self.total_steps if until_step is None else min(until_step, self.total_steps)
         if self.step == 0:
@@ -517,14 +474,14 @@ class Trainer:
                 window_steps += 1
                 bar.update()
                 last = self.step == self.total_steps
-                evaluate = last or (self.step % c.eval_every == 0 if c.eval_every
-                                    else self.step % self.steps_per_epoch == 0)
+                evaluate = self.step % self.eval_every == 0 or last
                 if self.step % c.log_every == 0 or evaluate or self.step == end:
                     loss_value = self._mean_across_processes(loss)
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_steps * self.tokens_per_step / elapsed
                     self._check_finite(loss_value)
-                    record = self._record("step", train_loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1))
+                    record = self._record("step", train_loss=loss_value, lr=lr,
+                                          tokens_per_s=round(tokens_per_s, 1))
                     if self.peak_flops:
                         # Per GPU: the step's FLOPs are spread over world_size devices of this peak.
                         flops_per_s = window_steps * self.flops_per_step / elapsed / self.dist.world_size
@@ -532,17 +489,16 @@ class Trainer:
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
+                evaluation = self.evaluate_and_log() if evaluate else None
+                if self.step % self.checkpoint_every == 0 or last:
+                    self.save(val_loss=evaluation["val_loss"] if evaluation else None)
                 if evaluate:
-                    self.evaluate_and_log()
-                if last or (c.checkpoint_every and self.step % c.checkpoint_every == 0) or \
-                        (not c.checkpoint_every and evaluate):
-                    self.save()
-                if evaluate or last:
-                    window_start, window_steps = time.perf_counter(), 0  # eval and saving are not training speed
+                    # Evaluating and saving are not training speed.
+                    window_start, window_steps = time.perf_counter(), 0
         except KeyboardInterrupt:
             where = (f"the checkpoint of step {self.last_checkpoint_step} is in {self.out / 'last'}; "
-                     f"--resume {self.out} continues from it") if self.out and self.last_checkpoint_step else \
-                "no checkpoint was written yet"
+                     f"--resume {self.out} continues from it") if self.out and self.last_checkpoint_step \
+                else "no checkpoint was written yet"
             self.say(f"interrupted at step {self.step}: {where}")
             raise
         finally:
@@ -556,8 +512,8 @@ class Trainer:
         self.say(f"data: {self.n_train_tokens:,} training tokens -> {len(self.train_set):,} windows; "
                  f"{self.n_val_tokens:,} validation tokens; {self.steps_per_epoch:,} steps per epoch of "
                  f"{self.tokens_per_step:,} tokens; {self.total_steps:,} steps")
-        self.say(f"device {self.device} x {self.dist.world_size}, {self.precision}, {c.optimizer} lr {c.lr:g} "
-                 f"({c.schedule}), out {self.out or '(nothing kept)'}")
+        self.say(f"device {self.device} x {self.dist.world_size}, {self.precision}, {c.optimizer} "
+                 f"lr {c.lr:g} ({c.schedule}), out {self.out or '(nothing kept)'}")
 
     def _mean_across_processes(self, value: torch.Tensor) -> float:
         if self.dist.world_size > 1:
@@ -612,11 +568,11 @@ class Trainer:
         """The sample prompt continued by the current model (greedy, or seeded sampling)."""
         if not self.prompt_ids:
             return ""
-        context = self.model.config.context_length
+        c, context = self.config, self.model.config.context_length
         ids = torch.tensor([self.prompt_ids[-context:]], device=self.device)
         with self.autocast():
-            out = self.model.generate(ids, self.config.sample_tokens, temperature=self.config.sample_temperature,
-                                      top_k=50 if self.config.sample_temperature else None, seed=self.config.seed)
+            out = self.model.generate(ids, c.sample_tokens, temperature=c.sample_temperature,
+                                      top_k=50 if c.sample_temperature else None, seed=c.seed)
         return self.tokenizer.decode(out[0].tolist())
 
     def evaluate_and_log(self) -> dict:
@@ -633,20 +589,19 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def save(self) -> None:
-        """Write OUT/last (and OUT/best + the top level when the validation loss improved)."""
+    def save(self, val_loss: float | None = None) -> None:
+        """Write OUT/last, and OUT/best + the top level when `val_loss` (this step's) is the lowest yet.
+
+        With --no-keep-best, or no validation set, every checkpoint is the best one.
+        """
         if not self.out or not self.dist.is_main:
             return
-        from glassgpt.checkpoint import save_checkpoint
-
-        evals = [r for r in self.records if r["event"] == "eval" and r["step"] == self.step]
-        val = evals[-1]["val_loss"] if evals else None
-        if self.config.keep_best and val is not None:
-            best = val < self.best_val
+        if self.config.keep_best and val_loss is not None:
+            best = val_loss < self.best_val
         else:
             best = not self.config.keep_best or self.val_set is None
-        if best and val is not None:
-            self.best_val = min(self.best_val, val)
+        if best and val_loss is not None:
+            self.best_val = min(self.best_val, val_loss)
         state = {
             "step": self.step,
             "best_val": self.best_val,
@@ -657,20 +612,13 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
         }
-        extra = {"training": {"step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": val,
-                              "recipe_model": self.config.model}}
+        extra = {"training": {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                              "val_loss": val_loss, "recipe_model": self.config.model}}
         save_checkpoint(self.out, self.model, self.tokenizer, state=state, best=best, extra=extra)
         self.last_checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
-        from safetensors.torch import load_file
-
-        from glassgpt.checkpoint import LAST, load_state
-        from glassgpt.weights import WEIGHTS_FILE, load_state_into
-
-        state = load_state(self.out)
-        weights = load_file(str(self.out / LAST / WEIGHTS_FILE), device=str(self.device))
-        load_state_into(self.model, weights, str(self.out / LAST))
+        state = load_checkpoint(self.out, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -695,8 +643,6 @@ class Trainer:
 
 def saved_config(out: str | Path) -> TrainConfig:
     """The settings of the run checkpointed in `out` (to resume it)."""
-    from glassgpt.checkpoint import load_state
-
     return TrainConfig.from_dict(load_state(out)["config"])
 
 
@@ -707,133 +653,10 @@ def train(config: TrainConfig, resume: bool = False) -> Trainer:
     return trainer
 
 
-def demo(out: str | Path = "runs/demo", recipe_name: str = "demo", serve: bool = True,
-         host: str = "127.0.0.1", port: int = 8000) -> int:
-    """The README's main job: train `recipe_name` into `out` unless a model is there, print samples,
-    then serve the model in the browser (when `glassgpt.serve` is available). Returns an exit status."""
-    import importlib
-
-    from glassgpt.checkpoint import has_checkpoint
-    from glassgpt.weights import GLASSGPT_META, load_model
-
-    out = Path(out)
-    settings = recipe(recipe_name, out=str(out))
-    if (out / GLASSGPT_META).exists() and not (out / ".demo-training").exists():
-        print(f"using the model already trained in {out} (delete the directory to train it again)")
-    else:
-        resume = has_checkpoint(out)  # an earlier demo was interrupted: continue it
-        print(f"{'resuming' if resume else 'training'} the '{recipe_name}' recipe into {out} "
-              "(about 3 minutes on a 2-core CPU; Ctrl-C stops, running again resumes)")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".demo-training").touch()  # marks a model file written by an unfinished run
-        train(saved_config(out) if resume else settings, resume=resume)
-        (out / ".demo-training").unlink()
-    model, tokenizer = load_model(out)
-    prompt = torch.tensor([tokenizer.encode(settings.sample_prompt)])
-    for label, sampling in (("greedy", {}), ("sampled, temperature 0.7, top-k 50",
-                                             {"temperature": 0.7, "top_k": 50, "seed": settings.seed})):
-        text = tokenizer.decode(model.generate(prompt, 40, **sampling)[0].tolist())
-        print(f"\n[{label}]\n{text}")
-    if not serve:
-        return 0
-    try:
-        server = importlib.import_module("glassgpt.serve")
-    except ImportError as error:
-        print(f"\n(the web server is not available: {error}); try: glassgpt generate --model {out} \"Every effort\"")
-        return 0
-    print(f"\nstarting the web server: open http://{host}:{port}/ in a browser (Ctrl-C stops)")
-    server.serve(str(out), host=host, port=port)
-    return 0
-
-
-def train_tinygpt(epochs: int = 200, lr: float = 0.01, seed: int = 123) -> tuple[GPT, CharTokenizer, list[float]]:
+def train_tinygpt(epochs: int = 200, lr: float = 0.01,
+                  seed: int = 123) -> tuple[GPT, CharTokenizer, list[float]]:
     """The `tinygpt` recipe in memory: (model, tokenizer, loss of each step)."""
     trainer = Trainer(recipe("tinygpt", epochs=epochs, lr=lr, seed=seed, eval_every=epochs))
     records = trainer.fit()
     losses = [r["train_loss"] for r in records if r["event"] == "step"]
     return trainer.model.eval(), trainer.tokenizer, losses
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--recipe`, `--resume`, and one `--flag` per TrainConfig setting (given flags override the recipe)."""
-    parser.add_argument("--recipe", choices=list(RECIPES), help="named settings to start from")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR (its settings, "
-                        "unless overridden)")
-    hints = typing.get_type_hints(TrainConfig)
-    for setting in dataclasses.fields(TrainConfig):
-        flag = "--" + setting.name.replace("_", "-")
-        kind = hints[setting.name]
-        help_text = setting.metadata.get("help", "")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif kind == list[str]:
-            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text)
-        else:
-            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            parser.add_argument(flag, type=_optional(base), default=argparse.SUPPRESS, metavar=base.__name__.upper(),
-                                help=help_text)
-
-
-def _optional(base: type):
-    def parse(text: str):
-        return None if text.lower() == "none" else base(text)
-
-    parse.__name__ = base.__name__
-    return parse
-
-
-def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
-    """(settings, resume?) from parsed arguments: recipe or saved run, then the flags given."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {name: value for name, value in vars(args).items() if name in names}
-    if args.resume:
-        base = saved_config(args.resume).to_dict()
-        given["out"] = args.resume
-    elif args.recipe:
-        base = RECIPES[args.recipe]
-    else:
-        base = {}
-    if not args.resume and not given.get("out"):
-        raise ValueError("say where the run goes: --out DIR")
-    return TrainConfig(**{**base, **given}), bool(args.resume)
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Train as the arguments say; print where the result is. Returns an exit status."""
-    config, resume = config_from_args(args)
-    try:
-        trainer = train(config, resume=resume)
-        if torch.distributed.is_initialized():
-            # Every rank finishes its last collective and rank 0 its last write before any rank tears
-            # the group down; tearing down early aborts the other rank's gloo threads (SIGABRT).
-            torch.distributed.barrier()
-    except TrainingDiverged:
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if trainer.dist.is_main and trainer.out:
-        print(f"done: {trainer.step} steps; model in {trainer.out} "
-              f"(glassgpt generate --model {trainer.out}), metrics in {trainer.out / 'metrics.jsonl'}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m glassgpt.train ...` (what torchrun runs): the same flags as `glassgpt train`."""
-    parser = argparse.ArgumentParser(prog="python -m glassgpt.train", description="Train a glassgpt model.")
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"glassgpt train: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
