@@ -452,7 +452,7 @@ def test_site_writes_the_pages_pointed_at_a_remote_api(tmp_path, capsys, client)
     assert main(["site", str(tmp_path / "site"), "--api", "http://127.0.0.1:9000/"]) == 0
     site = tmp_path / "site"
     for page in ("index.html", "architecture.html", "inside.html"):
-        assert (site / page).read_text() == client.get(f"/{page}").text  # the pages as the server renders them
+        assert (site / page).read_text() == client.get(f"/{page}").text  # as the server renders them
     assert (site / "static" / "style.css").exists() and (site / "static" / "generate.js").exists()
     assert 'window.GLASSGPT_API = "http://127.0.0.1:9000";' in (site / "static" / "config.js").read_text()
     assert "--cors-origin" in capsys.readouterr().out
