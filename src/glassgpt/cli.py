@@ -224,16 +224,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from glassgpt.generate import Timing, check_sampling, stream_text
+    from glassgpt.generate import Sampling, Timing, stream_text
     from glassgpt.hub import resolve_model
 
-    check_sampling(args.temperature, args.top_k, args.top_p)  # before loading gigabytes of weights
+    # A Sampling checks its settings as it is made: here, before loading gigabytes of weights.
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        stop=args.stop or ())
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, description = resolve_model(args.model, device=args.device, dtype=args.dtype)
     timing = Timing()
-    pieces = stream_text(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, timing=timing,
+    pieces = stream_text(model, tokenizer, args.prompt, args.max_tokens, sampling, timing=timing,
                          compile=args.compile)
     if args.stream:
         print(args.prompt, end="", flush=True)

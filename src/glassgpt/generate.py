@@ -5,7 +5,9 @@ the newest token. GPT-2's positions are learned absolute slots, so a cache canno
 context length: once prompt + generated tokens exceed it, every step recomputes the last
 `context_length` tokens from scratch, exactly as the tutorial's no-cache loop does.
 
-Three layers, each built on the one before:
+`Sampling` holds the settings (temperature, top-k, top-p, seed, end-of-text id, stop strings) as
+one object; every function below takes it, or its fields by name. Three layers, each built on
+the one before:
 - `iter_tokens` yields next-token ids one step at a time (the decoding loop itself);
 - `generate` collects them into the prompt ids (batches of prompts of different lengths too);
 - `stream_text` turns them into text pieces, never splitting a UTF-8 character, and honours stop
@@ -16,9 +18,8 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +35,44 @@ def check_sampling(temperature: float | None, top_k: int | None, top_p: float | 
         raise ValueError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is picked, and what ends a generation before `max_new_tokens`.
+
+    Greedy when `temperature` is 0 (or None); otherwise sampled from softmax(logits / temperature)
+    after top-k and top-p filtering, with a private generator seeded by `seed` (same seed, same
+    text). `eos_id` ends a sequence when it is produced; `stop` strings end a text (`stream_text`,
+    which also takes the tokenizer's end-of-text id when `eos_id` is None). Bad settings raise
+    ValueError when the object is made, so before any step runs.
+    """
+
+    temperature: float | None = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    eos_id: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        object.__setattr__(self, "stop", stop)  # one string or a list in, a tuple kept
+
+    @classmethod
+    def of(cls, sampling: Sampling | None = None, **settings) -> Sampling:
+        """`sampling` (default: greedy) with the fields named in `settings` replaced.
+
+        The keyword API's way in: `generate(model, ids, 20, temperature=0.8, seed=1)` and
+        `generate(model, ids, 20, Sampling(temperature=0.8, seed=1))` are the same call.
+        """
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__} "
+                            f"(name the settings: temperature=..., top_k=...)")
+        return replace(sampling or cls(), **settings)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -105,16 +144,40 @@ def _check_prompt(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
             raise ValueError("every row of attention_mask needs at least one real token")
 
 
-def _decode_steps(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
-                  temperature, top_k, top_p, eos_id, seed, use_cache: bool, compile: bool) -> Iterator[torch.Tensor]:
+def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
+    """The model call every decoding step makes, chosen once before the loop (which never knows).
+
+    On a CPU, fp32 matrix products go to multi-threaded kernels (see glassgpt.fast); with
+    compile=True, one-token products in fp32 or bf16 go to compiled ones. The kernel mode stays out
+    of calls it would not change (one-row steps on Intel), sparing their operations its dispatch.
+    """
+    weight = model.tok_emb.weight
+    if weight.device.type != "cpu" or not (weight.dtype == torch.float32
+                                           or (compile and weight.dtype == torch.bfloat16)):
+        return model
+    # A kernel mode holds no state, so these two serve every call (and every thread).
+    one_row, several_rows = cpu_inference_kernels(compile, rows=1), cpu_inference_kernels(compile)
+
+    def call(fed: torch.Tensor, **inputs) -> torch.Tensor:
+        with one_row if fed.numel() == 1 else several_rows:
+            return model(fed, **inputs)
+
+    return call
+
+
+def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
+                  use_cache: bool) -> Iterator[torch.Tensor]:
     """The decoding loop on a checked (B, T) batch: yields each step's next ids (B,).
 
-    Tokens live in one pre-allocated buffer (no growing concatenation); rows that produced
-    `eos_id` keep yielding it, and the loop ends once every row has. Inference mode is entered per
-    step, never held across a `yield`, so the caller's own code between steps is unaffected.
+    `forward` is the model call (`_model_call`). Tokens live in one pre-allocated buffer (no growing
+    concatenation); rows that produced `eos_id` keep yielding it, and the loop ends once every row
+    has. Inference mode is entered per step, never held across a `yield`, so the caller's own code
+    between steps is unaffected.
     """
     batch, prompt_length = ids.shape
     device = ids.device
+    eos_id, seed = sampling.eos_id, sampling.seed
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     total = prompt_length + max_new_tokens
     with torch.inference_mode():
@@ -126,11 +189,6 @@ def _decode_steps(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
             mask[:, :prompt_length] = attention_mask
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    # On a CPU, fp32 matrix products go to multi-threaded kernels (see glassgpt.fast); with
-    # compile=True, one-token products in fp32 or bf16 go to compiled ones.
-    dtype = model.tok_emb.weight.dtype
-    faster = device.type == "cpu" and (dtype == torch.float32 or (compile and dtype == torch.bfloat16))
-    kernels = (lambda rows: cpu_inference_kernels(compile, rows)) if faster else (lambda rows: nullcontext())
     was_training = model.training
     model.eval()
     try:
@@ -138,8 +196,9 @@ def _decode_steps(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
         length = prompt_length
         for _ in range(max_new_tokens):
             with torch.inference_mode():
-                next_ids, cache = _step(model, tokens, mask, length, cache, use_cache, temperature, top_k,
-                                        top_p, generator, kernels)
+                logits, cache = _step(model, forward, tokens, mask, length, cache, use_cache)
+                next_ids = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                                       generator)
                 if eos_id is not None:
                     next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
                     finished |= next_ids == eos_id
@@ -152,12 +211,9 @@ def _decode_steps(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
         model.train(was_training)
 
 
-def _step(model: GPT, tokens: torch.Tensor, mask: torch.Tensor | None, length: int, cache,
-          use_cache: bool, temperature, top_k, top_p, generator, kernels):
-    """One decoding step over tokens[:, :length]: (next ids (B,), the cache for the next step).
-
-    `kernels(rows)` is the context for the model call that feeds `rows` token rows.
-    """
+def _step(model: GPT, forward: Callable[..., torch.Tensor], tokens: torch.Tensor, mask: torch.Tensor | None,
+          length: int, cache, use_cache: bool):
+    """One model call over tokens[:, :length]: (last-position logits (B, vocab), the next step's cache)."""
     context = model.config.context_length
     if use_cache and length <= context:
         if cache is None:
@@ -168,11 +224,9 @@ def _step(model: GPT, tokens: torch.Tensor, mask: torch.Tensor | None, length: i
     else:                                                              # past the context: recompute
         begin = max(0, length - context)
         step_cache, mask_begin = None, begin
-    fed = tokens[:, begin:length]
-    with kernels(fed.numel()):
-        logits = model(fed, cache=step_cache,
-                       attention_mask=mask[:, mask_begin:length] if mask is not None else None)
-    return sample_next(logits[:, -1, :], temperature, top_k, top_p, generator), cache
+    logits = forward(tokens[:, begin:length], cache=step_cache,
+                     attention_mask=mask[:, mask_begin:length] if mask is not None else None)
+    return logits[:, -1, :], cache
 
 
 def _as_batch(ids) -> tuple[torch.Tensor, bool]:
@@ -182,7 +236,8 @@ def _as_batch(ids) -> tuple[torch.Tensor, bool]:
     if ids.dim() == 1:
         return ids.unsqueeze(0).long(), True
     if ids.dim() != 2:
-        raise ValueError(f"ids must be a sequence of token ids or a (batch, n_tokens) tensor, got {ids.dim()} dims")
+        raise ValueError(f"ids must be a sequence of token ids or a (batch, n_tokens) tensor, "
+                         f"got {ids.dim()} dims")
     return ids.long(), False
 
 
@@ -190,23 +245,24 @@ def _model_device(model: GPT) -> torch.device:
     return model.tok_emb.weight.device
 
 
-def iter_tokens(model: GPT, ids, max_new_tokens: int, temperature: float | None = 0.0,
-                top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                seed: int | None = None, *, attention_mask: torch.Tensor | None = None,
-                use_cache: bool = True, compile: bool = False) -> Iterator:
+def iter_tokens(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None = None, *,
+                attention_mask: torch.Tensor | None = None, use_cache: bool = True, compile: bool = False,
+                **settings) -> Iterator:
     """Yield the next token ids one step at a time, up to `max_new_tokens` of them.
 
     `ids`: one prompt (a list of ids or a 1-D tensor) -> yields ints; a batch (B, T) tensor ->
     yields (B,) tensors (with `attention_mask` (B, T) when the prompts are left-padded).
-    Greedy when temperature is 0; otherwise samples from softmax(logits / temperature) after
-    top-k and top-p filtering, with a private generator seeded by `seed` (same seed, same text).
-    `eos_id` is yielded when produced and ends a single sequence; in a batch, finished rows repeat
-    it until every row has finished. Bad settings raise ValueError here, before any step runs.
+    `sampling` (a `Sampling`), or its fields by name (`temperature=0.8, top_k=40, seed=1, eos_id=...`),
+    say how tokens are picked; the default is greedy. `eos_id` is yielded when produced and ends a
+    single sequence; in a batch, finished rows repeat it until every row has finished. Bad settings
+    raise ValueError here, before any step runs.
     `compile=True`: on a CPU in fp32 or bf16, one-token steps use compiled matrix-vector kernels
     (`glassgpt.fast.compiled_matvec`: faster decoding on AMD processors after a first-use compile
     of seconds); elsewhere it changes nothing.
     """
-    check_sampling(temperature, top_k, top_p)
+    sampling = Sampling.of(sampling, **settings)
+    if sampling.stop:
+        raise ValueError("stop strings end a text, not a list of ids: use stream_text or generate_text")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     batch_ids, single = _as_batch(ids)
@@ -215,15 +271,14 @@ def iter_tokens(model: GPT, ids, max_new_tokens: int, temperature: float | None 
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
     _check_prompt(model, batch_ids, attention_mask)
-    steps = _decode_steps(model, batch_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                          eos_id, seed, use_cache, compile)
+    steps = _decode_steps(model, _model_call(model, compile), batch_ids, attention_mask, max_new_tokens,
+                          sampling, use_cache)
     return (int(next_ids[0]) for next_ids in steps) if single else steps
 
 
-def generate(model: GPT, ids, max_new_tokens: int, temperature: float | None = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             seed: int | None = None, use_cache: bool = True,
-             attention_mask: torch.Tensor | None = None, compile: bool = False):
+def generate(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None = None, *,
+             attention_mask: torch.Tensor | None = None, use_cache: bool = True, compile: bool = False,
+             **settings):
     """The prompt ids with up to `max_new_tokens` generated ids appended.
 
     - `ids` (B, T) tensor -> (B, T + n) tensor. Left-padded prompts need `attention_mask` (B, T);
@@ -233,20 +288,21 @@ def generate(model: GPT, ids, max_new_tokens: int, temperature: float | None = 0
     - `ids` a 1-D tensor -> (1, T + n) tensor.
     See `iter_tokens` for the sampling settings.
     """
+    sampling = Sampling.of(sampling, **settings)
     if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple)):
         padded, mask = left_pad(ids)
-        out = generate(model, padded, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
-                       use_cache, attention_mask=mask, compile=compile)
+        out = generate(model, padded, max_new_tokens, sampling, attention_mask=mask, use_cache=use_cache,
+                       compile=compile)
         results = []
         for prompt, row in zip(ids, out[:, padded.shape[1]:].tolist(), strict=True):
-            if eos_id is not None and eos_id in row:
-                row = row[:row.index(eos_id) + 1]
+            if sampling.eos_id is not None and sampling.eos_id in row:
+                row = row[:row.index(sampling.eos_id) + 1]
             results.append(list(prompt) + row)
         return results
     batch_ids, _ = _as_batch(ids)
     batch_ids = batch_ids.to(_model_device(model))
-    steps = list(iter_tokens(model, batch_ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
-                             attention_mask=attention_mask, use_cache=use_cache, compile=compile))
+    steps = list(iter_tokens(model, batch_ids, max_new_tokens, sampling, attention_mask=attention_mask,
+                             use_cache=use_cache, compile=compile))
     if not steps:
         return batch_ids
     return torch.cat([batch_ids, torch.stack(steps, dim=1)], dim=1)
@@ -344,31 +400,28 @@ class Timing:
             yield token
 
 
-def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, temperature: float | None = 0.0,
-                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                stop: str | Sequence[str] | None = None, *, timing: Timing | None = None,
-                compile: bool = False) -> Iterator[str]:
+def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, sampling: Sampling | None = None, *,
+                timing: Timing | None = None, compile: bool = False, **settings) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces while tokens are generated.
 
     Pieces never hold a broken UTF-8 character. Generation ends at the tokenizer's end-of-text
     token (not shown), after `max_new_tokens`, or at the first stop string (not shown either).
-    See `iter_tokens` for the sampling settings and `detokenize_stream` for the text. Pass a
-    `Timing()` to have it filled in with prefill and decode speeds.
-    Bad settings raise ValueError here, before any text is produced.
+    See `Sampling` for the settings (an object or its fields by name, `stop` strings included)
+    and `detokenize_stream` for the text. Pass a `Timing()` to have it filled in with prefill and
+    decode speeds. Bad settings raise ValueError here, before any text is produced.
     """
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not s for s in stops):
-        raise ValueError("stop strings must not be empty")
+    sampling = Sampling.of(sampling, **settings)
     ids = tokenizer.encode(prompt)
     eos_id = tokenizer.eos_id
     if not ids:
         if eos_id is None:
             raise ValueError("the prompt is empty; give at least one character")
         ids = [eos_id]  # GPT-2 was trained with <|endoftext|> between documents: a neutral start
-    tokens = iter_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed, compile=compile)
+    until = replace(sampling, stop=(), eos_id=eos_id if sampling.eos_id is None else sampling.eos_id)
+    tokens = iter_tokens(model, ids, max_new_tokens, until, compile=compile)
     if timing is not None:
         tokens = timing.timed(tokens, len(ids))
-    return _stream(tokenizer, tokens, stops)
+    return _stream(tokenizer, tokens, sampling.stop)
 
 
 def _stream(tokenizer, tokens, stop):

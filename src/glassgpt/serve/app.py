@@ -6,47 +6,40 @@
     POST /api/inspect       tokens, top-10 next tokens, attention of every layer and head
     GET  /api/explain[/{t}] the walk-through topics (glassgpt.explain), run on the live model
     GET  /healthz, /readyz  process up; model loaded
-    GET  /, /architecture, /inside, /learn   the pages (static/), also as /NAME.html
+    GET  /, /architecture, /inside, /learn   the pages (static/, see site.py), also as /NAME.html
 
-Model work runs in worker threads behind a `Gate`, never on the event loop.
+`create_app` builds the app from route installers, one per group of routes. Model work runs in
+worker threads behind a `Gate` (`gated`), never on the event loop.
 """
 
+# No `from __future__ import annotations`: FastAPI reads the request models (classes made inside
+# functions) from the route functions' annotations.
 
 import asyncio
-import importlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glassgpt.serve.engine import (
-    Busy,
-    Gate,
-    ModelHost,
-    Sampling,
-    inspect_text,
-    run_generation,
-)
+from glassgpt import explain
+from glassgpt.generate import Sampling
+from glassgpt.serve.engine import Busy, Gate, ModelHost, Ticket, inspect_text, run_generation
 from glassgpt.serve.middleware import AccessLog, BodySizeLimit
+from glassgpt.serve.site import PAGES, STATIC_DIR, render_page
 
 log = logging.getLogger("glassgpt.serve")
-STATIC_DIR = Path(__file__).parent / "static"
-# URL -> file in static/. Each page is also served as /FILE so that links work the same way on
-# this server and on the static copy written by `glassgpt site`.
-PAGES = {"/": "index.html", "/architecture": "architecture.html", "/inside": "inside.html", "/learn": "learn.html"}
 T = TypeVar("T")
 
 
@@ -66,11 +59,13 @@ class ServeSettings:
     compile: bool = False               # CPU decoding through compiled kernels (compiled at warm-up)
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens_cap", "max_prompt_chars", "inspect_max_tokens", "max_running", "max_body_bytes"):
+        for name in ("max_tokens_cap", "max_prompt_chars", "inspect_max_tokens", "max_running",
+                     "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))  # a list given is kept as a tuple
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"CORS origin {origin!r} must look like http://host:port or https://host")
@@ -80,8 +75,8 @@ class ServeSettings:
 
 # ---------------------------------------------------------------- request and response bodies
 
-def request_models(settings: ServeSettings) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The request bodies, with bounds taken from `settings` so the OpenAPI schema shows them."""
+def generate_request_model(settings: ServeSettings) -> type[BaseModel]:
+    """POST /generate's body, with bounds taken from `settings` so the OpenAPI schema shows them."""
 
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -103,13 +98,23 @@ def request_models(settings: ServeSettings) -> tuple[type[BaseModel], type[BaseM
                     raise ValueError("each stop string must be 1 to 64 characters")
             return stop
 
+        def sampling(self) -> Sampling:
+            return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                            stop=tuple(self.stop))
+
+    return GenerateRequest
+
+
+def inspect_request_model(settings: ServeSettings) -> type[BaseModel]:
+    """POST /api/inspect's body, bounded by `settings` like `generate_request_model`."""
+
     class InspectRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
         text: str = Field(min_length=1, max_length=20 * settings.inspect_max_tokens,
                           examples=["The painting was"])
 
-    return GenerateRequest, InspectRequest
+    return InspectRequest
 
 
 class GenerateResponse(BaseModel):
@@ -146,43 +151,57 @@ def _describe_problem(error: dict) -> str:
     return f"{field}: {error.get('msg', 'invalid')}".replace("Value error, ", "")
 
 
-# ---------------------------------------------------------------- the app
+# ---------------------------------------------------------------- model work behind the gate
 
-def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings | None = None,
-               **overrides) -> FastAPI:
-    """A FastAPI app serving `model`: a GPT object (with its tokenizer), a checkpoint dir or a preset.
+def gated(gate: Gate, work: Callable[[], T]) -> Awaitable[T]:
+    """Admit `work` now, or refuse it now (503 + Retry-After); the awaitable runs it in a worker thread
+    once the gate gives it a turn.
 
-    `settings` (or keyword overrides of its fields, e.g. max_running=2) set the limits.
+    Admission happens at the call, so a refusal is still an HTTP error even for a route that answers
+    with a stream. The place in the gate is given back however the job ends, even if it never ran.
     """
-    settings = settings or ServeSettings()
-    if overrides:
-        known = {f.name for f in fields(ServeSettings)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown serve settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        if "cors_origins" in overrides:
-            overrides["cors_origins"] = tuple(overrides["cors_origins"])
-        settings = ServeSettings(**{**{f.name: getattr(settings, f.name) for f in fields(settings)}, **overrides})
-    host = ModelHost(model, tokenizer, dtype=settings.dtype, compile=settings.compile)
-    gate = Gate(settings.max_running, settings.max_waiting)
-    GenerateRequest, InspectRequest = request_models(settings)
+    try:
+        ticket = gate.admit()
+    except Busy as busy:
+        raise HTTPException(503, str(busy), headers={"Retry-After": str(busy.retry_after_s)}) from None
+    return _run_admitted(ticket, work)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if not settings.lazy:
-            await run_in_threadpool(host.get)
-        yield
 
-    app = FastAPI(title="glassgpt", version="0.1.0", lifespan=lifespan,
-                  description="Generate text with a GPT you can see through, and look inside it.")
-    app.state.host, app.state.gate, app.state.settings = host, gate, settings
+async def _run_admitted(ticket: Ticket, work: Callable[[], T]) -> T:
+    started = False
 
-    # ------------------------------------------------ errors as {"error": "..."} in plain words
+    def job():
+        nonlocal started
+        started = True
+        with ticket:
+            return work()
+
+    try:
+        return await run_in_threadpool(job)
+    except BaseException:
+        if not started:  # cancelled before a worker thread picked it up
+            ticket.cancel()
+        raise
+
+
+async def answer(gate: Gate, work: Callable[[], T]) -> T:
+    """`gated` for a JSON answer: a ValueError (input the model cannot take) becomes 422."""
+    try:
+        return await gated(gate, work)
+    except ValueError as error:
+        raise HTTPException(422, str(error)) from None
+
+
+# ---------------------------------------------------------------- the routes, group by group
+
+def install_errors(app: FastAPI) -> None:
+    """Every refusal as {"error": "..."} in plain words (validation problems also in "detail")."""
 
     @app.exception_handler(RequestValidationError)
     async def validation_failed(request, exc: RequestValidationError):
         problems = [_describe_problem(e) for e in exc.errors()]
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+                  for e in exc.errors()]
         return JSONResponse(status_code=422, content={"error": "; ".join(problems), "detail": detail})
 
     @app.exception_handler(StarletteHTTPException)
@@ -190,52 +209,28 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
         return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)},
                             headers=getattr(exc, "headers", None))
 
-    def admit():
-        try:
-            return gate.admit()
-        except Busy as busy:
-            raise HTTPException(503, str(busy), headers={"Retry-After": str(busy.retry_after_s)}) from None
 
-    async def gated(work: Callable[[], T]) -> T:
-        """Run `work` in a worker thread once the gate gives it a turn; ValueError becomes 422."""
-        ticket = admit()
-        started = False
-
-        def job():
-            nonlocal started
-            started = True
-            with ticket:
-                return work()
-
-        try:
-            return await run_in_threadpool(job)
-        except ValueError as error:
-            raise HTTPException(422, str(error)) from None
-        except BaseException:
-            if not started:  # cancelled before a worker thread picked it up
-                ticket.cancel()
-            raise
-
-    def sampling(request) -> Sampling:
-        return Sampling(max_tokens=request.max_tokens, temperature=request.temperature, top_k=request.top_k,
-                        top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))
-
-    # ------------------------------------------------ the API
+def install_generation_api(app: FastAPI, host: ModelHost, gate: Gate, settings: ServeSettings) -> None:
+    """POST /generate and POST /generate/stream."""
+    GenerateRequest = generate_request_model(settings)
+    streams: set[asyncio.Task] = set()  # running stream jobs, held until they end
 
     @app.post("/generate", response_model=GenerateResponse, responses=BUSY, tags=["generate"])
     async def generate(request: GenerateRequest):
         """Continue the prompt; answer the whole continuation with its token counts and timing."""
         def work():
             model, tokenizer = host.get()
-            return run_generation(model, tokenizer, request.prompt, sampling(request), compile=host.compile)
+            return run_generation(model, tokenizer, request.prompt, request.max_tokens, request.sampling(),
+                                  compile=host.compile)
 
-        return {**await gated(work), "model": host.name}
+        return {**await answer(gate, work), "model": host.name}
 
-    @app.post("/generate/stream", responses={**BUSY, 200: {"content": {"text/event-stream": {}}}}, tags=["generate"])
+    stream_responses = {**BUSY, 200: {"content": {"text/event-stream": {}}}}
+
+    @app.post("/generate/stream", responses=stream_responses, tags=["generate"])
     async def generate_stream(request: GenerateRequest):
         """Server-sent events: `piece` {text} as each piece is made, then `done` (the /generate
         answer) or `error` {error}."""
-        ticket = admit()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -246,20 +241,21 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
             except RuntimeError:  # the event loop is gone: nobody is listening any more
                 cancelled.set()
 
-        def job():
-            # Runs in its own thread and always ends, so the ticket is always given back.
+        def work() -> None:
+            # The stream has begun, so every outcome, failure too, is an event.
             try:
-                with ticket:
-                    model, tokenizer = host.get()
-                    result = run_generation(model, tokenizer, request.prompt, sampling(request),
-                                            on_piece=lambda piece: push("piece", {"text": piece}),
-                                            cancelled=cancelled, compile=host.compile)
+                model, tokenizer = host.get()
+                sampling, on_piece = request.sampling(), lambda piece: push("piece", {"text": piece})
+                result = run_generation(model, tokenizer, request.prompt, request.max_tokens, sampling,
+                                        on_piece=on_piece, cancelled=cancelled, compile=host.compile)
                 push("done", {**result, "model": host.name})
             except Exception as error:
                 log.exception("streamed generation failed")
                 push("error", {"error": str(error) if isinstance(error, ValueError) else "generation failed"})
 
-        threading.Thread(target=job, name="glassgpt-stream", daemon=True).start()
+        job = asyncio.ensure_future(gated(gate, work))  # a full gate is a 503 here, before the stream
+        streams.add(job)
+        job.add_done_callback(streams.discard)
 
         async def event_stream():
             try:
@@ -274,6 +270,14 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
         return StreamingResponse(event_stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+
+def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: ServeSettings) -> None:
+    """GET /api/model, POST /api/inspect and the walk-through, GET /api/explain[/{topic}]."""
+    InspectRequest = inspect_request_model(settings)
+
+    def inspect_limit(model) -> int:
+        return min(settings.inspect_max_tokens, model.config.context_length)
+
     @app.get("/api/model", responses=BUSY, tags=["inspect"])
     async def model_info():
         """The live model: config, parameter breakdown (as `glassgpt info`), size, device, dtype."""
@@ -281,9 +285,6 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
         limits = {"max_tokens": settings.max_tokens_cap, "inspect_max_tokens": inspect_limit(model),
                   "max_prompt_chars": settings.max_prompt_chars}
         return {**host.description, "load_time_s": host.load_time_s, "limits": limits}
-
-    def inspect_limit(model) -> int:
-        return min(settings.inspect_max_tokens, model.config.context_length)
 
     @app.post("/api/inspect", responses=BUSY, tags=["inspect"])
     async def inspect(request: InspectRequest):
@@ -296,24 +297,16 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
                                  f"{inspect_limit(model)} (attention grows with the square of the length)")
             return inspect_text(model, tokenizer, request.text)
 
-        return await gated(work)
-
-    def explain_module():
-        try:
-            explain = importlib.import_module("glassgpt.explain")
-        except ImportError:
-            raise HTTPException(404, "the walk-through (glassgpt.explain) is not part of this build yet") from None
-        return explain
+        return await answer(gate, work)
 
     @app.get("/api/explain", tags=["learn"])
     async def explain_topics():
         """The walk-through's topics: [{name, title}]."""
-        return [{"name": name, "title": title} for name, title in explain_module().list_topics()]
+        return [{"name": name, "title": title} for name, title in explain.list_topics()]
 
     @app.get("/api/explain/{topic}", responses=BUSY, tags=["learn"])
     async def explain_topic(topic: str):
         """One walk-through topic computed with the live model: {topic, title, steps: [...]}."""
-        explain = explain_module()
         names = [name for name, _ in explain.list_topics()]
         if topic not in names:
             raise HTTPException(404, f"unknown topic {topic!r}; topics: {', '.join(names)}")
@@ -322,7 +315,11 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
             model, tokenizer = host.get()
             return explain.run_topic(topic, model=model, tokenizer=tokenizer)
 
-        return await gated(work)
+        return await answer(gate, work)
+
+
+def install_health(app: FastAPI, host: ModelHost) -> None:
+    """GET /healthz (the process is up) and GET /readyz (the model is loaded)."""
 
     @app.get("/healthz", tags=["health"])
     async def healthz():
@@ -336,21 +333,51 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
             raise HTTPException(503, "the model is not loaded yet", headers={"Retry-After": "1"})
         return {"status": "ready", "model": host.name, "load_time_s": host.load_time_s}
 
-    # ------------------------------------------------ the pages
 
-    def page_route(filename: str):
+def install_pages(app: FastAPI) -> None:
+    """The pages at their URLs and as /FILE, rendered once from static/; static/ itself under /static."""
+    def route(html: str):
         async def page():
-            path = STATIC_DIR / filename
-            if not path.exists():
-                raise HTTPException(404, f"the page {filename} is not there yet")
-            return FileResponse(path, media_type="text/html")
+            return HTMLResponse(html)
         return page
 
     for url, filename in PAGES.items():
-        app.add_api_route(url, page_route(filename), methods=["GET"], include_in_schema=False)
-        app.add_api_route(f"/{filename}", page_route(filename), methods=["GET"], include_in_schema=False)
+        page = route(render_page(filename))
+        app.add_api_route(url, page, methods=["GET"], include_in_schema=False)
+        app.add_api_route(f"/{filename}", page, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+
+# ---------------------------------------------------------------- the app
+
+def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings | None = None,
+               **overrides) -> FastAPI:
+    """A FastAPI app serving `model`: a GPT object (with its tokenizer), a checkpoint dir or a preset.
+
+    `settings` (or keyword overrides of its fields, e.g. max_running=2) set the limits.
+    """
+    unknown = sorted(set(overrides) - {f.name for f in fields(ServeSettings)})
+    if unknown:
+        known = ", ".join(f.name for f in fields(ServeSettings))
+        raise ValueError(f"unknown serve settings: {', '.join(unknown)}; known: {known}")
+    settings = replace(settings or ServeSettings(), **overrides)
+    host = ModelHost(model, tokenizer, dtype=settings.dtype, compile=settings.compile)
+    gate = Gate(settings.max_running, settings.max_waiting)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not settings.lazy:
+            await run_in_threadpool(host.get)
+        yield
+
+    app = FastAPI(title="glassgpt", version="0.1.0", lifespan=lifespan,
+                  description="Generate text with a GPT you can see through, and look inside it.")
+    app.state.host, app.state.gate, app.state.settings = host, gate, settings
+    install_errors(app)
+    install_generation_api(app, host, gate, settings)
+    install_inspect_api(app, host, gate, settings)
+    install_health(app, host)
+    install_pages(app)
     # Outermost last: the access log sees everything; CORS headers reach even a 413.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:

@@ -12,12 +12,11 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from glassgpt.generate import Timing, iter_tokens, stream_text
+from glassgpt.generate import Sampling, Timing, iter_tokens, stream_text
 from glassgpt.hub import check_model_spec, quantize_int8, resolve_model
 from glassgpt.inspect import record_attention
 from glassgpt.model import GPT
@@ -169,18 +168,6 @@ class Ticket:
 
 # ---------------------------------------------------------------- generation
 
-@dataclass(frozen=True)
-class Sampling:
-    """How to pick tokens: greedy at temperature 0, else sampled after top-k / top-p filtering."""
-
-    max_tokens: int = 50
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
 def fit_prompt(tokenizer, prompt: str, context_length: int, max_tokens: int) -> tuple[str, int, int]:
     """(prompt to use, its token count, tokens dropped from its start).
 
@@ -197,24 +184,21 @@ def fit_prompt(tokenizer, prompt: str, context_length: int, max_tokens: int) -> 
     return text, len(tokenizer.encode(text)), len(ids) - len(kept)
 
 
-def run_generation(model: GPT, tokenizer, prompt: str, sampling: Sampling,
+def run_generation(model: GPT, tokenizer, prompt: str, max_tokens: int, sampling: Sampling | None = None,
                    on_piece: Callable[[str], None] | None = None,
                    cancelled: threading.Event | None = None, compile: bool = False) -> dict:
-    """Continue `prompt`; call `on_piece` with each text piece as it is made; return the summary.
+    """Continue `prompt` by up to `max_tokens` tokens picked as `sampling` says (default greedy); call
+    `on_piece` with each text piece as it is made; return the summary.
 
     The summary is what POST /generate answers: text, completion, token counts, timing and
     whether the prompt had to be cut to fit the context. `cancelled` stops early (client gone).
-    Bad sampling settings raise ValueError before any token is made.
     """
     started = time.perf_counter()
-    used_prompt, prompt_tokens, dropped = fit_prompt(tokenizer, prompt, model.config.context_length,
-                                                     sampling.max_tokens)
+    context = model.config.context_length
+    used_prompt, prompt_tokens, dropped = fit_prompt(tokenizer, prompt, context, max_tokens)
     timing = Timing()
     pieces = []
-    stream = stream_text(model, tokenizer, used_prompt, max_new_tokens=sampling.max_tokens,
-                         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                         seed=sampling.seed, stop=list(sampling.stop) or None, timing=timing,
-                         compile=compile)
+    stream = stream_text(model, tokenizer, used_prompt, max_tokens, sampling, timing=timing, compile=compile)
     for piece in stream:
         pieces.append(piece)
         if on_piece is not None:
