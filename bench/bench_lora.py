@@ -10,7 +10,9 @@ AdamW (lr 1e-4, the loss from `model(inputs, targets=targets)`): "full" updates 
 glassgpt.lora) and updates only the adapters.
 
 Step time: the two alternate round by round (the order flips each round), so load from other
-processes on the machine falls on both alike; the median over rounds is reported.
+processes on the machine falls on both alike; the median over rounds is reported. On a CPU the
+process's CPU time per step is printed too: on a machine shared with other jobs it moves less than
+the wall-clock time.
 
 Memory: each contender runs again in its own fresh process (two steps, so Adam's state exists):
 on CUDA the peak of `torch.cuda.max_memory_allocated` over the steps; on a CPU the process's peak
@@ -108,21 +110,24 @@ def memory_figures(args, device: torch.device) -> dict[str, dict]:
     return figures
 
 
-def step_times(args, device: torch.device) -> dict[str, list[float]]:
+def step_times(args, device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and process CPU seconds of each timed step, per contender."""
     contenders = {kind: build(kind, args, device) for kind in CONTENDERS}
     inputs, targets = batch(contenders["full"][0], args, device, seed=0)
     for model, optimizer in contenders.values():  # warm-up: allocators, Adam's state, kernel choice
         step(model, optimizer, inputs, targets)
     times: dict[str, list[float]] = {kind: [] for kind in CONTENDERS}
+    cpu_times: dict[str, list[float]] = {kind: [] for kind in CONTENDERS}
     for round_index in range(args.rounds):
         inputs, targets = batch(contenders["full"][0], args, device, seed=round_index + 1)
         order = CONTENDERS if round_index % 2 == 0 else CONTENDERS[::-1]
         for kind in order:
             model, optimizer = contenders[kind]
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step(model, optimizer, inputs, targets)
             times[kind].append(time.perf_counter() - start)
-    return times
+            cpu_times[kind].append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def main() -> None:
@@ -141,7 +146,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     memory = memory_figures(args, device)
-    times = step_times(args, device)
+    times, cpu_times = step_times(args, device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads")
     peak = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS - RSS before the model"
@@ -152,12 +157,16 @@ def main() -> None:
     rows = [  # (label, {kind: value}, how to print a value)
         ("step time (s), median", median, "{:.3f}"),
         ("step time (s), fastest", fastest, "{:.3f}"),
+        ("CPU time per step (s, all threads), median",
+         {k: statistics.median(v) for k, v in cpu_times.items()}, "{:.3f}"),
         ("trainable parameters", {k: memory[k]["trainable"] for k in CONTENDERS}, "{:,}"),
         ("weights (MiB)", {k: memory[k]["weights"] / 2**20 for k in CONTENDERS}, "{:,.1f}"),
         ("gradients (MiB)", {k: memory[k]["grads"] / 2**20 for k in CONTENDERS}, "{:,.1f}"),
         ("optimizer state (MiB)", {k: memory[k]["optimizer_state"] / 2**20 for k in CONTENDERS}, "{:,.1f}"),
         (f"peak memory (MiB): {peak}", {k: memory[k]["peak"] / 2**20 for k in CONTENDERS}, "{:,.1f}"),
     ]
+    if device.type != "cpu":  # the host's CPU time says little about a GPU's step
+        rows = [row for row in rows if not row[0].startswith("CPU time")]
     print(f"| {'':<58} | {'full':>13} | {'LoRA':>13} | {'full / LoRA':>11} |")
     print(f"|{'-' * 60}|{'-' * 14}:|{'-' * 14}:|{'-' * 12}:|")
     for label, values, style in rows:
@@ -165,7 +174,7 @@ def main() -> None:
         print(f"| {label:<58} | {style.format(values['full']):>13} | {style.format(values['lora']):>13} "
               f"| {ratio:>10.2f}x |")
     if args.json:
-        print(json.dumps({"memory": memory, "step_times": times}))
+        print(json.dumps({"memory": memory, "step_times": times, "cpu_times": cpu_times}))
 
 
 if __name__ == "__main__":
