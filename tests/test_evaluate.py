@@ -42,7 +42,7 @@ def hf_dir(tmp_path_factory):
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.dim() > 1:
                 parameter.mul_(10.0)
             else:
@@ -181,7 +181,8 @@ def test_a_prepared_directory_gives_what_its_text_gives(hf_dir, text_file, tmp_p
     directory, _ = hf_dir
     prepare([str(text_file)], tmp_path / "prepared")
     from_text = evaluate_model(str(directory), str(text_file), device="cpu", context_length=32)
-    from_prepared = evaluate_model(str(directory), str(tmp_path / "prepared"), device="cpu", context_length=32)
+    from_prepared = evaluate_model(str(directory), str(tmp_path / "prepared"), device="cpu",
+                                   context_length=32)
     for key in ("loss", "perplexity", "bits_per_byte", "tokens", "windows", "bytes"):
         assert from_prepared[key] == pytest.approx(from_text[key], rel=1e-9)
 
@@ -190,7 +191,8 @@ def test_json_output_parses_and_the_default_data_is_the_verdict(hf_dir, capsys):
     directory, _ = hf_dir
     assert main(["eval", "--model", str(directory), "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) >= {"loss", "perplexity", "bits_per_byte", "tokens", "windows", "bytes", "model", "data"}
+    assert set(result) >= {"loss", "perplexity", "bits_per_byte", "tokens", "windows", "bytes", "model",
+                           "data"}
     assert result["data"] == "bundled:the-verdict.txt"
     verdict = bundled_text()
     ids = get_tokenizer("gpt2").encode(verdict)
@@ -224,7 +226,8 @@ def test_an_empty_text_is_a_clear_error_before_loading(hf_dir, tmp_path, capsys,
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
     assert main(["eval", "--model", str(directory), "--data", str(empty)]) == 2
-    assert capsys.readouterr().err.strip() == f"glassgpt: error: {empty} is empty: there is nothing to evaluate"
+    expected = f"glassgpt: error: {empty} is empty: there is nothing to evaluate"
+    assert capsys.readouterr().err.strip() == expected
     assert main(["eval", "--model", str(directory), "--data", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", "--model", str(directory), "--data", "bundled:nope.txt"]) == 2
