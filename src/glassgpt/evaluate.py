@@ -126,6 +126,18 @@ def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, context_length: i
     return evaluate_lm(model, tokenizer.encode(text), tokenizer, context_length, batch_size)
 
 
+# ---------------------------------------------------------------- a classifier
+
+def evaluate_classifier(model: GPT, tokenizer: Tokenizer, labelled,
+                        batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """A classifier's `accuracy` and `confusion` matrix (rows: the true class, columns: the predicted
+    one, both in the order of `classes`) on `labelled` texts, with `classes` and `examples`.
+
+    The seam for `glassgpt.classify` (`predict`, `load_labelled`): filled in once it is merged.
+    """
+    raise NotImplementedError("evaluating a classifier needs glassgpt.classify, not yet in this build")
+
+
 # ---------------------------------------------------------------- from a --model and a --data
 
 def read_eval_data(data: str | Path) -> str | None:
