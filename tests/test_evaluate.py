@@ -260,3 +260,14 @@ def test_ids_beyond_the_vocabulary_are_refused():
     model = GPT(GPTConfig(vocab_size=10, context_length=8, emb_dim=8, n_heads=2, n_layers=1))
     with pytest.raises(ValueError, match="tokenizer does not match the model"):
         evaluate_lm(model, np.array([1, 2, 50]), get_tokenizer("gpt2"))
+
+
+def test_int8_weights_evaluate_through_the_logits(hf_dir, text_file):
+    """A quantised head has no weight matrix for the model's padded loss: eval takes the logits, and
+    int8 stays near float32 (here 0.01% of the loss)."""
+    directory, _ = hf_dir
+    full = evaluate_model(str(directory), str(text_file), device="cpu", context_length=16)
+    int8 = evaluate_model(str(directory), str(text_file), dtype="int8", context_length=16)
+    assert int8["model"].endswith(", int8") and int8["tokens"] == full["tokens"]
+    assert int8["loss"] == pytest.approx(full["loss"], rel=1e-3)
+    assert int8["loss"] != full["loss"]

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from glassgpt.model import GPT
 from glassgpt.tokenizer import Tokenizer
@@ -99,6 +100,7 @@ def evaluate_lm(model: GPT, ids: np.ndarray | Sequence[int], tokenizer: Tokenize
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     if spans[-1][1] < context_length:  # the remainder: a window of its own, of its own length
         batches.append([spans[-1][0]])
+    plain_head = isinstance(model.out_head.weight, torch.Tensor)
     was_training = model.training
     model.eval()
     total_nats, n_bytes = 0.0, 0
@@ -106,9 +108,13 @@ def evaluate_lm(model: GPT, ids: np.ndarray | Sequence[int], tokenizer: Tokenize
         length = min(context_length, len(ids) - 1 - starts[0])
         windows = torch.from_numpy(np.stack([ids[s:s + length + 1] for s in starts]).astype(np.int64))
         inputs, targets = windows[:, :-1].to(device), windows[:, 1:].to(device)
-        # The model's own training loss (a mean over the batch's tokens, in float32), times the count:
-        # every window in a batch has the same length, so this is the batch's summed cross-entropy.
-        total_nats += model(inputs, targets=targets).item() * targets.numel()
+        if plain_head:
+            # The model's own training loss (a mean over the batch's tokens, in float32), times the
+            # count: every window in a batch has the same length, so this is the summed cross-entropy.
+            total_nats += model(inputs, targets=targets).item() * targets.numel()
+        else:  # an int8-quantised head has no weight matrix for that loss to pad: from the logits
+            logits = model(inputs).float().flatten(0, 1)
+            total_nats += F.cross_entropy(logits, targets.flatten(), reduction="sum").item()
         n_bytes += sum(len(tokenizer.decode_bytes(row)) for row in windows[:, 1:].tolist())
     model.train(was_training)
     tokens = len(ids) - 1
@@ -181,6 +187,8 @@ def evaluate_model(model_spec: str | Path, data: str | Path = DEFAULT_DATA, devi
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     text = read_eval_data(data)
+    if dtype == "int8" and device == "auto":  # dynamic quantisation runs on the CPU only
+        device = "cpu"
     model, tokenizer, description = resolve_model(model_spec, pick_device(device), dtype)
     if context_length is not None and context_length > model.config.context_length:
         raise ValueError(f"context length {context_length} exceeds the model's {model.config.context_length}")
