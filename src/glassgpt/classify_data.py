@@ -51,8 +51,9 @@ class LabelledTexts:
         return len(self.texts)
 
     def subset(self, indices: Sequence[int]) -> LabelledTexts:
-        return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.classes,
-                             self.source, [self.lines[i] for i in indices] if self.lines else [])
+        lines = [self.lines[i] for i in indices] if self.lines else []
+        return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices],
+                             self.classes, self.source, lines)
 
     def class_counts(self) -> dict[str, int]:
         counts = Counter(self.labels)
@@ -114,8 +115,9 @@ def _pairs_csv(content: str, source: str) -> list[tuple[int, str, str]]:
     start = reader.line_num + 1  # the line a row starts on (a quoted field may span several)
     for row in reader:
         if None in row or row.get("label") is None or row.get("text") is None:
+            found = len([value for value in row.values() if value is not None])
             raise ValueError(f"{source} line {start}: expected {len(columns)} fields "
-                             f"({', '.join(columns)}), found {len([v for v in row.values() if v is not None])}")
+                             f"({', '.join(columns)}), found {found}")
         if any((value or "").strip() for value in row.values() if isinstance(value, str)):
             pairs.append((start, row["label"], row["text"]))
         start = reader.line_num + 1
@@ -143,7 +145,8 @@ def _pairs_jsonl(content: str, source: str) -> list[tuple[int, str, str]]:
     return pairs
 
 
-def load_labelled(path: str | Path, labels: Sequence[str] | None = None, format: str | None = None) -> LabelledTexts:
+def load_labelled(path: str | Path, labels: Sequence[str] | None = None,
+                  format: str | None = None) -> LabelledTexts:
     """Every (label, text) of a TSV, CSV or JSONL file (or `bundled:NAME`), checked.
 
     The classes are the labels found, sorted, unless `labels` fixes them and their order; then a
@@ -184,8 +187,9 @@ def load_labelled(path: str | Path, labels: Sequence[str] | None = None, format:
             raise ValueError(f"{source}: every example has the label {classes[0]!r}; classification needs "
                              "at least two classes")
     index = {name: i for i, name in enumerate(classes)}
-    return LabelledTexts(texts=[text for _, _, text in cleaned], labels=[index[label] for _, label, _ in cleaned],
-                         classes=classes, source=source, lines=[number for number, _, _ in cleaned])
+    return LabelledTexts(texts=[text for _, _, text in cleaned],
+                         labels=[index[label] for _, label, _ in cleaned], classes=classes, source=source,
+                         lines=[number for number, _, _ in cleaned])
 
 
 # ---------------------------------------------------------------- balance and split
@@ -263,7 +267,8 @@ class EncodedTexts(Dataset):
 
 def encode_texts(texts: Sequence[str], tokenizer, max_length: int, source: str = "",
                  lines: Sequence[int] | None = None) -> tuple[list[list[int]], int]:
-    """(token ids of each text, cut to its first `max_length` tokens as the tutorial does; how many were cut)."""
+    """(token ids of each text, cut to its first `max_length` tokens as the tutorial does;
+    the number of texts cut)."""
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
     encoded, truncated = [], 0
@@ -307,7 +312,8 @@ def make_loader(dataset: EncodedTexts, batch_size: int, pad_id: int, shuffle: bo
     def collate_fn(batch):
         return collate(batch, pad_id)
 
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate_fn,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                      collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
 
@@ -329,9 +335,10 @@ class ClassificationData:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def load_classification_data(path: str | Path, tokenizer, max_length: int, labels: Sequence[str] | None = None,
-                             balanced: bool = False, fractions: Sequence[float] = DEFAULT_SPLIT,
-                             seed: int = 123, format: str | None = None) -> ClassificationData:
+def load_classification_data(path: str | Path, tokenizer, max_length: int,
+                             labels: Sequence[str] | None = None, balanced: bool = False,
+                             fractions: Sequence[float] = DEFAULT_SPLIT, seed: int = 123,
+                             format: str | None = None) -> ClassificationData:
     """Read, check, optionally balance, split and tokenise a labelled file (see the module docstring)."""
     data = load_labelled(path, labels, format)
     counts = {"file": data.class_counts()}

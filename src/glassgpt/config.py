@@ -74,7 +74,7 @@ class GPTConfig:
         object.__setattr__(self, "labels", labels)
         if labels and len(labels) != self.n_classes:
             raise ValueError(f"{len(labels)} labels given for n_classes={self.n_classes}")
-        if any(not isinstance(label, str) or not label for label in labels) or len(set(labels)) != len(labels):
+        if not all(isinstance(label, str) and label for label in labels) or len(set(labels)) != len(labels):
             raise ValueError(f"labels must be distinct non-empty strings, got {list(labels)}")
 
     @property
