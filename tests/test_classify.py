@@ -50,8 +50,8 @@ def test_the_bundled_spam_collection_has_the_documented_counts():
 def test_tsv_csv_and_jsonl_give_the_same_examples(tmp_path):
     rows = [("spam", "Win a prize, now!"), ("ham", 'He said "hi"\tand left'), ("ham", "ok")]
     (tmp_path / "d.tsv").write_text("".join(f"{label}\t{text}\n" for label, text in rows) + "\n")
-    (tmp_path / "d.csv").write_text('id,label,text\n1,spam,"Win a prize, now!"\n2,ham,"He said ""hi""\tand left"\n'
-                                    "3,ham,ok\n")
+    (tmp_path / "d.csv").write_text('id,label,text\n1,spam,"Win a prize, now!"\n'
+                                    '2,ham,"He said ""hi""\tand left"\n3,ham,ok\n')
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"label": label, "text": text}) + "\n"
                                               for label, text in rows))
     loaded = [load_labelled(tmp_path / name) for name in ("d.tsv", "d.csv", "d.jsonl")]
@@ -85,7 +85,7 @@ def test_jsonl_integer_labels_are_read_as_text(tmp_path):
     ("empty.csv", "", "holds no examples"),
     ("bad.jsonl", '{"label": "ham", "text": "a"}\n{"label": "spam", "text": \n', "line 2: not valid JSON"),
     ("keys.jsonl", '{"label": "ham", "text": "a"}\n{"label": "spam"}\n', "line 2: expected an object"),
-    ("types.jsonl", '{"label": "ham", "text": "a"}\n{"label": "spam", "text": 3}\n', "line 2: \"label\" must"),
+    ("types.jsonl", '{"label": "ham", "text": "a"}\n{"label": "spam", "text": 3}\n', 'line 2: "label" must'),
     ("data.xlsx", "x", "cannot tell the format"),
 ])
 def test_bad_files_are_refused_naming_file_and_line(tmp_path, name, content, message):
@@ -196,8 +196,8 @@ def test_to_classifier_replaces_the_head():
     # PyTorch's nn.Linear default: uniform in +-1/sqrt(in_features), reproducible from the seed alone.
     bound = 1 / 16 ** 0.5
     assert model.out_head.weight.abs().max() <= bound
-    other = to_classifier(GPT(GPTConfig(vocab_size=100, context_length=16, emb_dim=16, n_heads=2, n_layers=2)),
-                          2, seed=5)
+    fresh = GPT(GPTConfig(vocab_size=100, context_length=16, emb_dim=16, n_heads=2, n_layers=2))
+    other = to_classifier(fresh, 2, seed=5)
     assert torch.equal(other.out_head.weight, model.out_head.weight)
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 2)
 
@@ -257,7 +257,8 @@ def write_separable_data(path, n=160, seed=0):
     path.write_text("\n".join(lines) + "\n")
 
 
-TINY = dict(train_layers="all", lr=5e-3, epochs=6, batch_size=16, weight_decay=0.0, device="cpu", eval_batches=2)
+TINY = dict(train_layers="all", lr=5e-3, epochs=6, batch_size=16, weight_decay=0.0, device="cpu",
+            eval_batches=2)
 
 
 @pytest.fixture(scope="module")
@@ -265,8 +266,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("classify")
     write_separable_data(root / "data.tsv")
     torch.manual_seed(0)
-    base = GPT(GPTConfig(vocab_size=5, context_length=16, emb_dim=32, n_heads=2, n_layers=2, tie_weights=False))
-    save_model(base, root / "base", CharTokenizer("abcdz"))
+    config = GPTConfig(vocab_size=5, context_length=16, emb_dim=32, n_heads=2, n_layers=2, tie_weights=False)
+    save_model(GPT(config), root / "base", CharTokenizer("abcdz"))
     results = run_finetune_classify(str(root / "base"), str(root / "data.tsv"), root / "out",
                                     ClassifySettings(**TINY), log=None)
     return root, results
@@ -274,14 +275,15 @@ def trained(tmp_path_factory):
 
 def test_a_tiny_model_learns_a_separable_task(trained):
     root, results = trained
-    assert results["test_accuracy"] == 1.0 and results["val_accuracy"] == 1.0 and results["train_accuracy"] == 1.0
+    assert (results["train_accuracy"], results["val_accuracy"], results["test_accuracy"]) == (1.0, 1.0, 1.0)
     assert results["classes"] == ["no", "yes"]
     assert results["examples"] == {"train": 112, "val": 16, "test": 32}
     assert results["truncated"] == 0
     base, _ = load_model(root / "base")
     assert results["trainable_parameters"] == base.num_parameters() - 5 * 32 + 2 * 32  # head: 2 classes
     out = root / "out"
-    for name in ("model.safetensors", "glassgpt.json", "results.json", "metrics.jsonl", "loss.png", "accuracy.png"):
+    for name in ("model.safetensors", "glassgpt.json", "results.json", "metrics.jsonl", "loss.png",
+                 "accuracy.png"):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text())["test_accuracy"] == 1.0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -327,6 +329,23 @@ def test_a_failed_run_keeps_the_earlier_output(trained, monkeypatch):
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def test_max_steps_stops_mid_epoch_in_bf16_keeping_nothing(tmp_path):
+    write_separable_data(tmp_path / "data.tsv", n=60)
+    tokenizer = CharTokenizer("abcdz")
+    data = load_classification_data(tmp_path / "data.tsv", tokenizer, 16)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=5, context_length=16, emb_dim=16, n_heads=2, n_layers=2, tie_weights=False))
+    to_classifier(model, 2, data.classes, seed=0)
+    records = []
+    settings = ClassifySettings(**{**TINY, "max_steps": 3, "precision": "bf16", "batch_size": 4})
+    results = finetune_classifier(model, tokenizer, data, None, settings, log=records.append)
+    assert results["steps"] == 3 and results["precision"] == "bf16"
+    assert results["epochs"] == round(3 / (42 // 4), 3)
+    assert all(0.0 <= results[f"{name}_accuracy"] <= 1.0 for name in ("train", "val", "test"))
+    assert any("step     3" in line for line in records)  # the evaluation at the last step
+    assert not any(tmp_path.glob(".*"))
+
+
 def test_bad_input_fails_before_anything_is_written(tmp_path):
     write_separable_data(tmp_path / "data.tsv", n=20)
     torch.manual_seed(0)
@@ -351,7 +370,8 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="not a classifier's output"):
         run_finetune_classify(base, data, tmp_path / "mine", settings, log=None)
     # A model whose vocabulary is smaller than the tokenizer's: GPT-2 ids would not fit.
-    model = to_classifier(GPT(GPTConfig(vocab_size=100, context_length=16, emb_dim=8, n_heads=2, n_layers=1)), 2)
+    small = GPT(GPTConfig(vocab_size=100, context_length=16, emb_dim=8, n_heads=2, n_layers=1))
+    model = to_classifier(small, 2)
     gpt2 = get_tokenizer("gpt2")
     (tmp_path / "words.tsv").write_text("a\thello world\nb\tgoodbye\n" * 10)
     classes = load_classification_data(tmp_path / "words.tsv", gpt2, 16)
@@ -393,5 +413,5 @@ def test_export_to_gpt2_for_sequence_classification_gives_the_same_logits(tmp_pa
         ours = class_logits(model, batch, lengths)
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="language model"):
-        export_hf_classifier(GPT(GPTConfig(vocab_size=10, context_length=4, emb_dim=8, n_heads=2, n_layers=1)),
-                             tmp_path / "lm")
+        language_model = GPT(GPTConfig(vocab_size=10, context_length=4, emb_dim=8, n_heads=2, n_layers=1))
+        export_hf_classifier(language_model, tmp_path / "lm")

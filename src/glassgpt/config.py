@@ -91,7 +91,9 @@ class GPTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["labels"] = list(self.labels)  # as JSON gives it back: equal after a round trip
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> GPTConfig:
