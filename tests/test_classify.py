@@ -319,10 +319,10 @@ def test_a_failed_run_keeps_the_earlier_output(trained, monkeypatch):
     shutil.copytree(root / "out", out)
     before = {name: (out / name).read_bytes() for name in ("model.safetensors", "results.json")}
 
-    def broken(records, directory):
+    def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(classify, "plot_curves", broken)  # fails after the new model is written
+    monkeypatch.setattr(classify, "plot_metric", broken)  # fails after the new model is written
     with pytest.raises(OSError, match="disk full"):
         run_finetune_classify(str(root / "out"), str(root / "data.tsv"), out,
                               ClassifySettings(**{**TINY, "max_steps": 2}), log=None)
@@ -360,8 +360,9 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
         run_finetune_classify(base, data, out, ClassifySettings(**TINY, max_length=17), log=None)
     with pytest.raises(ValueError, match="no full batch"):
         run_finetune_classify(base, data, out, ClassifySettings(**{**TINY, "batch_size": 64}), log=None)
-    with pytest.raises(NotImplementedError, match="lora"):
-        run_finetune_classify(base, data, out, ClassifySettings(**TINY, lora_rank=4), log=None)
+    with pytest.raises(ValueError, match="LoRA rank 9 is larger than the layer"):  # emb_dim 8
+        lora = ClassifySettings(**{**TINY, "train_layers": "last", "batch_size": 4}, lora_rank=9)
+        run_finetune_classify(base, data, out, lora, log=None)
     with pytest.raises(ValueError, match="lora_rank"):
         ClassifySettings(lora_rank=0)
     assert not out.exists()

@@ -17,15 +17,13 @@ the last transformer block, the final norm and the head train, as the tutorial d
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,51 +40,49 @@ from glassgpt.classify_data import (
     pad_id_for,
     parse_split,
 )
+from glassgpt.finetune import (
+    RESULTS_FILE,
+    FinetuneSettings,
+    Metrics,
+    apply_lora,
+    check_lora,
+    check_out_dir,
+    check_tokenizer_fits,
+    merge_adapters,
+    resolve_max_length,
+    run_precision,
+    train_steps,
+    write_output,
+)
+from glassgpt.lora import trainable_parameters
 from glassgpt.model import GPT
+from glassgpt.plots import plot_metric
+from glassgpt.train import TrainingDiverged, make_optimizer, setting
 
-RESULTS_FILE = "results.json"
-METRICS_FILE = "metrics.jsonl"
 HF_PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, the padding id of our batches and of the HF export
 
 # ---------------------------------------------------------------- settings
 
 
 @dataclass
-class ClassifySettings:
+class ClassifySettings(FinetuneSettings):
     """Every setting of `glassgpt finetune classify`; each field is the flag of the same name
     (`--train-layers`, `--max-length`, ...). Optimisation flags mean what they mean for `glassgpt train`;
     the defaults are the tutorial's run (AdamW 5e-5, weight decay 0.1, 5 epochs, batch 8)."""
 
-    labels: list[str] | None = field(default=None, metadata={
-        "help": "the classes in head order, comma-separated (None: the labels found, sorted)"})
-    train_layers: str = field(default="last", metadata={
-        "help": "last (the last block + final norm + head, as the tutorial), all, or N (the last N blocks)"})
-    balance: bool = field(default=False, metadata={"help": "undersample every class to the smallest one"})
-    split: tuple[float, float, float] = field(default=DEFAULT_SPLIT, metadata={
-        "help": "train/val/test fractions, e.g. 70/10/20 (seeded shuffle, then cut)"})
-    max_length: int | None = field(default=None, metadata={
-        "help": "tokens kept per text (longer ones are cut and counted; None: the model's context)"})
-    epochs: int = field(default=5, metadata={"help": "passes over the training examples"})
-    max_steps: int | None = field(default=None, metadata={
-        "help": "optimizer steps to run instead of whole epochs"})
-    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate"})
-    batch_size: int = field(default=8, metadata={"help": "examples per step"})
-    weight_decay: float = field(default=0.1, metadata={
-        "help": "AdamW decay, applied to weight matrices only"})
-    seed: int = field(default=123, metadata={
-        "help": "seeds balancing, the split, the new head and the batch order"})
-    precision: str = field(default="fp32", metadata={
-        "help": "fp32, bf16 (autocast), or auto: bf16 where the device computes it natively"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
-    lora_rank: int | None = field(default=None, metadata={
-        "help": "train LoRA adapters of this rank (not yet available)"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scale numerator (None: the rank)"})
-    eval_every: int = field(default=0, metadata={
-        "help": "steps between loss evaluations (0: each epoch's end)"})
-    eval_batches: int = field(default=5, metadata={
-        "help": "training batches whose accuracy is measured at each evaluation (the tutorial's eval_iter)"})
+    KIND: ClassVar[str] = "classification fine-tuning"
+
+    labels: list[str] | None = setting(None, "the classes in head order, comma-separated (None: the labels "
+                                             "found, sorted)")
+    train_layers: str = setting("last", "last (the last block + final norm + head, as the tutorial), all, "
+                                        "or N (the last N blocks); with lora_rank, leave it at last")
+    balance: bool = setting(False, "undersample every class to the smallest one")
+    split: tuple[float, float, float] = setting(DEFAULT_SPLIT, "train/val/test fractions, e.g. 70/10/20 "
+                                                               "(seeded shuffle, then cut)")
+    epochs: int = setting(5, "passes over the training examples")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.labels, str):  # "--labels ham,spam"
             self.labels = [label.strip() for label in self.labels.split(",")]
         if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)
@@ -96,28 +92,10 @@ class ClassifySettings:
         if self.train_layers not in ("last", "all") and not self.train_layers.isdigit():
             raise ValueError(f"train_layers must be last, all or a number of blocks, "
                              f"got {self.train_layers!r}")
+        if self.lora_rank is not None and self.train_layers != "last":
+            raise ValueError("train_layers does not combine with lora_rank: LoRA trains adapters in every "
+                             "block, and the head whole")
         self.split = parse_split(self.split)
-        for key in ("epochs", "batch_size", "eval_batches"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("max_length", "max_steps"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be 0 or positive, got {self.eval_every}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must not be negative, got {self.weight_decay}")
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise ValueError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be at least 1, got {self.lora_rank}")
-        if self.lora_alpha is not None and (self.lora_rank is None or not self.lora_alpha > 0):
-            raise ValueError("lora_alpha needs a lora_rank and must be positive")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------- the classification head
@@ -236,38 +214,9 @@ def evaluate(model: GPT, loader, n_classes: int, device: torch.device, autocast=
 # ---------------------------------------------------------------- training
 
 
-class ClassifierDiverged(RuntimeError):
-    """The loss became NaN or infinite; nothing was written over the output directory."""
-
-
-def check_out_dir(out_dir: str | Path) -> Path:
-    """`out_dir` may be new, empty, or the output of an earlier run (it is replaced only on success).
-
-    Anything else is refused: the finished run replaces the whole directory, and a directory of
-    other files (or a training run's resumable checkpoint) must not vanish because of a typo.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / RESULTS_FILE).is_file():
-        raise ValueError(f"--out {out} already holds files that are not a classifier's output; "
-                         "choose a new or empty directory")
-    return out
-
-
-def _optimizer(model: GPT, settings: ClassifySettings) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, decaying weight matrices only (as `glassgpt train` does)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        is_embedding = name.startswith(("tok_emb.", "pos_emb."))
-        (decay if parameter.dim() >= 2 and not is_embedding else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": settings.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    device_type = next(model.parameters()).device.type
-    fused = {"fused": True} if device_type in ("cpu", "cuda") else {"foreach": True}
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, **fused)
+# Kept for callers of the name: a classifier's run diverges as every training run does.
+ClassifierDiverged = TrainingDiverged
+CLASSIFIER = "a classifier"
 
 
 def _check_data_fits(model: GPT, tokenizer, data: ClassificationData, settings: ClassifySettings) -> None:
@@ -280,9 +229,7 @@ def _check_data_fits(model: GPT, tokenizer, data: ClassificationData, settings: 
                          f"({', '.join(data.classes)})")
     if config.labels and list(config.labels) != list(data.classes):
         raise ValueError(f"the model's classes {list(config.labels)} differ from the data's {data.classes}")
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size:,} ids but the model's vocabulary only "
-                         f"{config.vocab_size:,}: they do not belong together")
+    check_tokenizer_fits(tokenizer, config)
     for name, part in (("train", data.train), ("val", data.val), ("test", data.test)):
         longest = max((len(ids) for ids in part.ids), default=0)
         if longest > config.context_length:
@@ -297,19 +244,6 @@ def _check_data_fits(model: GPT, tokenizer, data: ClassificationData, settings: 
                          "lower --batch-size or use more data")
 
 
-def _precision(settings: ClassifySettings, device: torch.device):
-    from glassgpt.device import has_native_bf16
-
-    precision = settings.precision
-    if precision == "auto":
-        precision = "bf16" if has_native_bf16(device) else "fp32"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bf16 support: use --precision fp32")
-    if precision == "bf16":
-        return precision, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return precision, nullcontext
-
-
 def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir: str | Path | None,
                         settings: ClassifySettings | None = None, base: str | None = None,
                         log: Callable[[str], None] | None = print) -> dict:
@@ -317,30 +251,31 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
 
     Writes into `out_dir`: the final model (`glassgpt.weights.load_model` and `load_classifier` read
     it), `results.json`, `metrics.jsonl` (one record per step and per evaluation), `loss.png` and
-    `accuracy.png`. The run fills a temporary sibling directory (`.NAME.tmp`, where metrics.jsonl
-    grows while it trains) that replaces `out_dir` only when everything is written: a failed or
-    interrupted run leaves an earlier output untouched. `out_dir=None` keeps nothing.
-    """
-    from glassgpt.checkpoint import write_directory_atomically
-    from glassgpt.device import pick_device
+    `accuracy.png`, and with `save_adapters` the LoRA adapters alone (`adapters.safetensors`). The run
+    fills a temporary sibling directory (`.NAME.tmp`, where metrics.jsonl grows while it trains) that
+    replaces `out_dir` only when everything is written: a failed or interrupted run leaves an earlier
+    output untouched. `out_dir=None` keeps nothing.
 
+    With `lora_rank`, LoRA adapters train on every block's attention and feed-forward matrices and
+    the head trains whole; after training they are merged into the weights (in `model` too), so the
+    saved classifier is an ordinary one.
+    """
     settings = settings or ClassifySettings()
     say = log or (lambda message: None)
     # ---- every check before any work
-    if settings.lora_rank is not None:
-        # TODO(lora): glassgpt.lora.apply_lora(model, settings.lora_rank, settings.lora_alpha or rank,
-        # targets=<default four>, trainable=("out_head",)) in place of set_trainable, merged before saving.
-        raise NotImplementedError("--lora-rank is not available for classification yet")
     _check_data_fits(model, tokenizer, data, settings)
-    out = check_out_dir(out_dir) if out_dir is not None else None
-    device = pick_device(settings.device)
-    precision, autocast = _precision(settings, device)
+    check_lora(model, settings)
+    out = check_out_dir(out_dir, CLASSIFIER, replace=True) if out_dir is not None else None
+    precision = run_precision(settings)
+    device = precision.device
 
     torch.manual_seed(settings.seed)  # dropout
     model.to(device)
-    trainable = set_trainable(model, settings.train_layers)
+    if not apply_lora(model, settings, trainable=("out_head",)):
+        set_trainable(model, settings.train_layers)
+    trainable = trainable_parameters(model)
     total_parameters = model.num_parameters()
-    optimizer = _optimizer(model, settings)
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
     n_classes = len(data.classes)
     pad_id = data.pad_id
     train_loader = make_loader(data.train, settings.batch_size, pad_id, shuffle=True, seed=settings.seed)
@@ -348,64 +283,47 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
                for name, part in (("train", data.train), ("val", data.val), ("test", data.test))}
     steps_per_epoch = len(train_loader)
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
+    trained = f"LoRA rank {settings.lora_rank} + head" if settings.lora_rank else settings.train_layers
     say(f"classifier: {n_classes} classes ({', '.join(data.classes)}); {trainable:,} of {total_parameters:,} "
-        f"parameters train ({settings.train_layers}); examples {data.sizes()}, {data.truncated} truncated to "
-        f"{data.max_length} tokens; {total_steps} steps of {settings.batch_size} on {device}, {precision}")
+        f"parameters train ({trained}); examples {data.sizes()}, {data.truncated} truncated to "
+        f"{data.max_length} tokens; {total_steps} steps of {settings.batch_size} on {device}, "
+        f"{precision.name}")
+
+    def loss_of(batch) -> torch.Tensor:
+        ids, labels, lengths = (tensor.to(device) for tensor in batch)
+        # Cross-entropy at the last real token only: one prediction per text.
+        return F.cross_entropy(class_logits(model, ids, lengths).float(), labels)
+
+    def evaluate_now(metrics: Metrics, step: int, examples: int) -> None:
+        autocast = precision.autocast
+        train = evaluate(model, loaders["train"], n_classes, device, autocast, settings.eval_batches)
+        val = evaluate(model, loaders["val"], n_classes, device, autocast)
+        epoch = round(step / steps_per_epoch, 3)
+        metrics.add({"event": "eval", "step": step, "epoch": epoch, "examples_seen": examples,
+                     "end_of_epoch": step % steps_per_epoch == 0, "train_loss": train["loss"],
+                     "val_loss": val["loss"], "train_accuracy": train["accuracy"],
+                     "val_accuracy": val["accuracy"]})
+        val_text = f" | val loss {val['loss']:.3f} acc {val['accuracy']:.1%}" if val["examples"] else ""
+        say(f"step {step:>5} | epoch {epoch:g} | train loss {train['loss']:.3f} "
+            f"acc {train['accuracy']:.1%}{val_text}")
 
     def run(directory: Path | None) -> dict:
-        metrics = directory / METRICS_FILE if directory else None
-        if metrics:
-            metrics.write_text("", encoding="utf-8")
+        if directory:
             say(f"writing into {directory} (becomes {out} when the run succeeds)")
-        records: list[dict] = []
-
-        def record(entry: dict) -> None:
-            records.append(entry)
-            if metrics:
-                with open(metrics, "a", encoding="utf-8") as file:
-                    file.write(json.dumps(entry) + "\n")
-
-        def evaluate_now(step: int, examples: int, end_of_epoch: bool) -> None:
-            train = evaluate(model, loaders["train"], n_classes, device, autocast, settings.eval_batches)
-            val = evaluate(model, loaders["val"], n_classes, device, autocast)
-            entry = {"event": "eval", "step": step, "epoch": round(step / steps_per_epoch, 3),
-                     "examples_seen": examples, "end_of_epoch": end_of_epoch,
-                     "train_loss": train["loss"], "val_loss": val["loss"],
-                     "train_accuracy": train["accuracy"], "val_accuracy": val["accuracy"]}
-            record(entry)
-            val_text = f" | val loss {val['loss']:.3f} acc {val['accuracy']:.1%}" if val["examples"] else ""
-            say(f"step {step:>5} | epoch {entry['epoch']:g} | train loss {train['loss']:.3f} "
-                f"acc {train['accuracy']:.1%}{val_text}")
-
+        metrics = Metrics(directory)
         started = time.perf_counter()
         step = examples = 0
-        model.train()
-        while step < total_steps:
-            for ids, labels, lengths in train_loader:
-                ids, labels, lengths = ids.to(device), labels.to(device), lengths.to(device)
-                with autocast():
-                    logits = class_logits(model, ids, lengths)
-                # Cross-entropy at the last real token only: one prediction per text.
-                loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step, examples = step + 1, examples + len(labels)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise ClassifierDiverged(
-                        f"the loss became {value} at step {step}; nothing was written over "
-                        f"{out or 'the output'}. Try a lower --lr or --precision fp32")
-                record({"event": "step", "step": step, "epoch": round(step / steps_per_epoch, 3),
-                        "examples_seen": examples, "train_loss": value})
-                end_of_epoch = step % steps_per_epoch == 0
-                scheduled = settings.eval_every and step % settings.eval_every == 0
-                if end_of_epoch or step == total_steps or scheduled:
-                    evaluate_now(step, examples, end_of_epoch)
-                if step >= total_steps:
-                    break
+        for step, (_, labels, _), loss, due in train_steps(model, optimizer, train_loader, loss_of, precision,
+                                                           total_steps, settings.eval_every, out=out):
+            examples += len(labels)
+            metrics.add({"event": "step", "step": step, "epoch": round(step / steps_per_epoch, 3),
+                         "examples_seen": examples, "train_loss": loss})
+            if due:
+                evaluate_now(metrics, step, examples)
+        seconds = time.perf_counter() - started
+        merge_adapters(model, directory, settings.save_adapters)
 
-        final = {name: evaluate(model, loader, n_classes, device, autocast)
+        final = {name: evaluate(model, loader, n_classes, device, precision.autocast)
                  for name, loader in loaders.items()}
         model.eval()
         results = {
@@ -416,7 +334,7 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
             "classes": data.classes, "trainable_parameters": trainable, "total_parameters": total_parameters,
             "examples": data.sizes(), "class_counts": data.counts, "truncated": data.truncated,
             "max_length": data.max_length, "steps": step, "epochs": round(step / steps_per_epoch, 3),
-            "seconds": round(time.perf_counter() - started, 2), "device": str(device), "precision": precision,
+            "seconds": round(seconds, 2), "device": str(device), "precision": precision.name,
             "data": data.source, "base_model": base, "settings": settings.to_dict(),
         }
         if directory:
@@ -424,52 +342,22 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
 
             info = {"task": "classify", "classes": data.classes, "max_length": data.max_length,
                     "pad_id": pad_id, "base_model": base, "data": data.source,
-                    "train_layers": settings.train_layers,
+                    "train_layers": settings.train_layers, "lora_rank": settings.lora_rank,
                     "test_accuracy": results["test_accuracy"], "val_accuracy": results["val_accuracy"]}
             save_model(model, directory, tokenizer, extra={"finetune": info})
             (directory / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
-            plot_curves(records, directory)
+            for metric, ylabel in (("loss", "cross-entropy loss"), ("accuracy", "accuracy")):
+                plot_metric(metrics.records, directory / f"{metric}.png", metric, x="examples_seen",
+                            xlabel="examples seen", ylabel=ylabel)
         say(f"accuracy: train {_percent(results['train_accuracy'])}, "
             f"val {_percent(results['val_accuracy'])}, test {_percent(results['test_accuracy'])}")
         return results
 
-    if out is None:
-        return run(None)
-    results: dict = {}
-    write_directory_atomically(out, lambda directory: results.update(run(directory)))
-    return results
+    return write_output(out, run)
 
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.2%}"
-
-
-def plot_curves(records: list[dict], directory: Path) -> None:
-    """`loss.png` (cross-entropy against examples seen) and `accuracy.png` (per evaluation)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    steps = [r for r in records if r["event"] == "step"]
-    evals = [r for r in records if r["event"] == "eval"]
-    plots = (("loss.png", "loss", "cross-entropy loss"), ("accuracy.png", "accuracy", "accuracy"))
-    for name, key, ylabel in plots:
-        figure = Figure(figsize=(7, 4), dpi=110)
-        axes = figure.subplots()
-        if key == "loss" and steps:
-            axes.plot([r["examples_seen"] for r in steps], [r["train_loss"] for r in steps],
-                      color="tab:blue", alpha=0.3, linewidth=0.8, label="train (each step)")
-        for split_name, color in (("train", "tab:blue"), ("val", "tab:orange")):
-            points = [r for r in evals if r.get(f"{split_name}_{key}") is not None]
-            if points:
-                axes.plot([r["examples_seen"] for r in points], [r[f"{split_name}_{key}"] for r in points],
-                          "o-", color=color, label="validation" if split_name == "val" else "train")
-        axes.set_xlabel("examples seen")
-        axes.set_ylabel(ylabel)
-        axes.grid(alpha=0.3)
-        axes.legend()
-        figure.tight_layout()
-        tmp = directory / f".{name}.tmp"
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, directory / name)
 
 
 def run_finetune_classify(model_spec: str, data_path: str, out_dir: str | Path | None,
@@ -484,12 +372,9 @@ def run_finetune_classify(model_spec: str, data_path: str, out_dir: str | Path |
 
     settings = settings or ClassifySettings()
     if out_dir is not None:
-        check_out_dir(out_dir)
+        check_out_dir(out_dir, CLASSIFIER, replace=True)
     model, tokenizer, description = resolve_model(model_spec)
-    context = model.config.context_length
-    max_length = settings.max_length or context
-    if max_length > context:
-        raise ValueError(f"max_length {max_length} exceeds the model's context of {context}")
+    max_length = resolve_max_length(settings.max_length, model.config)
     data = load_classification_data(data_path, tokenizer, max_length, settings.labels, settings.balance,
                                     settings.split, settings.seed)
     if not (model.config.n_classes and class_names(model.config) == data.classes):

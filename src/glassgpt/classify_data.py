@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -30,8 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from glassgpt.data import BUNDLED_PREFIX
-from glassgpt.tokenizer import ASSETS
+from glassgpt.data import BUNDLED_PREFIX, jsonl_values, read_source
 
 FORMATS = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)  # train / validation / test, as the tutorial
@@ -61,24 +59,6 @@ class LabelledTexts:
 
 
 # ---------------------------------------------------------------- reading files
-
-
-def _read_source(path: str | Path) -> tuple[str, str]:
-    """(text of the file, its name for messages); `bundled:NAME` reads a file shipped with glassgpt."""
-    path = str(path)
-    if path.startswith(BUNDLED_PREFIX):
-        name = path[len(BUNDLED_PREFIX):]
-        resource = ASSETS / name
-        if not resource.is_file():
-            raise FileNotFoundError(f"no bundled data file named {name!r}")
-        return resource.read_text(encoding="utf-8"), path
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"data file {file} does not exist")
-    try:
-        return file.read_text(encoding="utf-8"), path
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 def data_format(path: str | Path) -> str:
@@ -126,13 +106,7 @@ def _pairs_csv(content: str, source: str) -> list[tuple[int, str, str]]:
 
 def _pairs_jsonl(content: str, source: str) -> list[tuple[int, str, str]]:
     pairs = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{source} line {number}: not valid JSON ({error.msg})") from None
+    for number, record in jsonl_values(content, lambda number: f"{source} line {number}"):
         if not isinstance(record, dict) or "label" not in record or "text" not in record:
             raise ValueError(f"{source} line {number}: expected an object with \"label\" and \"text\"")
         label, text = record["label"], record["text"]
@@ -157,7 +131,7 @@ def load_labelled(path: str | Path, labels: Sequence[str] | None = None,
     readers = {"tsv": _pairs_tsv, "csv": _pairs_csv, "jsonl": _pairs_jsonl}
     if fmt not in readers:
         raise ValueError(f"unknown data format {fmt!r}; choose one of: {', '.join(readers)}")
-    content, source = _read_source(path)
+    content, source = read_source(path, "data file", "data file")
     pairs = readers[fmt](content.removeprefix("\ufeff"), source)  # a byte-order mark is not data
     if not pairs:
         raise ValueError(f"{source} holds no examples (it is empty)")

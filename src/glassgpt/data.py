@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,19 +93,41 @@ def make_loader(dataset: TokenWindows, batch_size: int, train: bool, seed: int =
 
 # ---------------------------------------------------------------- corpora
 
-def read_corpus_text(path: str | Path) -> str:
-    """The text of a corpus file; "bundled:NAME" reads a text shipped with glassgpt."""
+def read_source(path: str | Path, what: str = "corpus file", bundled: str = "text") -> tuple[str, str]:
+    """(the UTF-8 text of a file, its name for messages); "bundled:NAME" reads a file shipped with
+    glassgpt. A missing file is a FileNotFoundError naming it as `what` (or as a `bundled` NAME)."""
     path = str(path)
     if path.startswith(BUNDLED_PREFIX):
         name = path[len(BUNDLED_PREFIX):]
         resource = ASSETS / name
-        if not resource.is_file():
-            raise FileNotFoundError(f"no bundled text named {name!r}")
-        return resource.read_text(encoding="utf-8")
+        if not name or not resource.is_file():
+            raise FileNotFoundError(f"no bundled {bundled} named {name!r}")
+        return resource.read_text(encoding="utf-8"), path
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"corpus file {file} does not exist")
-    return file.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"{what} {file} does not exist")
+    try:
+        return file.read_text(encoding="utf-8"), path
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def read_corpus_text(path: str | Path) -> str:
+    """The text of a corpus file; "bundled:NAME" reads a text shipped with glassgpt."""
+    return read_source(path)[0]
+
+
+def jsonl_values(text: str, where: Callable[[int], str]) -> Iterator[tuple[int, object]]:
+    """(line number from 1, parsed value) of each non-blank line of JSONL `text`; a line that is not
+    JSON is a ValueError starting with `where(line number)`."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where(number)}: not valid JSON ({error.msg} at column "
+                             f"{error.colno})") from None
 
 
 def is_prepared(path: str | Path) -> bool:

@@ -43,15 +43,22 @@ def plot_curves(path: Path, curves: dict[str, Curve], xlabel: str, ylabel: str) 
     os.replace(tmp, path)
 
 
+def plot_metric(records: list[dict], path: Path, metric: str = "loss", x: str = "tokens",
+                xlabel: str = "tokens seen", ylabel: str = "cross-entropy loss") -> None:
+    """`metric` from the metric records of a run (metrics.jsonl's) against the records' `x`: faint,
+    each step's `train_{metric}` where steps record it; with markers, each evaluation's train and
+    validation value."""
+    def curve(event: str, key: str, **style) -> Curve:
+        points = [r for r in records if r["event"] == event and r.get(key) is not None]
+        return Curve([r[x] for r in points], [r[key] for r in points], **style)
+
+    plot_curves(path, {
+        "train (each step)": curve("step", f"train_{metric}", color="tab:blue", faint=True),
+        "train": curve("eval", f"train_{metric}", color="tab:blue"),
+        "validation": curve("eval", f"val_{metric}", color="tab:orange"),
+    }, xlabel=xlabel, ylabel=ylabel)
+
+
 def plot_losses(records: list[dict], path: Path) -> None:
     """`loss.png`: train and validation loss against tokens seen, from the metric records of a run."""
-    steps = [r for r in records if r["event"] == "step"]
-    evals = [r for r in records if r["event"] == "eval"]
-    with_val = [r for r in evals if r.get("val_loss") is not None]
-    plot_curves(path, {
-        "train (each step)": Curve([r["tokens"] for r in steps], [r["train_loss"] for r in steps],
-                                   color="tab:blue", faint=True),
-        "train": Curve([r["tokens"] for r in evals], [r["train_loss"] for r in evals], color="tab:blue"),
-        "validation": Curve([r["tokens"] for r in with_val], [r["val_loss"] for r in with_val],
-                            color="tab:orange"),
-    }, xlabel="tokens seen", ylabel="cross-entropy loss")
+    plot_metric(records, path)
