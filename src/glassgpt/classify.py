@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glassgpt import finetune
 from glassgpt.classify_data import (
     DEFAULT_SPLIT,
     ClassificationData,
@@ -40,24 +41,9 @@ from glassgpt.classify_data import (
     pad_id_for,
     parse_split,
 )
-from glassgpt.finetune import (
-    RESULTS_FILE,
-    FinetuneSettings,
-    Metrics,
-    apply_lora,
-    check_lora,
-    check_out_dir,
-    check_tokenizer_fits,
-    merge_adapters,
-    resolve_max_length,
-    run_precision,
-    train_steps,
-    write_output,
-)
-from glassgpt.lora import trainable_parameters
 from glassgpt.model import GPT
 from glassgpt.plots import plot_metric
-from glassgpt.train import TrainingDiverged, make_optimizer, setting
+from glassgpt.train import TrainingDiverged, setting
 
 HF_PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, the padding id of our batches and of the HF export
 
@@ -65,12 +51,12 @@ HF_PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, the padding id of our batches 
 
 
 @dataclass
-class ClassifySettings(FinetuneSettings):
+class ClassifySettings(finetune.FinetuneSettings):
     """Every setting of `glassgpt finetune classify`; each field is the flag of the same name
     (`--train-layers`, `--max-length`, ...). Optimisation flags mean what they mean for `glassgpt train`;
     the defaults are the tutorial's run (AdamW 5e-5, weight decay 0.1, 5 epochs, batch 8)."""
 
-    KIND: ClassVar[str] = "classification fine-tuning"
+    KIND: ClassVar[str] = "classification fine-tuning settings"
 
     labels: list[str] | None = setting(None, "the classes in head order, comma-separated (None: the labels "
                                              "found, sorted)")
@@ -229,7 +215,7 @@ def _check_data_fits(model: GPT, tokenizer, data: ClassificationData, settings: 
                          f"({', '.join(data.classes)})")
     if config.labels and list(config.labels) != list(data.classes):
         raise ValueError(f"the model's classes {list(config.labels)} differ from the data's {data.classes}")
-    check_tokenizer_fits(tokenizer, config)
+    finetune.check_tokenizer_fits(tokenizer, config)
     for name, part in (("train", data.train), ("val", data.val), ("test", data.test)):
         longest = max((len(ids) for ids in part.ids), default=0)
         if longest > config.context_length:
@@ -264,18 +250,12 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
     say = log or (lambda message: None)
     # ---- every check before any work
     _check_data_fits(model, tokenizer, data, settings)
-    check_lora(model, settings)
-    out = check_out_dir(out_dir, CLASSIFIER, replace=True) if out_dir is not None else None
-    precision = run_precision(settings)
+    out = finetune.check_out_dir(out_dir, CLASSIFIER, replace=True) if out_dir is not None else None
+    precision, optimizer, trainable = finetune.prepare_training(
+        model, settings, freeze=lambda model: set_trainable(model, settings.train_layers),
+        lora_trainable=("out_head",))  # LoRA in the blocks, the new head trained whole
     device = precision.device
-
-    torch.manual_seed(settings.seed)  # dropout
-    model.to(device)
-    if not apply_lora(model, settings, trainable=("out_head",)):
-        set_trainable(model, settings.train_layers)
-    trainable = trainable_parameters(model)
     total_parameters = model.num_parameters()
-    optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
     n_classes = len(data.classes)
     pad_id = data.pad_id
     train_loader = make_loader(data.train, settings.batch_size, pad_id, shuffle=True, seed=settings.seed)
@@ -294,7 +274,7 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
         # Cross-entropy at the last real token only: one prediction per text.
         return F.cross_entropy(class_logits(model, ids, lengths).float(), labels)
 
-    def evaluate_now(metrics: Metrics, step: int, examples: int) -> None:
+    def evaluate_now(metrics: finetune.Metrics, step: int, examples: int) -> None:
         autocast = precision.autocast
         train = evaluate(model, loaders["train"], n_classes, device, autocast, settings.eval_batches)
         val = evaluate(model, loaders["val"], n_classes, device, autocast)
@@ -310,18 +290,19 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
     def run(directory: Path | None) -> dict:
         if directory:
             say(f"writing into {directory} (becomes {out} when the run succeeds)")
-        metrics = Metrics(directory)
+        metrics = finetune.Metrics(directory)
         started = time.perf_counter()
         step = examples = 0
-        for step, (_, labels, _), loss, due in train_steps(model, optimizer, train_loader, loss_of, precision,
-                                                           total_steps, settings.eval_every, out=out):
+        for step, (_, labels, _), loss, due in finetune.train_steps(
+                model, optimizer, train_loader, loss_of, precision, total_steps, settings.eval_every,
+                settings.seed, out=out):
             examples += len(labels)
             metrics.add({"event": "step", "step": step, "epoch": round(step / steps_per_epoch, 3),
                          "examples_seen": examples, "train_loss": loss})
             if due:
                 evaluate_now(metrics, step, examples)
         seconds = time.perf_counter() - started
-        merge_adapters(model, directory, settings.save_adapters)
+        finetune.merge_adapters(model, directory, settings.save_adapters)
 
         final = {name: evaluate(model, loader, n_classes, device, precision.autocast)
                  for name, loader in loaders.items()}
@@ -345,7 +326,7 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
                     "train_layers": settings.train_layers, "lora_rank": settings.lora_rank,
                     "test_accuracy": results["test_accuracy"], "val_accuracy": results["val_accuracy"]}
             save_model(model, directory, tokenizer, extra={"finetune": info})
-            (directory / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
+            (directory / finetune.RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
             for metric, ylabel in (("loss", "cross-entropy loss"), ("accuracy", "accuracy")):
                 plot_metric(metrics.records, directory / f"{metric}.png", metric, x="examples_seen",
                             xlabel="examples seen", ylabel=ylabel)
@@ -353,7 +334,7 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
             f"val {_percent(results['val_accuracy'])}, test {_percent(results['test_accuracy'])}")
         return results
 
-    return write_output(out, run)
+    return finetune.write_output(out, run)
 
 
 def _percent(value: float | None) -> str:
@@ -372,9 +353,9 @@ def run_finetune_classify(model_spec: str, data_path: str, out_dir: str | Path |
 
     settings = settings or ClassifySettings()
     if out_dir is not None:
-        check_out_dir(out_dir, CLASSIFIER, replace=True)
+        finetune.check_out_dir(out_dir, CLASSIFIER, replace=True)
     model, tokenizer, description = resolve_model(model_spec)
-    max_length = resolve_max_length(settings.max_length, model.config)
+    max_length = finetune.resolve_max_length(settings.max_length, model.config)
     data = load_classification_data(data_path, tokenizer, max_length, settings.labels, settings.balance,
                                     settings.split, settings.seed)
     if not (model.config.n_classes and class_names(model.config) == data.classes):

@@ -6,9 +6,10 @@ Each brings its own head, data, loss and evaluation; around them both do the sam
 - `check_out_dir`: an output directory is new, empty or (where a run may replace it) an earlier
   output of the same kind, never a directory of other files; `write_output` builds it under a
   temporary name and swaps it in only when the run has written everything;
-- `check_lora` / `apply_lora`: LoRA adapters (`glassgpt.lora`) as the settings ask, checked against
-  the model before anything is written; `merge_adapters` writes them alone if asked, then merges them
-  into the weights, so that what is saved is an ordinary model every loader reads;
+- `prepare_training`: the model on its device with what trains chosen, LoRA adapters
+  (`glassgpt.lora`) as the settings ask, checked first, and the optimizer; `merge_adapters` writes
+  the adapters alone if asked, then merges them into the weights, so that what is saved is an
+  ordinary model every loader reads;
 - `train_steps`: the optimizer steps (autocast, fp16 loss scaling, a finite-loss check, a progress
   bar), each handed back to the caller, which records it and evaluates when one is due;
 - `Metrics`: the run's records, appended to metrics.jsonl as they come.
@@ -27,8 +28,9 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
+from glassgpt import lora
 from glassgpt.device import PRECISIONS, Precision, pick_device, resolve_precision
-from glassgpt.train import Settings, TrainingDiverged, setting
+from glassgpt.train import Settings, TrainingDiverged, make_optimizer, setting
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
@@ -101,13 +103,6 @@ def check_tokenizer_fits(tokenizer, config) -> None:
                          "for this model)")
 
 
-def run_precision(settings: FinetuneSettings) -> Precision:
-    """The device (with the CPU threads asked for) and precision the run computes in."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    return resolve_precision(settings.precision, pick_device(settings.device))
-
-
 # ---------------------------------------------------------------- the output directory
 
 
@@ -163,28 +158,35 @@ class Metrics:
         return record
 
 
-# ---------------------------------------------------------------- LoRA
+# ---------------------------------------------------------------- the model
 
 
-def check_lora(model, settings: FinetuneSettings) -> None:
-    """Refuse LoRA settings the model cannot take (a rank larger than a layer) before anything changes."""
+def prepare_training(model, settings: FinetuneSettings, freeze: Callable[[object], object] | None = None,
+                     lora_trainable: tuple[str, ...] = ()) -> tuple[Precision, torch.optim.Optimizer, int]:
+    """(precision, optimizer, trainable parameters) for training `model`, which moves to the run's device.
+
+    With `lora_rank`, LoRA adapters (`glassgpt.lora`, seeded by `settings.seed`) wrap every block's
+    attention and feed-forward matrices and everything else is frozen but the `lora_trainable`
+    modules; without, `freeze(model)` chooses what trains (None: whatever requires gradients). The
+    optimizer is `glassgpt train`'s AdamW, over what trains only. Settings the model or the machine
+    cannot take (a LoRA rank larger than a layer, fp16 without a GPU) raise ValueError before the
+    model changes.
+    """
     if settings.lora_rank is not None:
-        from glassgpt.lora import find_targets
-
-        find_targets(model, settings.lora_rank)
-
-
-def apply_lora(model, settings: FinetuneSettings, trainable: tuple[str, ...] = ()) -> bool:
-    """Wrap the model's attention and feed-forward matrices in LoRA adapters (seeded by `settings.seed`),
-    freezing all else but the `trainable` modules; False (nothing done) without `lora_rank`."""
+        lora.find_targets(model, settings.lora_rank)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    precision = resolve_precision(settings.precision, pick_device(settings.device))
+    model.to(precision.device)
     if settings.lora_rank is None:
-        return False
-    from glassgpt import lora
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)  # A's random initial values
-        lora.apply_lora(model, settings.lora_rank, settings.lora_alpha, trainable=trainable)
-    return True
+        if freeze is not None:
+            freeze(model)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)  # A's random initial values
+            lora.apply_lora(model, settings.lora_rank, settings.lora_alpha, trainable=lora_trainable)
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
+    return precision, optimizer, lora.trainable_parameters(model)
 
 
 def merge_adapters(model, directory: Path | None, save_adapters: bool) -> None:
@@ -192,8 +194,6 @@ def merge_adapters(model, directory: Path | None, save_adapters: bool) -> None:
     into the weights (W + (alpha / r) B A), so the model is again an ordinary GPT. Nothing without LoRA."""
     if getattr(model, "lora_settings", None) is None:
         return
-    from glassgpt import lora
-
     if save_adapters and directory is not None:
         lora.save_adapters(model, directory / ADAPTERS_FILE)
     lora.merge_lora(model)
@@ -212,13 +212,14 @@ class Step(NamedTuple):
 
 
 def train_steps(model, optimizer: torch.optim.Optimizer, batches, loss_of: Callable[[object], torch.Tensor],
-                precision: Precision, total_steps: int, eval_every: int = 0, progress: bool = False,
-                out: Path | None = None) -> Iterator[Step]:
+                precision: Precision, total_steps: int, eval_every: int = 0, seed: int = 0,
+                progress: bool = False, out: Path | None = None) -> Iterator[Step]:
     """`total_steps` optimizer steps over `batches` (iterated anew each epoch), yielding each `Step`.
 
     `loss_of(batch)` runs under the precision's autocast and returns the batch's mean loss. An
     evaluation is due every `eval_every` steps (0: at each epoch's end) and after the last step.
-    A loss that is not finite raises TrainingDiverged: the run stops before writing `out`.
+    `seed` seeds dropout. A loss that is not finite raises TrainingDiverged: the run stops before
+    writing `out`.
     """
     from tqdm import tqdm
 
@@ -228,6 +229,7 @@ def train_steps(model, optimizer: torch.optim.Optimizer, batches, loss_of: Calla
     scaler = precision.grad_scaler()
     bar = tqdm(total=total_steps, desc="finetune", unit="step", dynamic_ncols=True, disable=not progress,
                leave=False)
+    torch.manual_seed(seed)  # dropout masks
     model.train()
     step = 0
     try:

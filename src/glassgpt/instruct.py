@@ -20,35 +20,33 @@ arguments into `InstructSettings` and calls `finetune_instruct`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
+from glassgpt import finetune
+from glassgpt.data import jsonl_values, read_source
+from glassgpt.device import Precision
 from glassgpt.model import GPT
+from glassgpt.plots import plot_metric
+from glassgpt.train import Settings, setting
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets with it add nothing to the loss
-BUNDLED_PREFIX = "bundled:"
-RESULTS_FILE = "results.json"
 RESPONSES_FILE = "test_responses.jsonl"
-METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
 # ---------------------------------------------------------------- the prompt template
 
 
 @dataclass(frozen=True)
-class InstructionTemplate:
+class InstructionTemplate(Settings):
     """How an instruction (and its optional input) becomes a prompt; the response follows it.
 
     The defaults are the Alpaca format the tutorial uses (`preamble` is one line):
@@ -73,6 +71,8 @@ class InstructionTemplate:
     separator: str = "\n\n"
     name: str = "alpaca"
 
+    KIND: ClassVar[str] = "instruction template fields"
+
     def format_prompt(self, instruction: str, input: str = "") -> str:  # noqa: A002 (the data's own key)
         """The text the model continues: everything up to and including the response header's line."""
         sep = self.separator
@@ -85,19 +85,12 @@ class InstructionTemplate:
         """Prompt + response of one example ({"instruction", "input", "output"}), as training reads it."""
         return self.format_prompt(example["instruction"], example.get("input", "")) + example["output"]
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict) -> InstructionTemplate:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown instruction template fields: {', '.join(unknown)}")
         wrong = sorted(key for key, value in data.items() if not isinstance(value, str))
         if wrong:
             raise ValueError(f"instruction template fields must be strings: {', '.join(wrong)}")
-        return cls(**data)
+        return super().from_dict(data)
 
 
 TEMPLATE_KEY = "instruction_template"  # where the template sits in a checkpoint's glassgpt.json
@@ -146,24 +139,7 @@ def load_instructions(path: str | Path) -> list[dict]:
     the tutorial's 1,100 examples). Raises FileNotFoundError or ValueError naming the file and the
     entry (JSON, counted from 1) or line (JSONL) at fault.
     """
-    from glassgpt.tokenizer import ASSETS
-
-    path = str(path)
-    if path.startswith(BUNDLED_PREFIX):
-        name = path[len(BUNDLED_PREFIX):]
-        resource = ASSETS / name
-        if not name or not resource.is_file():
-            raise FileNotFoundError(f"no bundled data set named {name!r} (try bundled:instruction-data.json)")
-        text, source = resource.read_text(encoding="utf-8"), path
-    else:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"instruction data file {file} does not exist")
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-        source = str(file)
+    text, source = read_source(path, "instruction data file", "data set")
     if not text.strip():
         raise ValueError(f"{source} is empty: expected a JSON list of objects with \"instruction\", "
                          "\"input\" and \"output\", or one such object per line (JSONL)")
@@ -178,16 +154,8 @@ def load_instructions(path: str | Path) -> list[dict]:
         examples = [_check_example(entry, f"{source}, entry {number}")
                     for number, entry in enumerate(entries, start=1)]
     else:
-        examples = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{source}, line {number}: not valid JSON ({error.msg} at column "
-                                 f"{error.colno})") from None
-            examples.append(_check_example(entry, f"{source}, line {number}"))
+        examples = [_check_example(entry, f"{source}, line {number}")
+                    for number, entry in jsonl_values(text, lambda number: f"{source}, line {number}")]
     if not examples:
         raise ValueError(f"{source} holds no examples")
     return examples
@@ -347,81 +315,30 @@ def respond(model: GPT, tokenizer, template: InstructionTemplate, instruction: s
 
 # ---------------------------------------------------------------- settings
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass
-class InstructSettings:
+class InstructSettings(finetune.FinetuneSettings):
     """Every setting of `glassgpt finetune instruct`; each field is the `--flag` of the same name.
 
     The defaults are the tutorial's run: AdamW 5e-5, weight decay 0.1, 2 epochs, batch 8,
     evaluation every 5 steps over 5 batches, responses of up to 256 tokens.
     """
 
-    mask_prompt: bool = field(default=False, metadata=_help(
-        "ignore the prompt's tokens in the loss: learn only the responses (the tutorial's exercise)"))
-    max_length: int | None = field(default=None, metadata=_help(
-        "tokens per example; longer ones are truncated and counted (None: the model's context)"))
-    epochs: int = field(default=2, metadata=_help("passes over the training examples"))
-    max_steps: int | None = field(default=None, metadata=_help("optimizer steps instead of whole epochs"))
-    lr: float = field(default=5e-5, metadata=_help("AdamW learning rate"))
-    batch_size: int = field(default=8, metadata=_help("examples per step"))
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW decay, on weight matrices only"))
-    seed: int = field(default=123, metadata=_help("seeds the shuffling and dropout"))
-    precision: str = field(default="fp32", metadata=_help(
-        "fp32, bf16, fp16 (autocast; fp16 on CUDA only), or auto (bf16 where the device has it natively)"))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps"))
-    threads: int | None = field(default=None, metadata=_help("CPU threads for torch (None: torch's default)"))
-    lora_rank: int | None = field(default=None, metadata=_help(
-        "train rank-R LoRA adapters instead of the weights (merged into them when saved)"))
-    lora_alpha: float | None = field(default=None, metadata=_help(
-        "LoRA's scale is alpha / rank (None: alpha = rank)"))
-    eval_every: int = field(default=5, metadata=_help("steps between evaluations (0: at each epoch's end)"))
-    eval_batches: int = field(default=5, metadata=_help("batches averaged for each evaluation's losses"))
-    max_new_tokens: int = field(default=256, metadata=_help("longest response generated for a test example"))
-    test_responses: int | None = field(default=None, metadata=_help("test examples to answer (None: all)"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar and messages"))
+    KIND: ClassVar[str] = "instruction fine-tuning settings"
+
+    mask_prompt: bool = setting(False, "ignore the prompt's tokens in the loss: learn only the responses "
+                                       "(the tutorial's exercise)")
+    eval_every: int = setting(5, "steps between evaluations (0: at each epoch's end)")
+    max_new_tokens: int = setting(256, "longest response generated for a test example")
+    test_responses: int | None = setting(None, "test examples to answer (None: all)")
+    progress: bool = setting(True, "show a progress bar and messages")
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-        for key in ("epochs", "batch_size", "eval_batches", "max_new_tokens"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("max_length", "max_steps", "lora_rank", "threads"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1 (or None), got {getattr(self, key)}")
+        super().__post_init__()
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.test_responses is not None and self.test_responses < 0:
             raise ValueError(f"test_responses must be >= 0 (or None), got {self.test_responses}")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
-        if self.lora_alpha is not None:
-            if self.lora_rank is None:
-                raise ValueError("lora_alpha needs lora_rank")
-            if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
-                raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
-
-    def replace(self, **changes) -> InstructSettings:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> InstructSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown instruction fine-tuning settings: {', '.join(unknown)}")
-        return cls(**data)
 
 
 # ---------------------------------------------------------------- training data
@@ -491,14 +408,8 @@ def prepare_data(splits, tokenizer, template: InstructionTemplate, model: GPT,
     if tokenizer.eos_id is None:
         raise ValueError(f"the {tokenizer.name} tokenizer has no end-of-text token, and instruction "
                          "fine-tuning ends each response with one (use the gpt2 tokenizer)")
-    vocab = model.config.vocab_size
-    if tokenizer.vocab_size > vocab:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size:,} ids but the model's vocabulary only "
-                         f"{vocab:,}: this tokenizer was not made for this model")
-    context = model.config.context_length
-    max_length = max_length or context
-    if max_length > context:
-        raise ValueError(f"max_length {max_length} exceeds the model's context length of {context}")
+    finetune.check_tokenizer_fits(tokenizer, model.config)
+    max_length = finetune.resolve_max_length(max_length, model.config)
     tokenized, truncated = {}, {}
     for name, part in zip(InstructionSplits._fields, splits, strict=True):
         tokenized[name], truncated[name] = tokenize_instructions(part, tokenizer, template, max_length)
@@ -516,209 +427,26 @@ def prepare_data(splits, tokenizer, template: InstructionTemplate, model: GPT,
 
 # ---------------------------------------------------------------- training
 
-
-def trainable_parameter_groups(model: GPT, weight_decay: float) -> list[dict]:
-    """AdamW groups over the parameters that require gradients, decaying weight matrices only.
-
-    Biases, LayerNorm scales and shifts, and the embeddings are not decayed (as in `glassgpt
-    train`); frozen parameters (LoRA's base weights) get no optimizer state at all.
-    """
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        is_embedding = name.startswith(("tok_emb.", "pos_emb."))
-        (decay if parameter.dim() >= 2 and not is_embedding else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+INSTRUCTION_RUN = "an instruction fine-tuning run"
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
-    """The loss curves as a PNG: each step's training loss; each evaluation's train and validation loss."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    figure = Figure(figsize=(7, 4), dpi=110)
-    axes = figure.subplots()
-    steps = [r for r in records if r["event"] == "step"]
-    axes.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], color="tab:blue", alpha=0.3,
-              linewidth=0.8, label="train (each step)")
-    for key, color, label in (("train_loss", "tab:blue", "train"), ("val_loss", "tab:orange", "validation")):
-        evals = [r for r in records if r["event"] == "eval" and r.get(key) is not None]
-        if evals:
-            axes.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", color=color, label=label)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
-
-
-def _holds_results(directory: Path) -> bool:
-    from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE
-
-    return any((directory / name).exists() for name in (GLASSGPT_META, WEIGHTS_FILE, RESULTS_FILE))
-
-
-def save_model_atomically(model: GPT, out_dir: Path, tokenizer, extra: dict) -> None:
-    """`weights.save_model` into `out_dir` without ever leaving a half-written model file there.
-
-    The files are written and fsynced in a temporary directory, then moved in one at a time with
-    `os.replace`: the weights first, last the metadata that makes the directory a model.
-    """
-    from glassgpt.checkpoint import fsync_directory, fsync_tree
-    from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, save_model
-
-    tmp = out_dir / ".model.tmp"
-    if tmp.exists():  # left by a crash in an earlier save
-        shutil.rmtree(tmp)
-    save_model(model, tmp, tokenizer, extra=extra)
-    fsync_tree(tmp)
-    for name in (WEIGHTS_FILE, GLASSGPT_META):
-        os.replace(tmp / name, out_dir / name)
-    fsync_directory(out_dir)
-    shutil.rmtree(tmp)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _lora_module(settings: InstructSettings):
-    """glassgpt.lora when LoRA is asked for (None otherwise); a clear error where it cannot be done."""
-    if not settings.lora_rank:
+@torch.no_grad()
+def mean_loss(model: GPT, batches: InstructionBatches, precision: Precision,
+              max_batches: int | None = None) -> float | None:
+    """Mean cross-entropy per counted target over the first `max_batches` batches (None: all), dropout off."""
+    if not batches.examples:
         return None
-    try:
-        from glassgpt import lora
-    except ImportError:
-        raise ValueError("lora_rank needs glassgpt.lora, which this installation does not have") from None
-    missing = [name for name in ("apply_lora", "merge_lora") if not hasattr(lora, name)]
-    if missing:
-        raise ValueError(f"glassgpt.lora has no {' or '.join(missing)}: LoRA fine-tuning is not available")
-    return lora
-
-
-class InstructionTrainer:
-    """One instruction fine-tuning run over prepared data; `finetune_instruct` is its front door."""
-
-    def __init__(self, model: GPT, data: PreparedData, settings: InstructSettings, out: Path | None):
-        from glassgpt.device import has_native_bf16, pick_device
-
-        self.model, self.data, self.settings, self.out = model, data, settings, out
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        self.device = pick_device(settings.device)
-        precision = settings.precision
-        if precision == "auto":
-            precision = "bf16" if has_native_bf16(self.device) else "fp32"
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("fp16 training needs a CUDA GPU; on a CPU use precision bf16")
-        if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bf16 support; use precision fp16")
-        self.precision = precision
-        self.steps_per_epoch = len(data.tokenized["train"]) // settings.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(data.tokenized['train'])} training examples make no full batch of "
-                             f"{settings.batch_size}: lower batch_size")
-        self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
-        self.records: list[dict] = []
-        self.step = self.tokens_seen = 0
-
-    def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
-
-    def batches(self, split: str, shuffle: bool = False) -> InstructionBatches:
-        d, s = self.data, self.settings
-        return InstructionBatches(d.tokenized[split], s.batch_size, d.pad_id, d.max_length, s.mask_prompt,
-                                  shuffle=shuffle, drop_last=shuffle, seed=s.seed)
-
-    @torch.no_grad()
-    def mean_loss(self, split: str, max_batches: int | None = None) -> float | None:
-        """Mean cross-entropy per counted target over the split's first `max_batches` batches (None: all)."""
-        if not self.data.tokenized[split]:
-            return None
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
-        for index, (inputs, targets) in enumerate(self.batches(split)):
-            if max_batches is not None and index >= max_batches:
-                break
-            n_targets = int((targets != IGNORE_INDEX).sum())
-            with self.autocast():
-                loss = self.model(inputs.to(self.device), targets=targets.to(self.device))
-            total += loss.item() * n_targets  # the batch's mean back to a sum: every target weighs the same
-            count += n_targets
-        self.model.train(was_training)
-        return total / count
-
-    def log(self, event: str, **values) -> dict:
-        record = {"event": event, "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3),
-                  "tokens": self.tokens_seen, **values}
-        self.records.append(record)
-        if self.out is not None:
-            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
-        return record
-
-    def evaluate(self, say) -> None:
-        s = self.settings
-        losses = {"train_loss": self.mean_loss("train", s.eval_batches),
-                  "val_loss": self.mean_loss("val", s.eval_batches)}
-        self.log("eval", **losses)
-        val = f" | val {losses['val_loss']:.3f}" if losses["val_loss"] is not None else ""
-        say(f"step {self.step:>5} | epoch {self.step / self.steps_per_epoch:.2f} | "
-            f"train {losses['train_loss']:.3f}{val}")
-
-    def fit(self, say) -> float:
-        """Train for the planned steps; returns the seconds it took. Raises TrainingDiverged on a NaN loss."""
-        from tqdm import tqdm
-
-        from glassgpt.train import TrainingDiverged
-
-        s, model = self.settings, self.model
-        torch.manual_seed(s.seed)  # dropout masks
-        groups = trainable_parameter_groups(model, s.weight_decay)
-        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {"foreach": True}
-        optimizer = torch.optim.AdamW(groups, lr=s.lr, **fused)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        train_batches = self.batches("train", shuffle=True)
-        bar = tqdm(total=self.total_steps, desc="finetune", unit="step", dynamic_ncols=True,
-                   disable=not s.progress, leave=False)
-        model.train()
-        started = time.perf_counter()
-        try:
-            while self.step < self.total_steps:
-                for inputs, targets in train_batches:
-                    if self.step >= self.total_steps:
-                        break
-                    inputs, targets = inputs.to(self.device), targets.to(self.device)
-                    with self.autocast():
-                        # GPT's loss is F.cross_entropy, whose default ignore_index is -100 = IGNORE_INDEX.
-                        loss = model(inputs, targets=targets)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    self.tokens_seen += inputs.numel()
-                    loss_value = loss.item()
-                    if not math.isfinite(loss_value):
-                        raise TrainingDiverged(f"the training loss became {loss_value} at step {self.step}; "
-                                               "no model was saved. Try a lower lr or precision fp32")
-                    self.log("step", train_loss=loss_value, lr=s.lr)
-                    bar.update()
-                    bar.set_postfix(loss=f"{loss_value:.3f}")
-                    due = (self.step % s.eval_every == 0 if s.eval_every
-                           else self.step % self.steps_per_epoch == 0)
-                    if due or self.step == self.total_steps:
-                        self.evaluate(say)
-        finally:
-            bar.close()
-        return time.perf_counter() - started
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in islice(batches, max_batches):
+        n_targets = int((targets != IGNORE_INDEX).sum())
+        with precision.autocast():
+            loss = model(inputs.to(precision.device), targets=targets.to(precision.device))
+        total += loss.item() * n_targets  # the batch's mean back to a sum: every target weighs the same
+        count += n_targets
+    model.train(was_training)
+    return total / count
 
 
 def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
@@ -729,14 +457,17 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
     `splits`: (train, val, test) lists of {"instruction", "input", "output"}: an
     `InstructionSplits`, a dict with those keys, or a 3-sequence; val and test may be empty.
     Everything is checked before the first step (settings, data, tokenizer, lengths, LoRA) and
-    `out_dir` must not already hold a model or results: nothing is ever written over one.
+    `out_dir` must be new or empty: nothing is ever written over a model or results.
 
     `out_dir` receives `metrics.jsonl` (a record per step and per evaluation, as training goes),
     `loss.png`, the model with its tokenizer and template (`weights.load_model(out_dir)`,
     `load_template(out_dir)`), `results.json` (losses over each whole split, example, token and
-    truncation counts, trainable parameters, settings) and `test_responses.jsonl` (instruction,
-    input, expected, generated: greedy, up to `max_new_tokens`, stopped at the end-of-text token).
-    `out_dir=None` keeps nothing on disk.
+    truncation counts, trainable parameters, settings), `test_responses.jsonl` (instruction,
+    input, expected, generated: greedy, up to `max_new_tokens`, stopped at the end-of-text token)
+    and with `save_adapters` the LoRA adapters alone (`adapters.safetensors`). It is filled under a
+    temporary name (`.NAME.tmp`) and appears only when all of it is written. `out_dir=None` keeps
+    nothing on disk. With `lora_rank`, the adapters are merged into the weights (of `model` too)
+    after training, so the saved model is an ordinary one.
     """
     from tqdm import tqdm
 
@@ -746,70 +477,93 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
 
     # Everything that can be refused is refused here, before a file is written or a step taken.
     data = prepare_data(splits, tokenizer, template, model, settings.max_length, settings.mask_prompt)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None and out.exists() and (not out.is_dir() or _holds_results(out)):
-        raise ValueError(f"{out} already holds a model or results (or is a file): choose another output "
-                         "directory; nothing there is overwritten")
-    lora = _lora_module(settings)
-    trainer = InstructionTrainer(model, data, settings, out)
-    if lora is not None:
-        alpha = settings.lora_alpha if settings.lora_alpha is not None else settings.lora_rank
-        lora.apply_lora(model, settings.lora_rank, alpha)
-    model.to(trainer.device)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_FILE).write_text("", encoding="utf-8")
+    out = finetune.check_out_dir(out_dir, INSTRUCTION_RUN) if out_dir is not None else None
 
+    def batches(split: str, shuffle: bool = False) -> InstructionBatches:
+        return InstructionBatches(data.tokenized[split], settings.batch_size, data.pad_id, data.max_length,
+                                  settings.mask_prompt, shuffle, drop_last=shuffle, seed=settings.seed)
+
+    train_batches = batches("train", shuffle=True)
+    steps_per_epoch = len(train_batches)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(data.tokenized['train'])} training examples make no full batch of "
+                         f"{settings.batch_size}: lower batch_size")
+    total_steps = settings.max_steps or settings.epochs * steps_per_epoch
+
+    # With LoRA only the adapters train; without, every parameter that requires gradients (all of a
+    # freshly loaded model's).
+    precision, optimizer, trainable = finetune.prepare_training(model, settings)
     counts = data.splits.counts()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"model {model.config.name}: {model.num_parameters():,} parameters, {trainable:,} trained; "
+    say(f"model {model.config.name}: {model.num_parameters():,} parameters, {trainable:,} trained"
+        f"{f' (LoRA rank {settings.lora_rank})' if settings.lora_rank else ''}; "
         f"context {model.config.context_length}")
     say(f"data: {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test examples, "
         f"max length {data.max_length} ({sum(data.truncated.values())} truncated); "
-        f"{trainer.steps_per_epoch} steps per epoch, {trainer.total_steps} steps; the loss "
+        f"{steps_per_epoch} steps per epoch, {total_steps} steps; the loss "
         f"covers {'the responses only' if settings.mask_prompt else 'prompts and responses'}")
-    say(f"device {trainer.device}, {trainer.precision}, AdamW lr {settings.lr:g}, "
+    say(f"device {precision.device}, {precision.name}, AdamW lr {settings.lr:g}, "
         f"weight decay {settings.weight_decay:g}")
-    train_seconds = trainer.fit(say)
 
-    if lora is not None:
-        lora.merge_lora(model)  # an ordinary model again, which every loader reads
-    losses = {f"{name}_loss": trainer.mean_loss(name) for name in InstructionSplits._fields}
-    results = {
-        **losses,
-        "examples": counts,
-        "truncated": data.truncated,
-        "tokens": {name: sum(min(len(e.ids), data.max_length) for e in part)
-                   for name, part in data.tokenized.items()},
-        "max_length": data.max_length,
-        "steps": trainer.step,
-        "epochs": round(trainer.step / trainer.steps_per_epoch, 3),
-        "tokens_seen": trainer.tokens_seen,
-        "train_seconds": round(train_seconds, 2),
-        "trainable_parameters": trainable,
-        "precision": trainer.precision,
-        "device": str(trainer.device),
-        "template": template.to_dict(),
-        "settings": settings.to_dict(),
-    }
-    say("losses: " + ", ".join(f"{name} {value:.3f}" for name, value in losses.items() if value is not None))
-    if out is not None:
-        summary = {key: results[key] for key in ("train_loss", "val_loss", "test_loss", "steps", "examples")}
-        extra = {TEMPLATE_KEY: template.to_dict(),
-                 "finetune": {"task": "instruct", **summary, "settings": settings.to_dict()}}
-        save_model_atomically(model, out, tokenizer, extra)
-        plot_curves(trainer.records, out / PLOT_FILE)
+    def loss_of(batch) -> torch.Tensor:
+        inputs, targets = batch
+        # GPT's loss is F.cross_entropy, whose default ignore_index is -100 = IGNORE_INDEX.
+        return model(inputs.to(precision.device), targets=targets.to(precision.device))
 
-    test = data.splits.test if settings.test_responses is None else data.splits.test[:settings.test_responses]
-    if test:
-        say(f"answering {len(test)} test instructions (up to {settings.max_new_tokens} tokens each)")
-    generated = respond_many(model, tokenizer, template, test, settings.max_new_tokens,
-                             batch_size=settings.batch_size) if test else []
-    rows = [{"instruction": e["instruction"], "input": e["input"], "expected": e["output"], "generated": g}
-            for e, g in zip(test, generated, strict=True)]
-    results["test_responses"] = len(rows)
-    if out is not None:
-        _write_atomically(out / RESPONSES_FILE, "".join(json.dumps(row) + "\n" for row in rows))
-        _write_atomically(out / RESULTS_FILE, json.dumps(results, indent=2))
-        say(f"saved the model, results.json and {RESPONSES_FILE} in {out}")
-    return results
+    def run(directory: Path | None) -> dict:
+        metrics = finetune.Metrics(directory)
+        started = time.perf_counter()
+        step = tokens_seen = 0
+        for step, (inputs, _), loss, due in finetune.train_steps(
+                model, optimizer, train_batches, loss_of, precision, total_steps, settings.eval_every,
+                settings.seed, settings.progress, out):
+            tokens_seen += inputs.numel()
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "tokens": tokens_seen}
+            metrics.add({"event": "step", **record, "train_loss": loss, "lr": settings.lr})
+            if due:
+                losses = {f"{name}_loss": mean_loss(model, batches(name), precision, settings.eval_batches)
+                          for name in ("train", "val")}
+                metrics.add({"event": "eval", **record, **losses})
+                val = f" | val {losses['val_loss']:.3f}" if losses["val_loss"] is not None else ""
+                say(f"step {step:>5} | epoch {step / steps_per_epoch:.2f} | "
+                    f"train {losses['train_loss']:.3f}{val}")
+        train_seconds = time.perf_counter() - started
+        finetune.merge_adapters(model, directory, settings.save_adapters)
+
+        losses = {f"{name}_loss": mean_loss(model, batches(name), precision)
+                  for name in InstructionSplits._fields}
+        results = {
+            **losses, "examples": counts, "truncated": data.truncated,
+            "tokens": {name: sum(min(len(e.ids), data.max_length) for e in part)
+                       for name, part in data.tokenized.items()},
+            "max_length": data.max_length, "steps": step, "epochs": round(step / steps_per_epoch, 3),
+            "tokens_seen": tokens_seen, "train_seconds": round(train_seconds, 2),
+            "trainable_parameters": trainable, "precision": precision.name, "device": str(precision.device),
+            "template": template.to_dict(), "settings": settings.to_dict(),
+        }
+        say("losses: " + ", ".join(f"{name} {value:.3f}" for name, value in losses.items()
+                                   if value is not None))
+
+        test = data.splits.test[:settings.test_responses]  # [:None]: all of them
+        if test:
+            say(f"answering {len(test)} test instructions (up to {settings.max_new_tokens} tokens each)")
+        generated = respond_many(model, tokenizer, template, test, settings.max_new_tokens,
+                                 batch_size=settings.batch_size) if test else []
+        rows = [{"instruction": e["instruction"], "input": e["input"], "expected": e["output"],
+                 "generated": g} for e, g in zip(test, generated, strict=True)]
+        results["test_responses"] = len(rows)
+        if directory is not None:
+            from glassgpt.weights import save_model
+
+            summary = {key: results[key]
+                       for key in ("train_loss", "val_loss", "test_loss", "steps", "examples")}
+            extra = {TEMPLATE_KEY: template.to_dict(),
+                     "finetune": {"task": "instruct", **summary, "settings": settings.to_dict()}}
+            save_model(model, directory, tokenizer, extra=extra)
+            plot_metric(metrics.records, directory / PLOT_FILE, x="step", xlabel="optimizer step")
+            (directory / RESPONSES_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows),
+                                                    encoding="utf-8")
+            (directory / finetune.RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
+            say(f"saved the model, results.json and {RESPONSES_FILE} in {out}")
+        return results
+
+    return finetune.write_output(out, run)

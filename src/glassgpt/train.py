@@ -57,7 +57,7 @@ def setting(default, help: str):
 class Settings:
     """What every settings dataclass (TrainConfig, the fine-tuning settings) does besides checking itself."""
 
-    KIND: ClassVar[str] = "training"  # names the settings in from_dict's error
+    KIND: ClassVar[str] = "training settings"  # what from_dict's error calls unknown names
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -70,7 +70,7 @@ class Settings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown {cls.KIND} settings: {', '.join(unknown)}")
+            raise ValueError(f"unknown {cls.KIND}: {', '.join(unknown)}")
         return cls(**data)
 
 
