@@ -329,6 +329,72 @@ def test_a_failed_run_keeps_the_earlier_output(trained, monkeypatch):
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def capture_before_merging(monkeypatch) -> dict:
+    """Keep a copy of the model as it is just before fine-tuning merges its LoRA adapters."""
+    import copy
+
+    import glassgpt.finetune as finetune
+
+    captured, merge = {}, finetune.merge_adapters
+
+    def capture(model, directory, save_adapters):
+        captured["model"] = copy.deepcopy(model).eval()
+        merge(model, directory, save_adapters)
+
+    monkeypatch.setattr(finetune, "merge_adapters", capture)
+    return captured
+
+
+def test_lora_trains_adapters_and_the_head_and_saves_an_ordinary_classifier(trained, monkeypatch):
+    from glassgpt.lora import LoRALinear, load_adapters
+
+    root, _ = trained
+    captured = capture_before_merging(monkeypatch)
+    settings = ClassifySettings(**{**TINY, "train_layers": "last", "epochs": 2}, lora_rank=2, lora_alpha=4,
+                                save_adapters=True)
+    results = run_finetune_classify(str(root / "base"), str(root / "data.tsv"), root / "lora", settings,
+                                    log=None)
+    out = root / "lora"
+
+    # rank x (in + out) per wrapped matrix (qkv d->3d, out_proj d->d, expand d->4d, contract 4d->d) in each
+    # of the 2 blocks, + the 2-class head trained whole (2 x d, no bias); d = 32.
+    d, rank = 32, 2
+    expected = 2 * rank * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d)) + 2 * d
+    assert expected == 2112
+    assert results["trainable_parameters"] == expected
+    assert json.loads((out / "results.json").read_text())["trainable_parameters"] == expected
+
+    # Before merging: adapters in every block, the base weights as loaded (frozen), B trained away from 0.
+    unmerged = captured["model"]
+    adapters = [m for m in unmerged.modules() if isinstance(m, LoRALinear)]
+    assert len(adapters) == 8 and all(m.B.abs().sum() > 0 for m in adapters)
+    base, tokenizer = load_model(root / "base")
+    assert torch.equal(unmerged.blocks[0].attn.qkv.base.weight, base.blocks[0].attn.qkv.weight)
+
+    # Saved: an ordinary classifier (plain Linear layers, a plain GPT's names) with the same logits.
+    saved, _ = load_model(out)
+    assert not any(isinstance(m, LoRALinear) for m in saved.modules())
+    assert set(saved.state_dict()) == set(GPT(saved.config).state_dict())
+    texts = ["abzab", "abcdabcd", "dzdd", "cabd", "zzzz"]
+    ids, _ = encode_texts(texts, tokenizer, 16)
+    batch, _, lengths = collate([(row, 0) for row in ids], 0)
+    with torch.no_grad():
+        before = class_logits(unmerged, batch, lengths)
+        torch.testing.assert_close(class_logits(saved, batch, lengths), before, atol=1e-5, rtol=1e-5)
+        # The adapters file alone, loaded onto the base model with a fresh head, is the unmerged model.
+        rebuilt = load_adapters(to_classifier(base, 2, ["no", "yes"]), out / "adapters.safetensors").eval()
+        torch.testing.assert_close(class_logits(rebuilt, batch, lengths), before, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_settings_are_checked():
+    with pytest.raises(ValueError, match="lora_rank must be at least 1"):
+        ClassifySettings(lora_rank=0)
+    with pytest.raises(ValueError, match="save_adapters needs lora_rank"):
+        ClassifySettings(save_adapters=True)
+    with pytest.raises(ValueError, match="train_layers does not combine with lora_rank"):
+        ClassifySettings(lora_rank=2, train_layers="all")
+
+
 def test_max_steps_stops_mid_epoch_in_bf16_keeping_nothing(tmp_path):
     write_separable_data(tmp_path / "data.tsv", n=60)
     tokenizer = CharTokenizer("abcdz")

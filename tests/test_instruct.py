@@ -358,3 +358,75 @@ def test_a_small_model_learns_to_answer_its_training_instructions_exactly(tmp_pa
     with pytest.raises(ValueError, match="already holds a model"):
         finetune_instruct(loaded, loaded_tokenizer, (train, [], []), out, settings)
     assert (out / "model.safetensors").read_bytes() == weights
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def test_lora_trains_only_the_adapters_and_saves_an_ordinary_model(tmp_path, data, one_thread, monkeypatch):
+    import copy
+
+    import glassgpt.finetune as finetune
+    from glassgpt.lora import LoRALinear, load_adapters
+
+    captured, merge = {}, finetune.merge_adapters
+
+    def capture(model, directory, save_adapters):  # the model as it is just before its adapters merge
+        captured["model"] = copy.deepcopy(model).eval()
+        merge(model, directory, save_adapters)
+
+    monkeypatch.setattr(finetune, "merge_adapters", capture)
+    template = InstructionTemplate()
+    train = [e for e in data if len(e["output"]) < 60][:6]
+    tokenizer = BPETokenizer().train("".join(template.format_example(e) for e in train), 300)
+    model = small_model(tokenizer.vocab_size)  # tied head: it and the embedding stay frozen
+    base = copy.deepcopy(model)
+    settings = InstructSettings(lr=3e-3, max_steps=6, batch_size=3, eval_every=3, eval_batches=1,
+                                max_new_tokens=4, test_responses=1, device="cpu", threads=one_thread,
+                                progress=False, lora_rank=2, lora_alpha=4)
+    out = tmp_path / "run"
+    results = finetune_instruct(model, tokenizer, (train, train[:2], train[:2]), out, settings)
+
+    # rank x (in + out) per wrapped matrix (qkv d->3d, out_proj d->d, expand d->4d, contract 4d->d) in each
+    # of the 2 blocks, nothing else; d = 64.
+    d, rank = 64, 2
+    expected = 2 * rank * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))
+    assert expected == 4096
+    assert results["trainable_parameters"] == expected
+    assert json.loads((out / "results.json").read_text())["trainable_parameters"] == expected
+    assert not (out / "adapters.safetensors").exists()  # not asked for
+
+    unmerged = captured["model"]
+    adapters = [m for m in unmerged.modules() if isinstance(m, LoRALinear)]
+    assert len(adapters) == 8 and all(m.B.abs().sum() > 0 for m in adapters)
+    assert torch.equal(unmerged.tok_emb.weight, base.tok_emb.weight)  # frozen
+    saved, _ = load_model(out)
+    assert not any(isinstance(m, LoRALinear) for m in saved.modules())
+    assert set(saved.state_dict()) == set(base.state_dict())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged in place too
+    ids = torch.tensor([tokenizer.encode(template.format_example(e))[:40] for e in train[:3]])
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids), unmerged(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.eval()(ids), unmerged(ids), atol=1e-5, rtol=1e-5)
+
+    # Asked for, the adapters are written too: loaded onto the base model they give the unmerged model.
+    finetune_instruct(copy.deepcopy(base), tokenizer, (train, [], []), tmp_path / "with",
+                      settings.replace(save_adapters=True))
+    again = captured["model"]
+    rebuilt = load_adapters(copy.deepcopy(base), tmp_path / "with" / "adapters.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids), again(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_model(tmp_path / "with")[0](ids), again(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_rank_the_model_cannot_take_is_refused_before_anything_is_written(tmp_path, data):
+    model = small_model(50257, context_length=256)  # 64 wide: no matrix has a rank above 64
+    quiet = InstructSettings(progress=False, device="cpu", max_steps=1, lora_rank=65)
+    with pytest.raises(ValueError, match="LoRA rank 65 is larger than the layer"):
+        finetune_instruct(model, get_tokenizer("gpt2"), (data[:8], [], []), tmp_path / "never", quiet)
+    assert not (tmp_path / "never").exists()
+    assert all(p.requires_grad for p in model.parameters())  # the model is as it was
+    for bad, message in [(dict(lora_rank=0), "lora_rank must be"), (dict(save_adapters=True),
+                                                                      "save_adapters needs lora_rank")]:
+        with pytest.raises(ValueError, match=message):
+            InstructSettings(**bad)
