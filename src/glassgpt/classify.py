@@ -12,7 +12,10 @@ The language model's output head, which scores every token of the vocabulary at 
 replaced by a small fresh head that scores the classes. Causal attention lets only the last token
 of a text see the whole text, so the classifier reads the head's output there: at the last *real*
 token, never at padding (the pitfall of reading position -1 of a padded batch). By default only
-the last transformer block, the final norm and the head train, as the tutorial does.
+the last transformer block, the final norm and the head train, as the tutorial does; with
+`lora_rank`, LoRA adapters in every block and the head (appendix E), merged into the weights before
+the classifier is saved. What the loop, the output directory and LoRA's wiring share with instruction
+fine-tuning lives in `glassgpt.finetune`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from glassgpt.classify_data import (
     DEFAULT_SPLIT,
     ClassificationData,
     EncodedTexts,
+    check_labels,
     collate,
     encode_texts,
     load_classification_data,
@@ -69,11 +73,8 @@ class ClassifySettings(finetune.FinetuneSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.labels, str):  # "--labels ham,spam"
-            self.labels = [label.strip() for label in self.labels.split(",")]
-        if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)
-                                        or not all(self.labels)):
-            raise ValueError(f"labels must name at least two distinct classes, got {self.labels}")
+        if self.labels is not None:
+            self.labels = check_labels(self.labels)  # "--labels ham,spam" or a list
         self.train_layers = str(self.train_layers).strip().lower()
         if self.train_layers not in ("last", "all") and not self.train_layers.isdigit():
             raise ValueError(f"train_layers must be last, all or a number of blocks, "

@@ -119,6 +119,14 @@ def _pairs_jsonl(content: str, source: str) -> list[tuple[int, str, str]]:
     return pairs
 
 
+def check_labels(labels: str | Sequence[str]) -> list[str]:
+    """The class names `labels` gives ("ham,spam" or a list), stripped; at least two, distinct, non-empty."""
+    classes = [label.strip() for label in (labels.split(",") if isinstance(labels, str) else labels)]
+    if len(classes) < 2 or len(set(classes)) != len(classes) or not all(classes):
+        raise ValueError(f"labels must name at least two distinct classes, got {classes}")
+    return classes
+
+
 def load_labelled(path: str | Path, labels: Sequence[str] | None = None,
                   format: str | None = None) -> LabelledTexts:
     """Every (label, text) of a TSV, CSV or JSONL file (or `bundled:NAME`), checked.
@@ -145,9 +153,7 @@ def load_labelled(path: str | Path, labels: Sequence[str] | None = None,
         cleaned.append((number, label, text))
 
     if labels is not None:
-        classes = [label.strip() for label in labels]
-        if len(classes) < 2 or len(set(classes)) != len(classes) or not all(classes):
-            raise ValueError(f"labels must name at least two distinct classes, got {list(labels)}")
+        classes = check_labels(labels)
         for number, label, _ in cleaned:
             if label not in classes:
                 raise ValueError(f"{source} line {number}: label {label!r} is not one of the given labels "

@@ -10,8 +10,10 @@ The pieces, in the order a run uses them:
   end-of-text id as padding; the targets are the inputs shifted by one, where only the first
   padding token counts (it teaches the model to stop) and the rest are -100 (ignored by
   cross-entropy); `mask_prompt` ignores the prompt's tokens too, so only the response is learned.
-- `finetune_instruct`: AdamW over those batches, then the losses, the test set's responses and
-  the checkpoint (with its template) in one output directory.
+- `finetune_instruct`: AdamW over those batches (every weight, or LoRA adapters merged after
+  training), then the losses, the test set's responses and the checkpoint (with its template) in
+  one output directory. The loop, the output directory and LoRA's wiring are shared with
+  classification (`glassgpt.finetune`).
 - `respond`: a prompt in, only the response text out, stopping at the end-of-text token.
 
 This module knows nothing about the command line; `glassgpt finetune instruct` parses its
