@@ -333,15 +333,15 @@ def capture_before_merging(monkeypatch) -> dict:
     """Keep a copy of the model as it is just before fine-tuning merges its LoRA adapters."""
     import copy
 
-    import glassgpt.finetune as finetune
+    import glassgpt.finetune_common as finetune_common
 
-    captured, merge = {}, finetune.merge_adapters
+    captured, merge = {}, finetune_common.merge_adapters
 
     def capture(model, directory, save_adapters):
         captured["model"] = copy.deepcopy(model).eval()
         merge(model, directory, save_adapters)
 
-    monkeypatch.setattr(finetune, "merge_adapters", capture)
+    monkeypatch.setattr(finetune_common, "merge_adapters", capture)
     return captured
 
 

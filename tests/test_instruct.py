@@ -366,16 +366,16 @@ def test_a_small_model_learns_to_answer_its_training_instructions_exactly(tmp_pa
 def test_lora_trains_only_the_adapters_and_saves_an_ordinary_model(tmp_path, data, one_thread, monkeypatch):
     import copy
 
-    import glassgpt.finetune as finetune
+    import glassgpt.finetune_common as finetune_common
     from glassgpt.lora import LoRALinear, load_adapters
 
-    captured, merge = {}, finetune.merge_adapters
+    captured, merge = {}, finetune_common.merge_adapters
 
     def capture(model, directory, save_adapters):  # the model as it is just before its adapters merge
         captured["model"] = copy.deepcopy(model).eval()
         merge(model, directory, save_adapters)
 
-    monkeypatch.setattr(finetune, "merge_adapters", capture)
+    monkeypatch.setattr(finetune_common, "merge_adapters", capture)
     template = InstructionTemplate()
     train = [e for e in data if len(e["output"]) < 60][:6]
     tokenizer = BPETokenizer().train("".join(template.format_example(e) for e in train), 300)

@@ -15,7 +15,7 @@ token, never at padding (the pitfall of reading position -1 of a padded batch). 
 the last transformer block, the final norm and the head train, as the tutorial does; with
 `lora_rank`, LoRA adapters in every block and the head (appendix E), merged into the weights before
 the classifier is saved. What the loop, the output directory and LoRA's wiring share with instruction
-fine-tuning lives in `glassgpt.finetune`.
+fine-tuning lives in `glassgpt.finetune_common`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glassgpt import finetune
+from glassgpt import finetune_common
 from glassgpt.classify_data import (
     DEFAULT_SPLIT,
     ClassificationData,
@@ -55,7 +55,7 @@ HF_PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, the padding id of our batches 
 
 
 @dataclass
-class ClassifySettings(finetune.FinetuneSettings):
+class ClassifySettings(finetune_common.FinetuneSettings):
     """Every setting of `glassgpt finetune classify`; each field is the flag of the same name
     (`--train-layers`, `--max-length`, ...). Optimisation flags mean what they mean for `glassgpt train`;
     the defaults are the tutorial's run (AdamW 5e-5, weight decay 0.1, 5 epochs, batch 8)."""
@@ -216,7 +216,7 @@ def _check_data_fits(model: GPT, tokenizer, data: ClassificationData, settings: 
                          f"({', '.join(data.classes)})")
     if config.labels and list(config.labels) != list(data.classes):
         raise ValueError(f"the model's classes {list(config.labels)} differ from the data's {data.classes}")
-    finetune.check_tokenizer_fits(tokenizer, config)
+    finetune_common.check_tokenizer_fits(tokenizer, config)
     for name, part in (("train", data.train), ("val", data.val), ("test", data.test)):
         longest = max((len(ids) for ids in part.ids), default=0)
         if longest > config.context_length:
@@ -251,8 +251,8 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
     say = log or (lambda message: None)
     # ---- every check before any work
     _check_data_fits(model, tokenizer, data, settings)
-    out = finetune.check_out_dir(out_dir, CLASSIFIER, replace=True) if out_dir is not None else None
-    precision, optimizer, trainable = finetune.prepare_training(
+    out = finetune_common.check_out_dir(out_dir, CLASSIFIER, replace=True) if out_dir is not None else None
+    precision, optimizer, trainable = finetune_common.prepare_training(
         model, settings, freeze=lambda model: set_trainable(model, settings.train_layers),
         lora_trainable=("out_head",))  # LoRA in the blocks, the new head trained whole
     device = precision.device
@@ -275,7 +275,7 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
         # Cross-entropy at the last real token only: one prediction per text.
         return F.cross_entropy(class_logits(model, ids, lengths).float(), labels)
 
-    def evaluate_now(metrics: finetune.Metrics, step: int, examples: int) -> None:
+    def evaluate_now(metrics: finetune_common.Metrics, step: int, examples: int) -> None:
         autocast = precision.autocast
         train = evaluate(model, loaders["train"], n_classes, device, autocast, settings.eval_batches)
         val = evaluate(model, loaders["val"], n_classes, device, autocast)
@@ -291,10 +291,10 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
     def run(directory: Path | None) -> dict:
         if directory:
             say(f"writing into {directory} (becomes {out} when the run succeeds)")
-        metrics = finetune.Metrics(directory)
+        metrics = finetune_common.Metrics(directory)
         started = time.perf_counter()
         step = examples = 0
-        for step, (_, labels, _), loss, due in finetune.train_steps(
+        for step, (_, labels, _), loss, due in finetune_common.train_steps(
                 model, optimizer, train_loader, loss_of, precision, total_steps, settings.eval_every,
                 settings.seed, out=out):
             examples += len(labels)
@@ -303,7 +303,7 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
             if due:
                 evaluate_now(metrics, step, examples)
         seconds = time.perf_counter() - started
-        finetune.merge_adapters(model, directory, settings.save_adapters)
+        finetune_common.merge_adapters(model, directory, settings.save_adapters)
 
         final = {name: evaluate(model, loader, n_classes, device, precision.autocast)
                  for name, loader in loaders.items()}
@@ -327,7 +327,8 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
                     "train_layers": settings.train_layers, "lora_rank": settings.lora_rank,
                     "test_accuracy": results["test_accuracy"], "val_accuracy": results["val_accuracy"]}
             save_model(model, directory, tokenizer, extra={"finetune": info})
-            (directory / finetune.RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
+            results_file = directory / finetune_common.RESULTS_FILE
+            results_file.write_text(json.dumps(results, indent=2), encoding="utf-8")
             for metric, ylabel in (("loss", "cross-entropy loss"), ("accuracy", "accuracy")):
                 plot_metric(metrics.records, directory / f"{metric}.png", metric, x="examples_seen",
                             xlabel="examples seen", ylabel=ylabel)
@@ -335,7 +336,7 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
             f"val {_percent(results['val_accuracy'])}, test {_percent(results['test_accuracy'])}")
         return results
 
-    return finetune.write_output(out, run)
+    return finetune_common.write_output(out, run)
 
 
 def _percent(value: float | None) -> str:
@@ -354,9 +355,9 @@ def run_finetune_classify(model_spec: str, data_path: str, out_dir: str | Path |
 
     settings = settings or ClassifySettings()
     if out_dir is not None:
-        finetune.check_out_dir(out_dir, CLASSIFIER, replace=True)
+        finetune_common.check_out_dir(out_dir, CLASSIFIER, replace=True)
     model, tokenizer, description = resolve_model(model_spec)
-    max_length = finetune.resolve_max_length(settings.max_length, model.config)
+    max_length = finetune_common.resolve_max_length(settings.max_length, model.config)
     data = load_classification_data(data_path, tokenizer, max_length, settings.labels, settings.balance,
                                     settings.split, settings.seed)
     if not (model.config.n_classes and class_names(model.config) == data.classes):

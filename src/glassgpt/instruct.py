@@ -13,7 +13,7 @@ The pieces, in the order a run uses them:
 - `finetune_instruct`: AdamW over those batches (every weight, or LoRA adapters merged after
   training), then the losses, the test set's responses and the checkpoint (with its template) in
   one output directory. The loop, the output directory and LoRA's wiring are shared with
-  classification (`glassgpt.finetune`).
+  classification (`glassgpt.finetune_common`).
 - `respond`: a prompt in, only the response text out, stopping at the end-of-text token.
 
 This module knows nothing about the command line; `glassgpt finetune instruct` parses its
@@ -33,7 +33,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from glassgpt import finetune
+from glassgpt import finetune_common
 from glassgpt.data import jsonl_values, read_source
 from glassgpt.device import Precision
 from glassgpt.model import GPT
@@ -319,7 +319,7 @@ def respond(model: GPT, tokenizer, template: InstructionTemplate, instruction: s
 
 
 @dataclass
-class InstructSettings(finetune.FinetuneSettings):
+class InstructSettings(finetune_common.FinetuneSettings):
     """Every setting of `glassgpt finetune instruct`; each field is the `--flag` of the same name.
 
     The defaults are the tutorial's run: AdamW 5e-5, weight decay 0.1, 2 epochs, batch 8,
@@ -410,8 +410,8 @@ def prepare_data(splits, tokenizer, template: InstructionTemplate, model: GPT,
     if tokenizer.eos_id is None:
         raise ValueError(f"the {tokenizer.name} tokenizer has no end-of-text token, and instruction "
                          "fine-tuning ends each response with one (use the gpt2 tokenizer)")
-    finetune.check_tokenizer_fits(tokenizer, model.config)
-    max_length = finetune.resolve_max_length(max_length, model.config)
+    finetune_common.check_tokenizer_fits(tokenizer, model.config)
+    max_length = finetune_common.resolve_max_length(max_length, model.config)
     tokenized, truncated = {}, {}
     for name, part in zip(InstructionSplits._fields, splits, strict=True):
         tokenized[name], truncated[name] = tokenize_instructions(part, tokenizer, template, max_length)
@@ -479,7 +479,7 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
 
     # Everything that can be refused is refused here, before a file is written or a step taken.
     data = prepare_data(splits, tokenizer, template, model, settings.max_length, settings.mask_prompt)
-    out = finetune.check_out_dir(out_dir, INSTRUCTION_RUN) if out_dir is not None else None
+    out = finetune_common.check_out_dir(out_dir, INSTRUCTION_RUN) if out_dir is not None else None
 
     def batches(split: str, shuffle: bool = False) -> InstructionBatches:
         return InstructionBatches(data.tokenized[split], settings.batch_size, data.pad_id, data.max_length,
@@ -494,7 +494,7 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
 
     # With LoRA only the adapters train; without, every parameter that requires gradients (all of a
     # freshly loaded model's).
-    precision, optimizer, trainable = finetune.prepare_training(model, settings)
+    precision, optimizer, trainable = finetune_common.prepare_training(model, settings)
     counts = data.splits.counts()
     say(f"model {model.config.name}: {model.num_parameters():,} parameters, {trainable:,} trained"
         f"{f' (LoRA rank {settings.lora_rank})' if settings.lora_rank else ''}; "
@@ -512,10 +512,10 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
         return model(inputs.to(precision.device), targets=targets.to(precision.device))
 
     def run(directory: Path | None) -> dict:
-        metrics = finetune.Metrics(directory)
+        metrics = finetune_common.Metrics(directory)
         started = time.perf_counter()
         step = tokens_seen = 0
-        for step, (inputs, _), loss, due in finetune.train_steps(
+        for step, (inputs, _), loss, due in finetune_common.train_steps(
                 model, optimizer, train_batches, loss_of, precision, total_steps, settings.eval_every,
                 settings.seed, settings.progress, out):
             tokens_seen += inputs.numel()
@@ -529,7 +529,7 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
                 say(f"step {step:>5} | epoch {step / steps_per_epoch:.2f} | "
                     f"train {losses['train_loss']:.3f}{val}")
         train_seconds = time.perf_counter() - started
-        finetune.merge_adapters(model, directory, settings.save_adapters)
+        finetune_common.merge_adapters(model, directory, settings.save_adapters)
 
         losses = {f"{name}_loss": mean_loss(model, batches(name), precision)
                   for name in InstructionSplits._fields}
@@ -564,8 +564,9 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
             plot_metric(metrics.records, directory / PLOT_FILE, x="step", xlabel="optimizer step")
             (directory / RESPONSES_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows),
                                                     encoding="utf-8")
-            (directory / finetune.RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
+            results_file = directory / finetune_common.RESULTS_FILE
+            results_file.write_text(json.dumps(results, indent=2), encoding="utf-8")
             say(f"saved the model, results.json and {RESPONSES_FILE} in {out}")
         return results
 
-    return finetune.write_output(out, run)
+    return finetune_common.write_output(out, run)

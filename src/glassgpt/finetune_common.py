@@ -1,4 +1,4 @@
-"""What the two fine-tuning runs share: `glassgpt.classify` (chapter 6) and `glassgpt.instruct` (chapter 7).
+"""What the two fine-tuning runs share: `glassgpt.classify` (chapter 6), `glassgpt.instruct` (chapter 7).
 
 Each brings its own head, data, loss and evaluation; around them both do the same things, kept here:
 - `FinetuneSettings`: the flags they share (optimisation, precision, device, LoRA, evaluation), checked
