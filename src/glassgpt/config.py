@@ -31,7 +31,8 @@ class GPTConfig:
     norm_bias: bool = True  # LayerNorm's learned shift
     head_bias: bool = False  # bias on the output head (vocabulary logits)
     tie_weights: bool = True  # output head shares the token-embedding matrix
-    norm_placement: Literal["pre", "post"] = "pre"  # LayerNorm before (GPT-2) or after (original Transformer) each sub-layer
+    # LayerNorm before (GPT-2) or after (the original Transformer) each sub-layer
+    norm_placement: Literal["pre", "post"] = "pre"
     activation: Literal["gelu", "relu"] = "gelu"
     final_norm: bool = True  # LayerNorm after the last block
     norm_eps: float = 1e-5

@@ -329,7 +329,8 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-def detokenize_stream(tokenizer, ids: Iterable[int], stop: str | Sequence[str] | None = None) -> Iterator[str]:
+def detokenize_stream(tokenizer, ids: Iterable[int],
+                      stop: str | Sequence[str] | None = None) -> Iterator[str]:
     """Turn token ids, as they arrive, into text pieces that never hold a broken UTF-8 character.
 
     Ends at the tokenizer's end-of-text id (not shown), when `ids` runs out, or at the first stop

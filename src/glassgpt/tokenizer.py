@@ -66,7 +66,8 @@ class CharTokenizer:
             return [self.id_of[ch] for ch in text]
         except KeyError as error:
             raise ValueError(
-                f"character {error.args[0]!r} is not in this tokenizer's vocabulary of {self.vocab_size} characters"
+                f"character {error.args[0]!r} is not in this tokenizer's vocabulary of "
+                f"{self.vocab_size} characters"
             ) from None
 
     def decode(self, ids: list[int]) -> str:
