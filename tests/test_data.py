@@ -166,8 +166,8 @@ def test_prepare_verb_then_train_on_the_prepared_directory(tmp_path, capsys):
     corpus.write_text(bundled_text("the-verdict.txt")[:3000], encoding="utf-8")
     assert main(["prepare", str(corpus), "--tokenizer", "char", "--out", str(tmp_path / "prepared")]) == 0
     assert "3,000 tokens (uint16" in capsys.readouterr().out
-    assert main(["train", "--corpus", str(tmp_path / "prepared"), "--out", str(tmp_path / "run"), "--model", "nano",
-                 "--n-layers", "1", "--emb-dim", "32", "--n-heads", "2", "--context-length", "32", "--max-steps", "2",
-                 "--sample-prompt", "I", "--no-progress"]) == 0
+    assert main(["train", "--corpus", str(tmp_path / "prepared"), "--out", str(tmp_path / "run"),
+                 "--model", "nano", "--n-layers", "1", "--emb-dim", "32", "--n-heads", "2",
+                 "--context-length", "32", "--max-steps", "2", "--sample-prompt", "I", "--no-progress"]) == 0
     config = json.loads((tmp_path / "run" / "glassgpt.json").read_text())["config"]
     assert config["vocab_size"] == len(set(corpus.read_text()))  # the prepared char vocabulary

@@ -39,7 +39,8 @@ def test_prefill_and_decode_logits_equal_the_default_kernels(name):
         expected = model(ids)
         with cpu_inference_kernels():
             cache = model.new_cache(batch_size=2)
-            pieces = [model(ids[:, :12], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
+            pieces = ([model(ids[:, :12], cache=cache)]
+                      + [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)])
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -98,7 +99,8 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits():
                                    atol=1e-5, rtol=1e-5)
         with CPULinear(compile=True), torch.autograd.profiler.profile() as prof:
             F.linear(x, weight, bias)
-    assert not any(event.name in ("aten::linear", "mkldnn::_linear_pointwise") for event in prof.function_events)
+    assert not any(event.name in ("aten::linear", "mkldnn::_linear_pointwise")
+                   for event in prof.function_events)
 
 
 def test_a_machine_where_compiling_fails_still_decodes(monkeypatch):

@@ -11,7 +11,8 @@ from glassgpt.model import GELU, LayerNorm, MultiHeadAttention
 # final norm) at a size that runs in milliseconds.
 FAMILIES = {
     "tinygpt": get_preset("tinygpt"),
-    "nano": get_preset("nano", vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, ff_dim=64),
+    "nano": get_preset("nano", vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
+                       ff_dim=64),
     "gpt2": get_preset("gpt2", vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2),
     "verdict-162m": get_preset("verdict-162m", vocab_size=97, context_length=16, emb_dim=32, n_heads=4,
                                n_layers=2, drop_rate=0.0),
@@ -91,7 +92,8 @@ def test_input_longer_than_context_is_a_clear_error():
         model(random_ids(config, 1, 17))
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(5, dtype=torch.long), torch.zeros(1, 4), torch.zeros(1, 0, dtype=torch.long)])
+@pytest.mark.parametrize("bad", [torch.zeros(5, dtype=torch.long), torch.zeros(1, 4),
+                                 torch.zeros(1, 0, dtype=torch.long)])
 def test_bad_ids_are_a_clear_error(bad):
     with pytest.raises(ValueError, match="ids|token"):
         random_model(FAMILIES["gpt2"])(bad)
@@ -121,7 +123,8 @@ def test_layernorm_explicit_matches_torch_and_normalises():
     torch.testing.assert_close(out.mean(-1), torch.zeros(2), atol=1e-6, rtol=0)
     torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
     # The tutorial's first row: torch.manual_seed(123); torch.randn(2, 5) normalised.
-    torch.testing.assert_close(out[0], torch.tensor([0.5528, 1.0693, -0.0223, 0.2656, -1.8654]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[0], torch.tensor([0.5528, 1.0693, -0.0223, 0.2656, -1.8654]),
+                               atol=1e-4, rtol=0)
 
 
 def test_gelu_explicit_matches_tanh_approximation():
