@@ -2,8 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import random_ids, random_model
 
-from glassgpt import GPT, GPTConfig, get_preset
+from glassgpt import GPT, get_preset
 from glassgpt.inspect import record_attention
 from glassgpt.model import GELU, LayerNorm, MultiHeadAttention
 
@@ -17,20 +18,6 @@ FAMILIES = {
     "verdict-162m": get_preset("verdict-162m", vocab_size=97, context_length=16, emb_dim=32, n_heads=4,
                                n_layers=2, drop_rate=0.0),
 }
-
-
-def random_model(config: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config)
-    # Perturb every parameter so biases and norms are not at their trivial initial values.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def random_ids(config: GPTConfig, batch: int, n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, config.vocab_size, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
