@@ -8,11 +8,40 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal, Self
+
+
+class Settings:
+    """What every glassgpt settings dataclass can do (GPTConfig, training and fine-tuning settings).
+
+    `from_dict` refuses names the dataclass does not have, so a typo in a saved file or a request
+    is an error rather than a silently ignored setting; `fields_name` is how that error names them.
+    """
+
+    fields_name: ClassVar[str] = "settings"
+
+    def replace(self, **changes) -> Self:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def check_names(cls, data: dict) -> None:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.fields_name}: {', '.join(unknown)}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Self:
+        cls.check_names(data)
+        return cls(**data)
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(Settings):
     """The shape of a GPT-2-architecture model.
 
     The defaults are OpenAI's GPT-2 small (124M): 12 blocks of 12 heads, 768 wide, context 1024.
@@ -37,6 +66,8 @@ class GPTConfig:
     final_norm: bool = True  # LayerNorm after the last block
     norm_eps: float = 1e-5
     name: str = field(default="custom", compare=False)
+
+    fields_name: ClassVar[str] = "GPTConfig fields"
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
@@ -66,21 +97,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
-
-    def replace(self, **changes) -> GPTConfig:
-        """A copy with some fields changed (the config itself is immutable)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> GPTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields: {', '.join(unknown)}")
-        return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -98,6 +98,13 @@ def _step(title: str, text: str, tensor: torch.Tensor | None = None, **data) -> 
     return step
 
 
+def _fast_path_step(text: str, explicit: torch.Tensor, fused: torch.Tensor) -> Step:
+    """The closing step of a component's topic: its fused kernel computes what the explicit maths does."""
+    return _step("The fast path agrees", text,
+                 table=[["largest |explicit - fused|", (explicit - fused).abs().max().item()]],
+                 columns=["check", "value"], digits=8)
+
+
 def _shape(tensor: torch.Tensor) -> str:
     return "(" + ", ".join(str(n) for n in tensor.shape) + ")"
 
@@ -384,11 +391,8 @@ def multihead(model, tokenizer) -> list[Step]:
         _step("Output",
               "The output projection mixes the heads (first sequence of the batch; seed 123, dropout 0).",
               output[0], labels=WORDS, columns=["out 1", "out 2"]),
-        _step("The fast path agrees",
-              "The same layer on PyTorch's fused scaled_dot_product_attention kernel gives the same output; "
-              "the largest difference is float rounding.",
-              table=[["largest |explicit - fused|", (output - fused_output).abs().max().item()]],
-              columns=["check", "value"], digits=8),
+        _fast_path_step("The same layer on PyTorch's fused scaled_dot_product_attention kernel gives the "
+                        "same output; the largest difference is float rounding.", output, fused_output),
     ]
 
 
@@ -424,10 +428,7 @@ def layernorm(model, tokenizer) -> list[Step]:
               "Then each dimension is multiplied by a learned scale and shifted by a learned shift, so "
               "training can undo the normalisation where that helps. They start at 1 and 0.",
               torch.stack([norm.scale, norm.shift]), labels=["scale", "shift"], digits=1),
-        _step("The fast path agrees",
-              "torch's fused layer_norm kernel gives the same numbers.",
-              table=[["largest |explicit - fused|", (normalised - fused).abs().max().item()]],
-              columns=["check", "value"], digits=8),
+        _fast_path_step("torch's fused layer_norm kernel gives the same numbers.", normalised, fused),
     ]
 
 

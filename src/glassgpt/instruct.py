@@ -20,7 +20,6 @@ arguments into `InstructSettings` and calls `finetune_instruct`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -31,11 +30,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
+from glassgpt.config import Settings
 from glassgpt.model import GPT
+from glassgpt.plots import Curve, plot_curves
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets with it add nothing to the loss
 BUNDLED_PREFIX = "bundled:"
@@ -48,7 +49,7 @@ PLOT_FILE = "loss.png"
 
 
 @dataclass(frozen=True)
-class InstructionTemplate:
+class InstructionTemplate(Settings):
     """How an instruction (and its optional input) becomes a prompt; the response follows it.
 
     The defaults are the Alpaca format the tutorial uses (`preamble` is one line):
@@ -73,6 +74,8 @@ class InstructionTemplate:
     separator: str = "\n\n"
     name: str = "alpaca"
 
+    fields_name: ClassVar[str] = "instruction template fields"
+
     def format_prompt(self, instruction: str, input: str = "") -> str:  # noqa: A002 (the data's own key)
         """The text the model continues: everything up to and including the response header's line."""
         sep = self.separator
@@ -85,15 +88,9 @@ class InstructionTemplate:
         """Prompt + response of one example ({"instruction", "input", "output"}), as training reads it."""
         return self.format_prompt(example["instruction"], example.get("input", "")) + example["output"]
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict) -> InstructionTemplate:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown instruction template fields: {', '.join(unknown)}")
+        cls.check_names(data)
         wrong = sorted(key for key, value in data.items() if not isinstance(value, str))
         if wrong:
             raise ValueError(f"instruction template fields must be strings: {', '.join(wrong)}")
@@ -355,7 +352,7 @@ def _help(text: str) -> dict:
 
 
 @dataclass
-class InstructSettings:
+class InstructSettings(Settings):
     """Every setting of `glassgpt finetune instruct`; each field is the `--flag` of the same name.
 
     The defaults are the tutorial's run: AdamW 5e-5, weight decay 0.1, 2 epochs, batch 8,
@@ -386,6 +383,8 @@ class InstructSettings:
     test_responses: int | None = field(default=None, metadata=_help("test examples to answer (None: all)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar and messages"))
 
+    fields_name: ClassVar[str] = "instruction fine-tuning settings"
+
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
@@ -408,20 +407,6 @@ class InstructSettings:
                 raise ValueError("lora_alpha needs lora_rank")
             if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
                 raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
-
-    def replace(self, **changes) -> InstructSettings:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> InstructSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown instruction fine-tuning settings: {', '.join(unknown)}")
-        return cls(**data)
 
 
 # ---------------------------------------------------------------- training data
@@ -532,27 +517,15 @@ def trainable_parameter_groups(model: GPT, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
+def plot_losses(records: list[dict], path: Path) -> None:
     """The loss curves as a PNG: each step's training loss; each evaluation's train and validation loss."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    figure = Figure(figsize=(7, 4), dpi=110)
-    axes = figure.subplots()
     steps = [r for r in records if r["event"] == "step"]
-    axes.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], color="tab:blue", alpha=0.3,
-              linewidth=0.8, label="train (each step)")
+    curves = {"train (each step)": Curve([r["step"] for r in steps], [r["train_loss"] for r in steps],
+                                         color="tab:blue", faint=True)}
     for key, color, label in (("train_loss", "tab:blue", "train"), ("val_loss", "tab:orange", "validation")):
         evals = [r for r in records if r["event"] == "eval" and r.get(key) is not None]
-        if evals:
-            axes.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", color=color, label=label)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
+        curves[label] = Curve([r["step"] for r in evals], [r[key] for r in evals], color=color)
+    plot_curves(path, curves, xlabel="optimizer step", ylabel="cross-entropy loss")
 
 
 def _holds_results(directory: Path) -> bool:
@@ -798,7 +771,7 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
         extra = {TEMPLATE_KEY: template.to_dict(),
                  "finetune": {"task": "instruct", **summary, "settings": settings.to_dict()}}
         save_model_atomically(model, out, tokenizer, extra)
-        plot_curves(trainer.records, out / PLOT_FILE)
+        plot_losses(trainer.records, out / PLOT_FILE)
 
     test = data.splits.test if settings.test_responses is None else data.splits.test[:settings.test_responses]
     if test:
