@@ -24,7 +24,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import tiktoken
 import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 from torch import nn
 
 from glassgpt.config import GPTConfig, get_preset
@@ -170,8 +174,6 @@ def _offline_cl100k():
     path = Path(cache_dir) / hashlib.sha1(CL100K_URL.encode()).hexdigest()
     if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != CL100K_SHA256:
         return None
-    import tiktoken
-
     return tiktoken.get_encoding("cl100k_base")
 
 
@@ -733,9 +735,6 @@ def _heat(value: float, low: float, high: float) -> str:
 
 def _tensor_tables(step: Step):
     """rich Tables for a step's tensor: one for a vector or matrix, one per slice above that."""
-    from rich.table import Table
-    from rich.text import Text
-
     digits = step.get("digits", 4)
     tensor = step["tensor"]
     if not isinstance(tensor, list):
@@ -766,9 +765,6 @@ def _tensor_tables(step: Step):
 
 
 def _data_table(step: Step):
-    from rich.table import Table
-    from rich.text import Text
-
     digits = step.get("digits", 4)
     columns = step.get("columns") or [""] * len(step["table"][0])
     table = Table(show_edge=False, pad_edge=False)
@@ -783,9 +779,6 @@ def _data_table(step: Step):
 
 def print_topic(result: dict, console=None) -> None:
     """Print a `run_topic` result: numbered steps, their text, tensors and tables (rich formatting)."""
-    from rich.console import Console
-    from rich.text import Text
-
     console = console or Console()
     console.rule(Text(result["title"], style="bold"))
     for number, step in enumerate(result["steps"], 1):

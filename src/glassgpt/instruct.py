@@ -33,10 +33,17 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
+from tqdm import tqdm
 
+from glassgpt.checkpoint import fsync_directory, fsync_tree
 from glassgpt.config import Settings
+from glassgpt.device import has_native_bf16, pick_device
+from glassgpt.generate import generate
 from glassgpt.model import GPT
 from glassgpt.plots import Curve, plot_curves
+from glassgpt.tokenizer import ASSETS
+from glassgpt.train import TrainingDiverged
+from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, save_model
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets with it add nothing to the loss
 BUNDLED_PREFIX = "bundled:"
@@ -102,8 +109,6 @@ TEMPLATE_KEY = "instruction_template"  # where the template sits in a checkpoint
 
 def load_template(path: str | Path) -> InstructionTemplate | None:
     """The instruction template saved with the glassgpt checkpoint in `path` (None if it has none)."""
-    from glassgpt.weights import GLASSGPT_META
-
     meta_file = Path(path) / GLASSGPT_META
     if not meta_file.is_file():
         return None
@@ -143,8 +148,6 @@ def load_instructions(path: str | Path) -> list[dict]:
     the tutorial's 1,100 examples). Raises FileNotFoundError or ValueError naming the file and the
     entry (JSON, counted from 1) or line (JSONL) at fault.
     """
-    from glassgpt.tokenizer import ASSETS
-
     path = str(path)
     if path.startswith(BUNDLED_PREFIX):
         name = path[len(BUNDLED_PREFIX):]
@@ -311,8 +314,6 @@ def respond_many(model: GPT, tokenizer, template: InstructionTemplate, examples:
     Prompts of different lengths are left-padded with an attention mask, so each row computes
     what it would alone.
     """
-    from glassgpt.generate import generate
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     eos_id = tokenizer.eos_id
@@ -335,8 +336,6 @@ def respond(model: GPT, tokenizer, template: InstructionTemplate, instruction: s
     `sampling` says otherwise: temperature, top_k, top_p, seed) stops at the tokenizer's
     end-of-text token or after `max_new_tokens`.
     """
-    from glassgpt.generate import generate
-
     prompt = tokenizer.encode(template.format_prompt(instruction, input))
     out = generate(model, prompt, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
     return _response_text(tokenizer, out[0, len(prompt):].tolist(), tokenizer.eos_id)
@@ -529,8 +528,6 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 
 def _holds_results(directory: Path) -> bool:
-    from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE
-
     return any((directory / name).exists() for name in (GLASSGPT_META, WEIGHTS_FILE, RESULTS_FILE))
 
 
@@ -540,9 +537,6 @@ def save_model_atomically(model: GPT, out_dir: Path, tokenizer, extra: dict) -> 
     The files are written and fsynced in a temporary directory, then moved in one at a time with
     `os.replace`: the weights first, last the metadata that makes the directory a model.
     """
-    from glassgpt.checkpoint import fsync_directory, fsync_tree
-    from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, save_model
-
     tmp = out_dir / ".model.tmp"
     if tmp.exists():  # left by a crash in an earlier save
         shutil.rmtree(tmp)
@@ -578,8 +572,6 @@ class InstructionTrainer:
     """One instruction fine-tuning run over prepared data; `finetune_instruct` is its front door."""
 
     def __init__(self, model: GPT, data: PreparedData, settings: InstructSettings, out: Path | None):
-        from glassgpt.train import has_native_bf16, pick_device
-
         self.model, self.data, self.settings, self.out = model, data, settings, out
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -648,10 +640,6 @@ class InstructionTrainer:
 
     def fit(self, say) -> float:
         """Train for the planned steps; returns the seconds it took. Raises TrainingDiverged on a NaN loss."""
-        from tqdm import tqdm
-
-        from glassgpt.train import TrainingDiverged
-
         s, model = self.settings, self.model
         torch.manual_seed(s.seed)  # dropout masks
         groups = trainable_parameter_groups(model, s.weight_decay)
@@ -711,8 +699,6 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
     input, expected, generated: greedy, up to `max_new_tokens`, stopped at the end-of-text token).
     `out_dir=None` keeps nothing on disk.
     """
-    from tqdm import tqdm
-
     settings = settings or InstructSettings()
     template = template or InstructionTemplate()
     say = tqdm.write if settings.progress else (lambda message: None)
