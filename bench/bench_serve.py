@@ -4,11 +4,12 @@
 
 - cold start: from launching the server process to its first 200 (GET /readyz), and to the first
   POST /generate answered;
-- warm: POST /generate for `--tokens` new tokens (top-k 50, temperature 0.7, as the reference's
-  page), p50 and p99 over `--requests` requests, one at a time.
+- warm: POST /generate for `--tokens` new tokens (top-k 50, temperature 0.7, as the reference
+  page of the project's specification), p50 and p99 over `--requests` requests, one at a time.
 With `--checkpoint`, the model is first saved to a temporary directory and served from there
-(loading safetensors instead of initialising random weights). Ratios are printed against our
-reference's published figures (about 10 s cold, 2-3 s warm) and our targets (3 s, 1 s).
+(loading safetensors instead of initialising random weights). Ratios are printed against the
+reference figures the project's specification quotes (about 10 s cold, 2-3 s warm) and our
+targets (3 s, 1 s).
 """
 
 from __future__ import annotations

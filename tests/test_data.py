@@ -51,13 +51,13 @@ def test_split_at_token_boundary_validation_last():
         split_ids(ids, 1.0)
 
 
-def test_verdict_gives_the_reference_batches():
+def test_verdict_gives_the_tutorials_batches():
     ids, tokenizer = load_corpus(["bundled:the-verdict.txt"], "gpt2")
     assert len(ids) == 5145 and ids.dtype == np.uint16
     assert ids[:10].tolist() == [40, 367, 2885, 1464, 1807, 3619, 402, 271, 10899, 2138]
     train, val = split_ids(ids, 0.1)
     train_windows, val_windows = TokenWindows(train, 256, 256), TokenWindows(val, 256, 256)
-    # 9 batches of 2 per epoch and one validation batch, as in our reference's loop.
+    # 9 batches of 2 per epoch and one validation batch, as in the tutorial's chapter 5 loop.
     assert len(make_loader(train_windows, 2, train=True)) == 9
     assert len(val_windows) == 2
 

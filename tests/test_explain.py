@@ -1,4 +1,7 @@
-"""The walk-through reproduces the tutorial's numbers with glassgpt's own components."""
+"""The walk-through reproduces the tutorial's numbers with glassgpt's own components.
+
+The tutorial: the book "Build a Large Language Model (From Scratch)" (see the README).
+"""
 
 import hashlib
 import io

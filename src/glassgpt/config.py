@@ -1,4 +1,8 @@
-"""One dataclass describes every model glassgpt can build; presets name the ones in our references.
+"""One dataclass describes every model glassgpt can build; presets name the ones it is checked against.
+
+The presets: OpenAI's four GPT-2 sizes, the model the tutorial (the book "Build a Large Language
+Model (From Scratch)", see the README) trains, and two small teaching models from the project's
+specification.
 
 Every number about a model's shape lives here. The model reads a `GPTConfig` and nothing else.
 """
@@ -114,7 +118,8 @@ PRESETS: dict[str, GPTConfig] = {
         qkv_bias=True, attn_out_bias=True, head_bias=True, tie_weights=False,
         norm_placement="post", activation="relu", final_norm=False,
     ),
-    # "Putting it all together": 4 blocks, 256 wide, no attention biases, tied head: 5,846,528.
+    # The specification's "Putting it all together" model: 4 blocks, 256 wide, no attention biases,
+    # tied head: 5,846,528.
     "nano": GPTConfig(
         name="nano", vocab_size=10_000, context_length=512, emb_dim=256, n_heads=4, n_layers=4,
         ff_dim=1024, qkv_bias=False, attn_out_bias=False,
@@ -124,8 +129,8 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-medium": _gpt2("gpt2-medium", 1024, 16, 24),
     "gpt2-large": _gpt2("gpt2-large", 1280, 20, 36),
     "gpt2-xl": _gpt2("gpt2-xl", 1600, 25, 48),
-    # The model our reference trains on The Verdict and deploys: GPT-2 small with a 256 context,
-    # an untied head and no Q/K/V bias: 162,419,712 parameters.
+    # The model the tutorial trains on The Verdict (chapter 5) and glassgpt serves: GPT-2 small with a
+    # 256 context, an untied head and no Q/K/V bias: 162,419,712 parameters.
     "verdict-162m": GPTConfig(
         name="verdict-162m", context_length=256, qkv_bias=False, tie_weights=False, drop_rate=0.1,
     ),

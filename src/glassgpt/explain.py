@@ -3,7 +3,9 @@
 Every topic is a function that builds small inputs, runs them through the real components of
 `glassgpt.model` (`MultiHeadAttention`, `LayerNorm`, `GELU`, `FeedForward`, `TransformerBlock`,
 `GPT`) and returns the steps as plain data, so the terminal (`glassgpt explain`) and the browser
-(`/learn`) show the same numbers, and the tests check them against the tutorial's.
+(`/learn`) show the same numbers, and the tests check them against the tutorial's: the book "Build
+a Large Language Model (From Scratch)" (see the README), chapters 2 to 5. The tokenization
+sentences and the untrained-loss figure come from the project's specification instead.
 
     list_topics()                 -> [(name, title), ...]
     run_topic("attention")        -> {"topic", "title", "steps": [{"title", "text", ...data}, ...]}
@@ -56,7 +58,7 @@ SHORTCUT_LAYERS = [(3, 3), (3, 3), (3, 3), (3, 3), (3, 1)]  # the tutorial's siz
 # tiktoken's cl100k_base ranks (GPT-3.5/4): used only if already in tiktoken's cache, never fetched.
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
-CL100K_TUTORIAL_IDS = [3404, 2065, 374, 2523, 0]
+CL100K_EXAMPLE_IDS = [3404, 2065, 374, 2523, 0]  # "Tokenization is fun!" in cl100k_base
 
 Step = dict
 TopicFunction = Callable[[GPT | None, object | None], list[Step]]
@@ -208,8 +210,8 @@ def tokenization(model, tokenizer) -> list[Step]:
         steps.append(_step(
             "cl100k_base (GPT-3.5 and GPT-4)",
             "A larger byte-pair vocabulary (about 100,000 ids). No offline copy of its ranks file is "
-            "available here and glassgpt never downloads at run time, so it is not shown. The tutorial "
-            f"reports the ids {CL100K_TUTORIAL_IDS} for \"{SENTENCES[0]}\".",
+            "available here and glassgpt never downloads at run time, so it is not shown. In it, "
+            f"\"{SENTENCES[0]}\" is the ids {CL100K_EXAMPLE_IDS}.",
             available=False))
     else:
         rows = []
@@ -626,8 +628,8 @@ def gpt(model, tokenizer) -> list[Step]:
         _step("An untrained model's loss",
               f"A fresh model with this configuration, on {tokens.shape[0]} x {n_tokens} random tokens: "
               "having learned nothing, it gives every token about the same probability, so its cross-entropy "
-              f"is close to ln({config.vocab_size:,}). Training starts from here (the tutorial saw 9.27 "
-              "against ln 10,000 = 9.21).",
+              f"is close to ln({config.vocab_size:,}). Training starts from here (with 10,000 tokens: "
+              "about 9.2 to 9.3, against ln 10,000 = 9.21).",
               table=[["loss", loss], [f"ln({config.vocab_size:,})", math.log(config.vocab_size)],
                      ["perplexity exp(loss)", math.exp(loss)]],
               columns=["", "value"], digits=4, loss=loss, ln_vocab=math.log(config.vocab_size)),

@@ -1,4 +1,7 @@
-"""Instruction fine-tuning: teach a language model to answer instructions (the tutorial's chapter 7).
+"""Instruction fine-tuning: teach a language model to answer instructions.
+
+The method, data, template and defaults are chapter 7 of the tutorial, the book "Build a Large
+Language Model (From Scratch)" (see the README).
 
 The pieces, in the order a run uses them:
 - `InstructionTemplate`: the Alpaca prompt around an instruction (and its optional input); it is
