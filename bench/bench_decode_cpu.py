@@ -6,9 +6,10 @@
 
 One random GPT-2 small is built in transformers, saved with `save_pretrained` and loaded into
 glassgpt, so both sides hold the same weights (their greedy tokens are checked equal). The
-tutorial's model (llms-from-scratch's GPTModel, `pip install --no-deps llms-from-scratch`) gets the
-same weights too. Contenders alternate round by round, so load from other processes falls on all
-of them alike; each figure is the median over rounds.
+tutorial's model (the book "Build a Large Language Model (From Scratch)": llms-from-scratch's
+GPTModel, `pip install --no-deps llms-from-scratch`) gets the same weights too. Contenders alternate
+round by round, so load from other processes falls on all of them alike; each figure is the median
+over rounds.
 
 - decode: 50 new tokens after an 8-token prompt. "decode tokens/s" counts the 49 tokens after
   the first (time of a 50-token run minus a 1-token run, which is the prefill); "end to end" is

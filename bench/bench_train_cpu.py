@@ -5,11 +5,12 @@
     python bench/bench_train_cpu.py --full          # the whole verdict recipe: loss, wall time, tokens/s
     python bench/bench_train_cpu.py --full --precision fp32 --out runs/verdict-fp32
 
-The peer is the tutorial's own model and loop (`pip install --no-deps llms-from-scratch`, the
-`bench` extra): GPTModel, AdamW over all parameters (lr 4e-4, weight decay 0.1), cross-entropy on
-2 x 256-token batches of The Verdict. Our weights are copied into theirs, so both start from the
-same point and see the same batches; the contenders alternate step by step, so load from other
-processes on the machine falls on both alike.
+The peer is the tutorial's own model and loop (the book "Build a Large Language Model (From
+Scratch)": its code is on PyPI, `pip install --no-deps llms-from-scratch`, the `bench` extra):
+GPTModel, AdamW over all parameters (lr 4e-4, weight decay 0.1), cross-entropy on 2 x 256-token
+batches of The Verdict. Our weights are copied into theirs, so both start from the same point and
+see the same batches; the contenders alternate step by step, so load from other processes on the
+machine falls on both alike.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Sliding windows, the train/validation split, loaders, and prepared (memory-mapped) corpora."""
+"""Sliding windows, the train/validation split, loaders, and prepared (memory-mapped) corpora.
+
+The expected batches are the tutorial's (the book "Build a Large Language Model (From Scratch)",
+chapter 5; see the README).
+"""
 
 from __future__ import annotations
 

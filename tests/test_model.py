@@ -1,3 +1,7 @@
+"""The model's components and whole: both attention paths agree, the tutorial's numbers come out (the
+book "Build a Large Language Model (From Scratch)", chapters 3 and 4; see the README), bad input is
+refused."""
+
 import math
 
 import pytest

@@ -8,6 +8,9 @@ Corpora come in two forms:
 - raw text files, tokenised in memory when training starts (fine for megabytes), or
 - a prepared directory (`glassgpt prepare`): `tokens.bin`, the ids as a flat uint16/uint32 array,
   plus `meta.json`. Training memory-maps it, so a multi-gigabyte corpus never has to fit in RAM.
+
+The windows and the split are the tutorial's (the book "Build a Large Language Model (From
+Scratch)", chapters 2 and 5; see the README), so the `verdict` recipe sees the same batches.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ published on the Hub): `config.json` + `model.safetensors` (or `pytorch_model.bi
 its linear layers as "Conv1D" with the matrix transposed, (in, out), and fuses Q, K, V into one
 `c_attn` whose output columns are [query | key | value] -- the same order as our `qkv` projection.
 
-OpenAI's original release (what the tutorial's chapter 5 downloads): `hparams.json` + a TensorFlow checkpoint
-`model.ckpt.*` + `encoder.json`/`vocab.bpe`. The same tensors under names like
-`model/h0/attn/c_attn/w`, with a leading 1 on the Conv1D weights. Reading it needs TensorFlow
-(`pip install 'glassgpt[tf]'`); the BPE files are GPT-2's, which glassgpt bundles already.
+OpenAI's original release (what the tutorial, the book "Build a Large Language Model (From
+Scratch)", downloads in chapter 5): `hparams.json` + a TensorFlow checkpoint `model.ckpt.*` +
+`encoder.json`/`vocab.bpe`. The same tensors under names like `model/h0/attn/c_attn/w`, with a
+leading 1 on the Conv1D weights. Reading it needs TensorFlow (`pip install 'glassgpt[tf]'`); the BPE
+files are GPT-2's, which glassgpt bundles already.
 
 Finding a model by name (GPT-2 sizes, presets) and downloading are `glassgpt.hub`'s.
 """
