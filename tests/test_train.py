@@ -24,7 +24,8 @@ from glassgpt.train import (
 from glassgpt.weights import load_model
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-        "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n") * 3
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+        "All:\nResolved. resolved.\n") * 3
 
 
 def tiny(**overrides) -> TrainConfig:
@@ -177,7 +178,8 @@ def test_pytorch_init_matches_the_reference_models_scales():
 
 def test_recipes_hold_the_reference_settings():
     verdict = recipe("verdict")
-    assert (verdict.model, verdict.batch_size, verdict.stride, verdict.val_fraction) == ("verdict-162m", 2, 256, 0.1)
+    assert ((verdict.model, verdict.batch_size, verdict.stride, verdict.val_fraction)
+            == ("verdict-162m", 2, 256, 0.1))
     assert (verdict.optimizer, verdict.lr, verdict.weight_decay, verdict.epochs) == ("adamw", 4e-4, 0.1, 10)
     assert verdict.init == "pytorch"  # the reference model keeps PyTorch's layer defaults
     assert set(RECIPES) >= {"verdict", "tinygpt", "shakespeare-char", "demo"}

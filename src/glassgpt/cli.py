@@ -296,7 +296,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from glassgpt.serve import serve
 
-    if args.dtype == "auto":  # bf16 halves the bytes each decoded token reads, where the CPU computes it natively
+    # bf16 halves the bytes each decoded token reads, where the CPU computes it natively
+    if args.dtype == "auto":
         import torch
 
         from glassgpt.device import has_native_bf16
@@ -366,11 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, help="directory for tokens.bin and meta.json")
     prepare.set_defaults(run=cmd_prepare)
 
-    explain = verbs.add_parser("explain", help="the walk-through: one concept, step by step, with real numbers")
+    explain = verbs.add_parser("explain",
+                               help="the walk-through: one concept, step by step, with real numbers")
     explain.add_argument("topic", nargs="?", help="a topic from --list (no topic: list them)")
     explain.add_argument("--list", action="store_true", help="list the topics")
     explain.add_argument("--json", action="store_true", help="print the steps as JSON")
-    explain.add_argument("--model", metavar="DIR", help="a saved model for the block, gpt and sampling topics")
+    explain.add_argument("--model", metavar="DIR",
+                         help="a saved model for the block, gpt and sampling topics")
     explain.set_defaults(run=cmd_explain)
 
     generate = verbs.add_parser("generate", help="continue a prompt with a model")
@@ -391,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="int8: dynamic quantisation, about 2.5x faster decoding on CPU")
     generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     generate.add_argument("--compile", action="store_true",
-                          help="CPU, float32/bfloat16: compiled matrix-vector kernels, faster decoding on AMD "
-                               "CPUs after a first-use compile of seconds (needs a C++ compiler)")
+                          help="CPU, float32/bfloat16: compiled matrix-vector kernels, faster decoding on "
+                               "AMD CPUs after a first-use compile of seconds (needs a C++ compiler)")
     generate.set_defaults(run=cmd_generate)
 
     evaluate = verbs.add_parser("eval", help="measure a model: loss, perplexity and bits per byte on a text",
@@ -415,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     download = verbs.add_parser("download", help="fetch OpenAI's GPT-2 weights from the Hugging Face Hub")
     download.add_argument("name", choices=GPT2_NAMES)
-    download.add_argument("--dir", default=None, help="a directory to put the files in (default: the HF cache)")
+    download.add_argument("--dir", default=None,
+                          help="a directory to put the files in (default: the HF cache)")
     download.set_defaults(run=cmd_download)
 
     export = verbs.add_parser("export", help="write a checkpoint in another format")
@@ -431,8 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "found locally, or a preset (random weights)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--lazy", action="store_true", help="load the model on the first request, not at start-up")
-    serve.add_argument("--max-tokens-cap", type=int, default=256, help="the most tokens one request may ask for")
+    serve.add_argument("--lazy", action="store_true",
+                       help="load the model on the first request, not at start-up")
+    serve.add_argument("--max-tokens-cap", type=int, default=256,
+                       help="the most tokens one request may ask for")
     serve.add_argument("--max-running", type=int, default=1, help="generations at once")
     serve.add_argument("--max-waiting", type=int, default=8, help="requests queued; beyond them: 503")
     serve.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
@@ -443,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "at start-up (seconds to a minute; needs a C++ compiler)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                       help="a browser origin allowed to call the API, e.g. https://site.example (repeatable)")
+                       help="a browser origin allowed to call the API, e.g. https://site.example "
+                            "(repeatable)")
     serve.set_defaults(run=cmd_serve)
 
     site = verbs.add_parser("site", help="write the web pages as a static site that calls a remote API")

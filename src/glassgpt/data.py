@@ -8,6 +8,9 @@ Corpora come in two forms:
 - raw text files, tokenised in memory when training starts (fine for megabytes), or
 - a prepared directory (`glassgpt prepare`): `tokens.bin`, the ids as a flat uint16/uint32 array,
   plus `meta.json`. Training memory-maps it, so a multi-gigabyte corpus never has to fit in RAM.
+
+The windows and the split are the tutorial's (the book "Build a Large Language Model (From
+Scratch)", chapters 2 and 5; see the README), so the `verdict` recipe sees the same batches.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class TokenWindows(Dataset):
     """Windows over a 1-D array of ids: item i is (ids[s : s+T], ids[s+1 : s+T+1]) with s = i * stride.
 
     Windows start at 0, stride, 2 * stride, ... as long as a full target still fits, which is
-    `range(0, len(ids) - context_length, stride)`: the same windows as our reference's dataset.
+    `range(0, len(ids) - context_length, stride)`: the same windows as the tutorial's GPTDatasetV1.
     `ids` may be a numpy memmap; only the window asked for is read.
     """
 
@@ -66,7 +69,7 @@ class TokenWindows(Dataset):
 def split_ids(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation): the first 1 - val_fraction of the tokens, then the rest.
 
-    The cut falls on a token boundary and validation comes last, as in our reference, so the
+    The cut falls on a token boundary and validation comes last, as in the tutorial, so the
     model is validated on text it has never seen, not on windows interleaved with training ones.
     """
     if not 0.0 <= val_fraction < 1.0:

@@ -1,4 +1,7 @@
-"""Instruction fine-tuning: teach a language model to answer instructions (the tutorial's chapter 7).
+"""Instruction fine-tuning: teach a language model to answer instructions.
+
+The method, data, template and defaults are chapter 7 of the tutorial, the book "Build a Large
+Language Model (From Scratch)" (see the README).
 
 The pieces, in the order a run uses them:
 - `InstructionTemplate`: the Alpaca prompt around an instruction (and its optional input); it is
@@ -20,7 +23,6 @@ arguments into `InstructSettings` and calls `finetune_instruct`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -31,11 +33,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
+from tqdm import tqdm
 
+from glassgpt.checkpoint import fsync_directory, fsync_tree
+from glassgpt.config import Settings
+from glassgpt.device import has_native_bf16, pick_device
+from glassgpt.generate import generate
 from glassgpt.model import GPT
+from glassgpt.plots import Curve, plot_curves
+from glassgpt.tokenizer import ASSETS
+from glassgpt.train import TrainingDiverged
+from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, save_model
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets with it add nothing to the loss
 BUNDLED_PREFIX = "bundled:"
@@ -48,7 +59,7 @@ PLOT_FILE = "loss.png"
 
 
 @dataclass(frozen=True)
-class InstructionTemplate:
+class InstructionTemplate(Settings):
     """How an instruction (and its optional input) becomes a prompt; the response follows it.
 
     The defaults are the Alpaca format the tutorial uses (`preamble` is one line):
@@ -73,6 +84,8 @@ class InstructionTemplate:
     separator: str = "\n\n"
     name: str = "alpaca"
 
+    fields_name: ClassVar[str] = "instruction template fields"
+
     def format_prompt(self, instruction: str, input: str = "") -> str:  # noqa: A002 (the data's own key)
         """The text the model continues: everything up to and including the response header's line."""
         sep = self.separator
@@ -85,15 +98,9 @@ class InstructionTemplate:
         """Prompt + response of one example ({"instruction", "input", "output"}), as training reads it."""
         return self.format_prompt(example["instruction"], example.get("input", "")) + example["output"]
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict) -> InstructionTemplate:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown instruction template fields: {', '.join(unknown)}")
+        cls.check_names(data)
         wrong = sorted(key for key, value in data.items() if not isinstance(value, str))
         if wrong:
             raise ValueError(f"instruction template fields must be strings: {', '.join(wrong)}")
@@ -105,8 +112,6 @@ TEMPLATE_KEY = "instruction_template"  # where the template sits in a checkpoint
 
 def load_template(path: str | Path) -> InstructionTemplate | None:
     """The instruction template saved with the glassgpt checkpoint in `path` (None if it has none)."""
-    from glassgpt.weights import GLASSGPT_META
-
     meta_file = Path(path) / GLASSGPT_META
     if not meta_file.is_file():
         return None
@@ -146,8 +151,6 @@ def load_instructions(path: str | Path) -> list[dict]:
     the tutorial's 1,100 examples). Raises FileNotFoundError or ValueError naming the file and the
     entry (JSON, counted from 1) or line (JSONL) at fault.
     """
-    from glassgpt.tokenizer import ASSETS
-
     path = str(path)
     if path.startswith(BUNDLED_PREFIX):
         name = path[len(BUNDLED_PREFIX):]
@@ -314,8 +317,6 @@ def respond_many(model: GPT, tokenizer, template: InstructionTemplate, examples:
     Prompts of different lengths are left-padded with an attention mask, so each row computes
     what it would alone.
     """
-    from glassgpt.generate import generate
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     eos_id = tokenizer.eos_id
@@ -338,8 +339,6 @@ def respond(model: GPT, tokenizer, template: InstructionTemplate, instruction: s
     `sampling` says otherwise: temperature, top_k, top_p, seed) stops at the tokenizer's
     end-of-text token or after `max_new_tokens`.
     """
-    from glassgpt.generate import generate
-
     prompt = tokenizer.encode(template.format_prompt(instruction, input))
     out = generate(model, prompt, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
     return _response_text(tokenizer, out[0, len(prompt):].tolist(), tokenizer.eos_id)
@@ -355,7 +354,7 @@ def _help(text: str) -> dict:
 
 
 @dataclass
-class InstructSettings:
+class InstructSettings(Settings):
     """Every setting of `glassgpt finetune instruct`; each field is the `--flag` of the same name.
 
     The defaults are the tutorial's run: AdamW 5e-5, weight decay 0.1, 2 epochs, batch 8,
@@ -386,6 +385,8 @@ class InstructSettings:
     test_responses: int | None = field(default=None, metadata=_help("test examples to answer (None: all)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar and messages"))
 
+    fields_name: ClassVar[str] = "instruction fine-tuning settings"
+
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
@@ -408,20 +409,6 @@ class InstructSettings:
                 raise ValueError("lora_alpha needs lora_rank")
             if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
                 raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
-
-    def replace(self, **changes) -> InstructSettings:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> InstructSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown instruction fine-tuning settings: {', '.join(unknown)}")
-        return cls(**data)
 
 
 # ---------------------------------------------------------------- training data
@@ -532,32 +519,18 @@ def trainable_parameter_groups(model: GPT, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
+def plot_losses(records: list[dict], path: Path) -> None:
     """The loss curves as a PNG: each step's training loss; each evaluation's train and validation loss."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    figure = Figure(figsize=(7, 4), dpi=110)
-    axes = figure.subplots()
     steps = [r for r in records if r["event"] == "step"]
-    axes.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], color="tab:blue", alpha=0.3,
-              linewidth=0.8, label="train (each step)")
+    curves = {"train (each step)": Curve([r["step"] for r in steps], [r["train_loss"] for r in steps],
+                                         color="tab:blue", faint=True)}
     for key, color, label in (("train_loss", "tab:blue", "train"), ("val_loss", "tab:orange", "validation")):
         evals = [r for r in records if r["event"] == "eval" and r.get(key) is not None]
-        if evals:
-            axes.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", color=color, label=label)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
+        curves[label] = Curve([r["step"] for r in evals], [r[key] for r in evals], color=color)
+    plot_curves(path, curves, xlabel="optimizer step", ylabel="cross-entropy loss")
 
 
 def _holds_results(directory: Path) -> bool:
-    from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE
-
     return any((directory / name).exists() for name in (GLASSGPT_META, WEIGHTS_FILE, RESULTS_FILE))
 
 
@@ -567,9 +540,6 @@ def save_model_atomically(model: GPT, out_dir: Path, tokenizer, extra: dict) -> 
     The files are written and fsynced in a temporary directory, then moved in one at a time with
     `os.replace`: the weights first, last the metadata that makes the directory a model.
     """
-    from glassgpt.checkpoint import fsync_directory, fsync_tree
-    from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, save_model
-
     tmp = out_dir / ".model.tmp"
     if tmp.exists():  # left by a crash in an earlier save
         shutil.rmtree(tmp)
@@ -605,8 +575,6 @@ class InstructionTrainer:
     """One instruction fine-tuning run over prepared data; `finetune_instruct` is its front door."""
 
     def __init__(self, model: GPT, data: PreparedData, settings: InstructSettings, out: Path | None):
-        from glassgpt.device import has_native_bf16, pick_device
-
         self.model, self.data, self.settings, self.out = model, data, settings, out
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -675,10 +643,6 @@ class InstructionTrainer:
 
     def fit(self, say) -> float:
         """Train for the planned steps; returns the seconds it took. Raises TrainingDiverged on a NaN loss."""
-        from tqdm import tqdm
-
-        from glassgpt.train import TrainingDiverged
-
         s, model = self.settings, self.model
         torch.manual_seed(s.seed)  # dropout masks
         groups = trainable_parameter_groups(model, s.weight_decay)
@@ -738,8 +702,6 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
     input, expected, generated: greedy, up to `max_new_tokens`, stopped at the end-of-text token).
     `out_dir=None` keeps nothing on disk.
     """
-    from tqdm import tqdm
-
     settings = settings or InstructSettings()
     template = template or InstructionTemplate()
     say = tqdm.write if settings.progress else (lambda message: None)
@@ -798,7 +760,7 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
         extra = {TEMPLATE_KEY: template.to_dict(),
                  "finetune": {"task": "instruct", **summary, "settings": settings.to_dict()}}
         save_model_atomically(model, out, tokenizer, extra)
-        plot_curves(trainer.records, out / PLOT_FILE)
+        plot_losses(trainer.records, out / PLOT_FILE)
 
     test = data.splits.test if settings.test_responses is None else data.splits.test[:settings.test_responses]
     if test:

@@ -333,7 +333,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
         """`ids` with up to `max_new_tokens` generated tokens appended; see `glassgpt.generate`."""
-        from glassgpt.generate import generate
+        from glassgpt.generate import generate  # generate drives a GPT: imported here, not at the top
 
         return generate(self, ids, max_new_tokens, **sampling)
 

@@ -97,7 +97,8 @@ class ModelHost:
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"the {tokenizer.name} tokenizer makes ids up to {tokenizer.vocab_size - 1:,} but the model "
-                f"only has {model.config.vocab_size:,} token embeddings; serve a model with a matching vocabulary"
+                f"only has {model.config.vocab_size:,} token embeddings; "
+                "serve a model with a matching vocabulary"
             )
 
 
