@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, load_state_into, save_model
+from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, load_model, load_state_into, save_model
 
 LAST = "last"
 BEST = "best"
@@ -151,3 +151,13 @@ def load_checkpoint(out_dir: str | Path, model) -> dict:
     weights = load_file(str(last / WEIGHTS_FILE), device=str(next(model.parameters()).device))
     load_state_into(model, weights, str(last))
     return state
+
+
+def checkpoint_model(out_dir: str | Path):
+    """(model, tokenizer) saved in `out_dir/last`: the architecture of a checkpointed run, for a run
+    whose shape came from another model (`--init-from`) rather than from its settings."""
+    last = Path(out_dir) / LAST
+    recover(last)
+    if not (last / GLASSGPT_META).is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {last / GLASSGPT_META} does not exist")
+    return load_model(last)

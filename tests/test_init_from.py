@@ -1,0 +1,234 @@
+"""`glassgpt train --init-from MODEL`: training continues a trained model, checked against transformers.
+
+A random GPT-2 saved by transformers is trained for one step at a learning rate of 1e-12: the model
+the run writes must give transformers' logits for that GPT-2 (so training really started from its
+weights, architecture and tokenizer). Bad starting points fail before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from glassgpt import hub
+from glassgpt.cli import main
+from glassgpt.train import RECIPES, TrainConfig, Trainer, recipe
+from glassgpt.weights import load_model
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n"
+        ) * 4
+GPT2_VOCAB = 50257  # the model must fit GPT-2's tokenizer, which a Hugging Face directory comes with
+FAST = ["--batch-size", "1", "--max-steps", "1", "--lr", "1e-12", "--no-progress", "--device", "cpu",
+        "--eval-batches", "1", "--sample-tokens", "2"]
+
+
+def random_gpt2(tied: bool = True, n_positions: int = 64, seed: int = 0) -> GPT2LMHeadModel:
+    """A small random GPT-2 (GPT-2's vocabulary) whose biases and norms are not at their defaults."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=GPT2_VOCAB, n_positions=n_positions, n_embd=32, n_head=2, n_layer=2,
+                        tie_word_embeddings=tied, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(4.0)
+            else:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+def saved_gpt2(directory, **kwargs) -> GPT2LMHeadModel:
+    model = random_gpt2(**kwargs)
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_logits(model: GPT2LMHeadModel, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def our_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+def random_ids(n: int, vocab: int = GPT2_VOCAB, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def tree(directory) -> dict[str, bytes]:
+    """Every file under `directory` with its bytes: a snapshot to show nothing was written."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- starting from a model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_one_step_at_lr_1e_12_from_a_hf_directory_keeps_its_logits(tmp_path, tied):
+    hf = saved_gpt2(tmp_path / "hf", tied=tied)
+    out = tmp_path / "out"
+    assert main(["train", "--init-from", str(tmp_path / "hf"), "--corpus", "bundled:the-verdict.txt",
+                 "--out", str(out), *FAST]) == 0
+
+    ours, tokenizer = load_model(out)
+    assert tokenizer.name == "gpt2"  # the model's own tokenizer, with no --tokenizer given
+    assert (ours.config.tie_weights, ours.config.context_length, ours.config.qkv_bias) == (tied, 64, True)
+    assert ours.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ids = random_ids(64)
+    assert (our_logits(ours, ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "step"] == [1]  # a step did run
+    # Where the run started is recorded with the model and in its settings.
+    training = json.loads((out / "glassgpt.json").read_text())["training"]
+    assert training["init_from"] == str(tmp_path / "hf")
+    assert str(tmp_path / "hf") in training["init_from_source"]
+    assert json.loads((out / "train_config.json").read_text())["init_from"] == str(tmp_path / "hf")
+
+
+def test_a_shorter_context_keeps_the_first_positions(tmp_path):
+    hf = saved_gpt2(tmp_path / "hf")
+    out = tmp_path / "out"
+    assert main(["train", "--init-from", str(tmp_path / "hf"), "--text", TEXT, "--context-length", "16",
+                 "--val-fraction", "0", "--out", str(out), *FAST]) == 0
+    ours, _ = load_model(out)
+    assert ours.config.context_length == 16 and ours.pos_emb.weight.shape == (16, 32)
+    ids = random_ids(16, seed=2)
+    assert (our_logits(ours, ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+def test_a_glassgpt_run_continues_with_its_own_architecture_and_char_tokenizer(tmp_path):
+    """No Q/K/V or attention-output bias, a char vocabulary: everything comes from the run's directory."""
+    first = TrainConfig(text=TEXT, tokenizer="char", model="nano", context_length=16, n_layers=2, n_heads=2,
+                        emb_dim=32, stride=8, val_fraction=0.0, batch_size=4, max_steps=3, lr=3e-3,
+                        sample_prompt="All:", sample_tokens=2, progress=False,
+                        out=str(tmp_path / "first"))
+    Trainer(first).fit()
+    before, char = load_model(tmp_path / "first")
+    second = TrainConfig(text=TEXT, init_from=str(tmp_path / "first"), stride=8, val_fraction=0.0,
+                         batch_size=4, max_steps=1, lr=1e-12, sample_prompt="All:", sample_tokens=2,
+                         progress=False, out=str(tmp_path / "second"))
+    trainer = Trainer(second)
+    assert trainer.tokenizer.to_dict() == char.to_dict()  # not a new char table built from the text
+    trainer.fit()
+    after, tokenizer = load_model(tmp_path / "second")
+    assert after.config == before.config and not after.config.qkv_bias and not after.config.attn_out_bias
+    assert tokenizer.to_dict() == char.to_dict()
+    ids = torch.tensor([char.encode("All:\nSpeak, speak")[:16]])
+    assert (our_logits(after, ids) - our_logits(before, ids)).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="character 'Z' is not in"):  # text the model has no ids for
+        Trainer(second.replace(text=TEXT + "Zebra", out=None))
+
+
+def test_resuming_a_run_that_began_from_a_model_is_exact_and_does_not_read_it_again(tmp_path):
+    saved_gpt2(tmp_path / "hf")
+    config = TrainConfig(init_from=str(tmp_path / "hf"), corpus=["bundled:the-verdict.txt"],
+                         context_length=32, drop_rate=0.1, stride=32, batch_size=2, grad_accum=2,
+                         max_steps=6, lr=1e-3, schedule="cosine", warmup_steps=2, eval_every=3,
+                         eval_batches=1, sample_tokens=4, progress=False, device="cpu",
+                         out=str(tmp_path / "straight"))
+    straight = Trainer(config).fit()
+    cut = config.replace(out=str(tmp_path / "cut"))
+    Trainer(cut).fit(until_step=5)  # checkpoint at step 3; steps 4-5 are lost as in a kill
+    shutil.rmtree(tmp_path / "hf")  # the starting model is gone: the run must resume from its own files
+    resumed = Trainer(cut, resume=True)
+    assert resumed.step == 3 and resumed.model.config.drop_rate == 0.1
+    records = resumed.fit()
+
+    def steps(rs):
+        return [(r["step"], r["train_loss"]) for r in rs if r["event"] == "step"]
+
+    assert steps(records) == steps(straight)  # bit for bit
+    a, _ = load_model(tmp_path / "straight" / "last")
+    b, _ = load_model(tmp_path / "cut" / "last")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    training = json.loads((tmp_path / "cut" / "glassgpt.json").read_text())["training"]
+    assert training["step"] == 6 and training["init_from"] == str(tmp_path / "hf")
+    assert str(tmp_path / "hf") in training["init_from_source"]  # kept through the resume
+
+
+# ---------------------------------------------------------------- bad starts
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    saved_gpt2(tmp_path / "hf")
+    return str(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--init-from", "{tmp}/nothing"], "no such directory, and not a GPT-2 name"),
+    (["--init-from", "{tmp}/empty"], "holds no model"),
+    (["--init-from", "nano"], "that is a preset"),
+    (["--init-from", "gpt2-xl"], "Run `glassgpt download gpt2-xl`"),
+    (["--init-from", "{hf}", "--tokenizer", "char"], "--tokenizer char does not match"),
+    (["--init-from", "{hf}", "--context-length", "128"], "context_length 128 exceeds the 64"),
+    (["--init-from", "{hf}", "--n-layers", "3"], "--n-layers cannot change it"),
+    (["--init-from", "{small}"], "has 50,257 ids, but the model has embeddings for 120"),
+])
+def test_a_bad_start_is_refused_before_anything_is_written(tmp_path, gpt2_dir, monkeypatch, capsys,
+                                                           arguments, message):
+    monkeypatch.setattr(hub, "find_gpt2", lambda name: None)  # no GPT-2 on this machine
+    (tmp_path / "empty").mkdir()
+    small = GPT2LMHeadModel(GPT2Config(vocab_size=120, n_positions=32, n_embd=16, n_head=2, n_layer=1))
+    small.save_pretrained(tmp_path / "small")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a directory that holds something already
+    arguments = [a.format(tmp=tmp_path, hf=gpt2_dir, small=tmp_path / "small") for a in arguments]
+    assert main(["train", *arguments, "--text", TEXT, "--out", str(out), *FAST]) == 2
+    assert message in capsys.readouterr().err
+    assert tree(out) == {"notes.txt": b"mine"}
+
+
+def test_a_good_run_survives_bad_resumes(tmp_path, gpt2_dir, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--init-from", gpt2_dir, "--text", TEXT, "--out", str(out), *FAST]) == 0
+    before = tree(out)
+    for arguments, message in [
+        (["--tokenizer", "char"], "--tokenizer char does not match"),
+        (["--context-length", "128"], "context_length 128 exceeds the 64"),
+        (["--init-from", str(tmp_path / "other")], "init_from cannot change"),
+    ]:
+        assert main(["train", "--resume", str(out), *arguments]) == 2
+        assert message in capsys.readouterr().err
+        assert tree(out) == before
+    assert main(["train", "--init-from", gpt2_dir, "--text", TEXT, "--out", str(out), *FAST]) == 2
+    assert "already holds a training checkpoint" in capsys.readouterr().err
+    assert tree(out) == before
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def test_verdict_finetune_continues_gpt2_on_the_verdict(tmp_path, monkeypatch, capsys):
+    settings = recipe("verdict-finetune")
+    assert (settings.init_from, settings.tokenizer, settings.context_length) == ("gpt2", "gpt2", 256)
+    assert settings.corpus == ["bundled:the-verdict.txt"] and settings.lr == 5e-5 and settings.epochs == 3
+    assert RECIPES["verdict-finetune"]["init_from"] == "gpt2"
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(hub, "find_gpt2", lambda name: None)  # GPT-2 is not on this machine
+    assert main(["train", "--recipe", "verdict-finetune", "--out", str(out)]) == 2
+    assert "gpt2 is not on this machine. Run `glassgpt download gpt2`" in capsys.readouterr().err
+    assert not out.exists()
+
+    # With "gpt2" found (a small random stand-in with GPT-2's vocabulary and context of 1,024), the
+    # recipe runs and keeps the stand-in's weights at the recipe's 256 positions.
+    hf = saved_gpt2(tmp_path / "gpt2", n_positions=1024)
+    monkeypatch.setattr(hub, "find_gpt2", lambda name: tmp_path / "gpt2")
+    assert main(["train", "--recipe", "verdict-finetune", "--out", str(out), "--max-steps", "1",
+                 "--lr", "1e-12", "--no-progress", "--sample-tokens", "2"]) == 0
+    ours, _ = load_model(out)
+    assert ours.config.context_length == 256
+    ids = random_ids(256, seed=3)
+    assert (our_logits(ours, ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
