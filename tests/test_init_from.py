@@ -232,3 +232,127 @@ def test_verdict_finetune_continues_gpt2_on_the_verdict(tmp_path, monkeypatch, c
     assert ours.config.context_length == 256
     ids = random_ids(256, seed=3)
     assert (our_logits(ours, ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------- LoRA in train
+
+LORA_TARGETS = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.out_proj", "mlp.c_fc": "ff.expand",
+                "mlp.c_proj": "ff.contract"}  # peft's module names on GPT2LMHeadModel -> ours
+
+
+def peft_with_our_adapters(hf: GPT2LMHeadModel, adapters_path, rank: int, alpha: float):
+    """transformers' GPT-2 with peft's LoRA holding the A and B matrices of our adapter file."""
+    peft = pytest.importorskip("peft")  # the test-only peer (the dev extra)
+    from safetensors.torch import load_file
+
+    ours = load_file(str(adapters_path))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, fan_in_fan_out=True,
+                             target_modules=["c_attn", "c_proj", "c_fc"])
+    theirs = peft.get_peft_model(hf, config).eval()
+    copied = 0
+    with torch.no_grad():
+        for name, module in theirs.named_modules():
+            if hasattr(module, "lora_A") and ".h." in name:
+                block, part = name.split(".h.")[1].split(".", 1)
+                mine = f"blocks.{block}.{LORA_TARGETS[part]}"
+                module.lora_A["default"].weight.copy_(ours[f"{mine}.A"])
+                module.lora_B["default"].weight.copy_(ours[f"{mine}.B"])
+                copied += 1
+    assert copied == 2 * 4  # 2 blocks x 4 targets
+    return theirs
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_lora_trains_adapters_only_and_saves_the_merged_model(tmp_path, gpt2_dir, capsys):
+    hf = random_gpt2()  # the same weights as in gpt2_dir
+    out = tmp_path / "out"
+    assert main(["train", "--init-from", gpt2_dir, "--text", TEXT, "--out", str(out), "--lora-rank", "4",
+                 "--lora-alpha", "8", "--save-adapters", "--batch-size", "2", "--max-steps", "3",
+                 "--lr", "1e-2", "--no-progress", "--device", "cpu", "--sample-tokens", "2"]) == 0
+    meta = json.loads((out / "glassgpt.json").read_text())["training"]
+    theirs = peft_with_our_adapters(random_gpt2(), out / "adapters.safetensors", rank=4, alpha=8)
+    assert meta["trainable_parameters"] == theirs.get_nb_trainable_parameters()[0] == 2 * 4 * (
+        (32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))  # r x (in + out), four layers, two blocks
+    assert meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["qkv", "out_proj", "expand", "contract"]}
+    assert f"trainable_parameters {meta['trainable_parameters']:,}" in capsys.readouterr().out
+
+    merged, _ = load_model(out)  # an ordinary model: what generate, serve and export load
+    assert not any("lora" in type(m).__name__.lower() for m in merged.modules())
+    ids = random_ids(32, seed=4)
+    with torch.no_grad():
+        adapted = theirs(input_ids=ids).logits
+    assert (our_logits(merged, ids) - adapted).abs().max().item() <= 1e-4
+    assert (adapted - hf_logits(hf, ids)).abs().max().item() > 1e-2  # the adapters did learn something
+    # Everything but the adapters stayed frozen: embeddings, norms and biases are the original ones.
+    original, _ = load_model(gpt2_dir)
+    frozen = ["tok_emb.weight", "pos_emb.weight", "final_norm.scale", "blocks.1.norm2.shift",
+              "blocks.0.attn.qkv.bias", "blocks.1.ff.contract.bias"]
+    for name in frozen:
+        assert torch.equal(merged.state_dict()[name], original.state_dict()[name]), name
+    for directory in (out, out / "best", out / "last"):
+        assert (directory / "adapters.safetensors").is_file()
+
+    # A base model plus these adapters is a starting point: it starts from the merged weights.
+    again = tmp_path / "again"
+    assert main(["train", "--init-from", gpt2_dir, "--adapters", str(out / "adapters.safetensors"),
+                 "--text", TEXT, "--out", str(again), *FAST]) == 0
+    continued, _ = load_model(again)
+    assert (our_logits(continued, ids) - our_logits(merged, ids)).abs().max().item() <= 1e-5
+    assert "+ adapters" in json.loads((again / "glassgpt.json").read_text())["training"]["init_from_source"]
+
+
+def test_resuming_a_lora_run_is_exact(tmp_path, gpt2_dir):
+    config = TrainConfig(init_from=gpt2_dir, text=TEXT, context_length=16, drop_rate=0.1, stride=8,
+                         batch_size=2, grad_accum=2, max_steps=6, lr=1e-2, schedule="cosine", warmup_steps=2,
+                         eval_every=3, eval_batches=1, sample_tokens=4, progress=False, device="cpu",
+                         lora_rank=2, save_adapters=True, out=str(tmp_path / "straight"))
+    straight = Trainer(config).fit()
+    cut = config.replace(out=str(tmp_path / "cut"))
+    Trainer(cut).fit(until_step=5)
+    resumed = Trainer(cut, resume=True)
+    assert resumed.step == 3
+    records = resumed.fit()
+
+    def steps(rs):
+        return [(r["step"], r["train_loss"]) for r in rs if r["event"] == "step"]
+
+    assert steps(records) == steps(straight) and len(steps(straight)) == 6  # bit for bit
+    for name in ("last/model.safetensors", "last/adapters.safetensors"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--lora-rank", "0"], "LoRA rank must be a positive integer"),
+    (["--lora-rank", "33"], "LoRA rank 33 is larger than the layer"),
+    (["--lora-alpha", "8"], "--lora-alpha needs --lora-rank"),
+    (["--save-adapters"], "--save-adapters needs --lora-rank"),
+    (["--adapters", "{tmp}/a.safetensors"], "give --init-from BASE too"),
+    (["--init-from", "{hf}", "--adapters", "{tmp}/a.safetensors"], "no adapter file"),
+])
+def test_bad_lora_settings_are_refused_before_anything_is_written(tmp_path, gpt2_dir, capsys, arguments,
+                                                                  message):
+    out = tmp_path / "out"
+    arguments = [a.format(tmp=tmp_path, hf=gpt2_dir) for a in arguments]
+    if "--init-from" not in arguments:
+        arguments += ["--tokenizer", "char", "--model", "nano", "--n-layers", "1", "--emb-dim", "32",
+                      "--n-heads", "2", "--context-length", "16", "--sample-prompt", "All:"]
+    assert main(["train", *arguments, "--text", TEXT, "--out", str(out), *FAST]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_adapters_for_another_model_and_a_changed_rank_on_resume_are_refused(tmp_path, gpt2_dir, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--init-from", gpt2_dir, "--text", TEXT, "--out", str(out), "--lora-rank", "2",
+                 "--save-adapters", *FAST]) == 0
+    before = tree(out)
+    assert main(["train", "--resume", str(out), "--lora-rank", "4"]) == 2
+    assert "lora_rank cannot change" in capsys.readouterr().err
+    assert tree(out) == before
+    other = tmp_path / "other"
+    GPT2LMHeadModel(GPT2Config(vocab_size=GPT2_VOCAB, n_positions=64, n_embd=16, n_head=2, n_layer=2)
+                    ).save_pretrained(other)
+    assert main(["train", "--init-from", str(other), "--adapters", str(out / "adapters.safetensors"),
+                 "--text", TEXT, "--out", str(tmp_path / "new"), *FAST]) == 2
+    assert "do not fit this model" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

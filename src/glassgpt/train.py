@@ -40,9 +40,20 @@ from glassgpt.config import PRESETS, GPTConfig, get_preset
 from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
 from glassgpt.device import has_native_bf16, peak_flops, pick_device
 from glassgpt.hub import GPT2_NAMES, resolve_model
+from glassgpt.lora import (
+    apply_lora,
+    check_settings,
+    load_adapters,
+    lora_layers,
+    merge_lora,
+    save_adapters,
+    trainable_parameters,
+)
 from glassgpt.model import GPT
 from glassgpt.plots import plot_losses
 from glassgpt.tokenizer import CharTokenizer, Tokenizer
+
+ADAPTERS_FILE = "adapters.safetensors"  # with --save-adapters, beside each checkpoint's model
 
 # ---------------------------------------------------------------- settings and recipes
 
@@ -71,6 +82,8 @@ class TrainConfig:
     init_from: str | None = setting(None, "start from this trained model instead of a preset: its weights, "
                                           "architecture and tokenizer (a GPT-2 name, a glassgpt run or "
                                           "checkpoint, a Hugging Face or OpenAI GPT-2 directory)")
+    adapters: str | None = setting(None, "with --init-from: a LoRA adapter file (--save-adapters wrote it) "
+                                         "merged into that model before training")
     model_name: str | None = setting(None, "the name saved with the model (None: the preset's, suffixed "
                                            "when resized)")
     context_length: int | None = setting(None, "tokens per window (None: the model's; at most the preset's "
@@ -81,6 +94,13 @@ class TrainConfig:
     drop_rate: float | None = setting(None, "dropout (None: the preset's)")
     init: str = setting("gpt2", "random weights: gpt2 (N(0, 0.02), scaled residual projections) or pytorch "
                                 "(each layer's PyTorch default, as our reference); unused with --init-from")
+    # LoRA: train low-rank adapters beside frozen weights (glassgpt.lora)
+    lora_rank: int | None = setting(None, "train LoRA adapters of this rank on attention qkv and output and "
+                                          "feed-forward expand and contract, everything else frozen (None: "
+                                          "train all weights); checkpoints hold the merged model")
+    lora_alpha: float | None = setting(None, "LoRA updates are scaled by alpha / rank (None: alpha = rank)")
+    save_adapters: bool = setting(False, "with --lora-rank: also write the adapters alone, "
+                                         "adapters.safetensors beside each checkpoint's model")
     # optimisation
     batch_size: int = setting(2, "windows per micro-batch, per process")
     grad_accum: int = setting(1, "micro-batches summed into each optimizer step")
@@ -132,6 +152,7 @@ class TrainConfig:
         if isinstance(self.corpus, str):
             self.corpus = [self.corpus]
         preset = get_preset(self.model)
+        self._check_lora()
         if self.init_from is not None:
             self._check_init_from()
         elif self.context_length is not None and self.context_length > preset.context_length:
@@ -139,6 +160,15 @@ class TrainConfig:
                 f"context_length {self.context_length} exceeds the {self.model} preset's "
                 f"{preset.context_length} (its position table has no slots beyond that)"
             )
+
+    def _check_lora(self) -> None:
+        if self.lora_rank is not None:
+            check_settings(self.lora_rank, self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+        elif self.lora_alpha is not None or self.save_adapters:
+            raise ValueError(f"{'--lora-alpha' if self.lora_alpha is not None else '--save-adapters'} "
+                             "needs --lora-rank")
+        if self.adapters is not None and self.init_from is None:
+            raise ValueError("--adapters are merged into the --init-from model: give --init-from BASE too")
 
     def _check_init_from(self) -> None:
         """The settings that cannot go with --init-from (its context is checked against the model)."""
@@ -247,10 +277,13 @@ def build_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (or Adam) with weight decay on the weight matrices only.
 
     Biases and LayerNorm scales/shifts are not decayed: shrinking them towards 0 has no
-    regularising meaning. Embeddings are left alone too unless `decay_embeddings` is set.
+    regularising meaning. Embeddings are left alone too unless `decay_embeddings` is set. Frozen
+    parameters (LoRA's base weights) are not given to the optimizer at all.
     """
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():  # a tied head appears once, as tok_emb
+        if not parameter.requires_grad:
+            continue
         is_embedding = name.startswith(("tok_emb.", "pos_emb."))
         if parameter.dim() >= 2 and (config.decay_embeddings or not is_embedding):
             decay.append(parameter)
@@ -311,17 +344,38 @@ def load_init_model(spec: str) -> tuple[GPT, Tokenizer, str]:
     return resolve_model(spec, device="cpu", dtype=torch.float32, presets=False)
 
 
+def gpt_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+    """A GPT of `config` holding the tensors of `state` themselves (no copy, no random initialisation)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, assign=True)
+    if config.tie_weights:  # assigning made two parameters of the one tied matrix: make them one again
+        model.out_head.weight = model.tok_emb.weight
+    return model
+
+
 def reshaped(model: GPT, config: GPTConfig) -> GPT:
     """`model`'s weights in a GPT of `config`: the same architecture, with another dropout or a shorter
     context (the first position vectors are kept: the only positions a shorter window uses)."""
     state = model.state_dict()
     state["pos_emb.weight"] = state["pos_emb.weight"][:config.context_length].clone()
-    with torch.device("meta"):  # no wasted random initialisation: the loaded tensors are taken as they are
-        new = GPT(config)
-    new.load_state_dict(state, assign=True)
-    if config.tie_weights:  # assigning made two parameters of the one tied matrix: make them one again
-        new.out_head.weight = new.tok_emb.weight
-    return new
+    return gpt_from_state(config, state)
+
+
+def merged_copy(model: GPT) -> GPT:
+    """The plain GPT that a LoRA-wrapped `model` computes: each adapter's (alpha / r) B A added into its
+    layer's weight. `model` keeps its adapters (training goes on); the copy shares every other tensor."""
+    layers = dict(lora_layers(model))
+    state = {name: tensor for name, tensor in model.state_dict().items()
+             if name.rpartition(".")[0] not in layers and name.rpartition(".base.")[0] not in layers}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            # (LoRALinear.merged() would build an nn.Linear, whose initialisation draws random numbers:
+            # that would shift the dropout masks of a run that saves against one that resumes.)
+            state[f"{name}.weight"] = layer.base.weight + layer.delta_weight().to(layer.base.weight.dtype)
+            if layer.base.bias is not None:
+                state[f"{name}.bias"] = layer.base.bias.detach()
+    return gpt_from_state(model.config, state)
 
 
 def check_tokenizer(tokenizer: Tokenizer, model_tokenizer: Tokenizer, spec: str) -> None:
@@ -333,10 +387,12 @@ def check_tokenizer(tokenizer: Tokenizer, model_tokenizer: Tokenizer, spec: str)
                          f"prepare it with --tokenizer {model_tokenizer.name}")
 
 
-def flops_per_token(model_config: GPTConfig, n_parameters: int) -> float:
-    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's scores."""
+def flops_per_token(model_config: GPTConfig, n_parameters: int, n_trainable: int | None = None) -> float:
+    """Training FLOPs per token: 6 per parameter (forward 2, backward 2 for the input's gradient and 2
+    for the weight's; frozen weights skip the last) plus attention's scores."""
     c = model_config
-    return 6 * n_parameters + 12 * c.n_layers * c.emb_dim * c.context_length
+    n_trainable = n_parameters if n_trainable is None else n_trainable
+    return 4 * n_parameters + 2 * n_trainable + 12 * c.n_layers * c.emb_dim * c.context_length
 
 
 # ---------------------------------------------------------------- the trainer
@@ -387,8 +443,12 @@ class Trainer:
         self._load_start(resume)
         self._setup_data()
 
-        torch.manual_seed(config.seed)  # the same initial weights on every process
-        self.model = self.build_model().to(self.device)
+        torch.manual_seed(config.seed)  # the same initial weights (and LoRA A matrices) on every process
+        self.model = self.build_model()
+        if config.lora_rank is not None:  # bad ranks fail here, before anything is written
+            apply_lora(self.model, config.lora_rank, config.lora_alpha)
+        self.model = self.model.to(self.device)
+        self.trainable_parameters = trainable_parameters(self.model)
         if self.dist.rank:  # but different dropout masks
             torch.manual_seed(config.seed + self.dist.rank)
         self.train_model = torch.compile(self.model) if config.compile else self.model
@@ -404,8 +464,8 @@ class Trainer:
         self.best_val = math.inf
         self.last_checkpoint_step: int | None = None
         self.records: list[dict] = []
-        self.flops_per_step = (flops_per_token(self.model.config, self.model.num_parameters())
-                               * self.tokens_per_step)
+        self.flops_per_step = (flops_per_token(self.model.config, self.model.num_parameters(),
+                                               self.trainable_parameters) * self.tokens_per_step)
         self.peak_flops = peak_flops(self.device)
         if resume:
             self._load_checkpoint()
@@ -449,6 +509,9 @@ class Trainer:
             self.start_model, self.start_tokenizer = checkpoint_model(self.out)
         else:
             self.start_model, self.start_tokenizer, self.init_source = load_init_model(c.init_from)
+            if c.adapters:  # a base model + adapters trained on it: start from their merged weights
+                merge_lora(load_adapters(self.start_model, c.adapters)).requires_grad_(True)
+                self.init_source += f" + adapters {c.adapters}"
         model_config = self.start_model.config
         if c.context_length is not None and c.context_length > model_config.context_length:
             raise ValueError(f"context_length {c.context_length} exceeds the {model_config.context_length} "
@@ -465,14 +528,17 @@ class Trainer:
         self.context_length = c.context_length or model_config.context_length
 
     def _check_same_start(self) -> None:
-        """A resumed run keeps the starting point it was begun with (its saved settings say which)."""
+        """A resumed run keeps the starting point and the adapters it was begun with (its saved
+        settings say which): its checkpoint holds that model, not another."""
         settings = self.out / "train_config.json"
-        if settings.is_file():
-            began = json.loads(settings.read_text(encoding="utf-8")).get("init_from")
-            if began != self.config.init_from:
-                raise ValueError(f"{self.out} began from init_from={began!r}; a resumed run continues "
-                                 f"from its own checkpoint, so init_from cannot change (to "
-                                 f"{self.config.init_from!r})")
+        if not settings.is_file():
+            return
+        began = json.loads(settings.read_text(encoding="utf-8"))
+        for key in ("init_from", "adapters", "lora_rank", "lora_alpha"):
+            if began.get(key) != getattr(self.config, key):
+                raise ValueError(f"{self.out} began with {key}={began.get(key)!r}; a resumed run continues "
+                                 f"its own checkpoint, so {key} cannot change (to "
+                                 f"{getattr(self.config, key)!r})")
 
     def _setup_precision(self) -> None:
         precision, device = self.config.precision, self.device
@@ -640,6 +706,10 @@ class Trainer:
                  f"{m.n_heads} heads, emb {m.emb_dim}, context {m.context_length}, vocab {m.vocab_size:,})")
         if self.init_source:
             self.say(f"starting from the weights of {self.init_source}")
+        if c.lora_rank is not None:
+            settings = self.model.lora_settings
+            self.say(f"LoRA rank {settings.rank}, alpha {settings.alpha:g} on {len(settings.modules)} "
+                     f"layers: trainable_parameters {self.trainable_parameters:,} (the rest frozen)")
         self.say(f"data: {self.n_train_tokens:,} training tokens -> {len(self.train_set):,} windows; "
                  f"{self.n_val_tokens:,} validation tokens; {self.steps_per_epoch:,} steps per epoch of "
                  f"{self.tokens_per_step:,} tokens; {self.total_steps:,} steps")
@@ -744,13 +814,28 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
             "init_from_source": self.init_source,
         }
-        training = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": val_loss}
-        if self.config.init_from:  # where the weights came from (the preset's name means nothing then)
-            training.update(init_from=self.config.init_from, init_from_source=self.init_source)
+        c = self.config
+        training = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": val_loss,
+                    "trainable_parameters": self.trainable_parameters}
+        if c.init_from:  # where the weights came from (the preset's name means nothing then)
+            training.update(init_from=c.init_from, init_from_source=self.init_source)
         else:
-            training["recipe_model"] = self.config.model
-        extra = {"training": training}
-        save_checkpoint(self.out, self.model, self.tokenizer, state=state, best=best, extra=extra)
+            training["recipe_model"] = c.model
+        model, more_files = self.model, {}
+        if c.lora_rank is not None:
+            # Every saved model is an ordinary one, the adapters merged in. Resuming needs the unmerged
+            # weights and adapters themselves (W + (alpha / r) B A cannot be split back exactly): the
+            # trainer state keeps them.
+            settings = self.model.lora_settings
+            training["lora"] = {"rank": settings.rank, "alpha": settings.alpha,
+                                "targets": list(settings.targets)}
+            state["model_state"] = {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
+            model = merged_copy(self.model)
+            if c.save_adapters:
+                more_files[ADAPTERS_FILE] = lambda directory: save_adapters(self.model,
+                                                                            directory / ADAPTERS_FILE)
+        save_checkpoint(self.out, model, self.tokenizer, state=state, best=best, extra={"training": training},
+                        more_files=more_files)
         self.last_checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
