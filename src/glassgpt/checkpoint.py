@@ -7,8 +7,9 @@ Layout of a training output directory `OUT` (`glassgpt train --out OUT`):
                                                `glassgpt.weights.load_model(OUT)`, generate and serve load
     OUT/best/                                  the same best model, as its own directory
     OUT/last/                                  the latest model + `trainer.pt` (optimizer, scheduler,
-                                               step, random states): what `--resume OUT` continues from
-                                               (`load_checkpoint`)
+                                               step, random states; with LoRA, the unmerged model):
+                                               what `--resume OUT` continues from (`load_checkpoint`)
+    OUT/adapters.safetensors (+ best/, last/)  LoRA adapters, when the trainer asks for them (`more_files`)
     OUT/metrics.jsonl, OUT/loss.png, OUT/train_config.json
 
 Every write is atomic. A checkpoint directory is built under a temporary name, its files fsynced,

@@ -85,7 +85,7 @@ class TrainConfig:
     adapters: str | None = setting(None, "with --init-from: a LoRA adapter file (--save-adapters wrote it) "
                                          "merged into that model before training")
     model_name: str | None = setting(None, "the name saved with the model (None: the preset's, suffixed "
-                                           "when resized)")
+                                           "when resized, or the --init-from model's)")
     context_length: int | None = setting(None, "tokens per window (None: the model's; at most the preset's "
                                                "or the --init-from model's)")
     n_layers: int | None = setting(None, "blocks (None: the preset's)")
