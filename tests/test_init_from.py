@@ -15,6 +15,7 @@ import torch
 
 from glassgpt import hub
 from glassgpt.cli import main
+from glassgpt.data import prepare
 from glassgpt.train import RECIPES, TrainConfig, Trainer, recipe
 from glassgpt.weights import load_model
 
@@ -188,6 +189,19 @@ def test_a_bad_start_is_refused_before_anything_is_written(tmp_path, gpt2_dir, m
     assert main(["train", *arguments, "--text", TEXT, "--out", str(out), *FAST]) == 2
     assert message in capsys.readouterr().err
     assert tree(out) == {"notes.txt": b"mine"}
+
+
+def test_a_prepared_corpus_must_use_the_models_tokenizer(tmp_path, gpt2_dir, capsys):
+    (tmp_path / "text.txt").write_text(TEXT)
+    for name in ("char", "gpt2"):
+        prepare([str(tmp_path / "text.txt")], tmp_path / name, tokenizer_name=name)
+    out = tmp_path / "out"
+    assert main(["train", "--init-from", gpt2_dir, "--corpus", str(tmp_path / "char"), "--out", str(out),
+                 *FAST]) == 2
+    assert "the prepared corpus is tokenized with char" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["train", "--init-from", gpt2_dir, "--corpus", str(tmp_path / "gpt2"), "--out", str(out),
+                 *FAST]) == 0
 
 
 def test_a_good_run_survives_bad_resumes(tmp_path, gpt2_dir, capsys):
