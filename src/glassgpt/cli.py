@@ -251,6 +251,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from glassgpt.evaluate import evaluate_model
+
+    result = evaluate_model(args.model, args.data, device=args.device, dtype=args.dtype,
+                            context_length=args.context_length, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{result['model']} on {result['data']}: {result['tokens']:,} tokens predicted in "
+          f"{result['windows']:,} windows of up to {result['context_length']:,}")
+    print(f"loss           {result['loss']:.4f} nats per token\n"
+          f"perplexity     {result['perplexity']:,.3f}\n"
+          f"bits per byte  {result['bits_per_byte']:.4f} ({result['bytes']:,} bytes)")
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from glassgpt.hub import download_gpt2
 
@@ -377,6 +395,24 @@ def build_parser() -> argparse.ArgumentParser:
                           help="CPU, float32/bfloat16: compiled matrix-vector kernels, faster decoding on AMD "
                                "CPUs after a first-use compile of seconds (needs a C++ compiler)")
     generate.set_defaults(run=cmd_generate)
+
+    evaluate = verbs.add_parser("eval", help="measure a model: loss, perplexity and bits per byte on a text",
+                                description="Loss, perplexity and bits per byte of a language model over "
+                                "non-overlapping windows of its context, as training evaluates "
+                                "(docs/TRAINING.md, 'Evaluate a model').")
+    evaluate.add_argument("--model", required=True,
+                          help="checkpoint directory (any format), GPT-2 name found locally, or preset")
+    evaluate.add_argument("--data", default="bundled:the-verdict.txt",
+                          help="a text file, bundled:NAME or a prepared directory "
+                               "(default bundled:the-verdict.txt)")
+    evaluate.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    evaluate.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, ...")
+    evaluate.add_argument("--dtype", choices=list(DTYPES), default=None,
+                          help="weights in memory (default: as saved)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    evaluate.add_argument("--context-length", type=int, default=None, metavar="N",
+                          help="tokens per window, at most the model's (default: the model's)")
+    evaluate.set_defaults(run=cmd_eval)
 
     download = verbs.add_parser("download", help="fetch OpenAI's GPT-2 weights from the Hugging Face Hub")
     download.add_argument("name", choices=GPT2_NAMES)

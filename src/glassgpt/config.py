@@ -36,6 +36,12 @@ class GPTConfig:
     final_norm: bool = True  # LayerNorm after the last block
     norm_eps: float = 1e-5
     name: str = field(default="custom", compare=False)
+    # A classifier (glassgpt.classify): the output head scores n_classes classes at each position
+    # instead of the vocabulary's tokens; 0 is a language model. A classification head is never tied.
+    n_classes: int = 0
+    # The classes' names, in head order. Metadata like `name` (compare=False: renaming a class does
+    # not change the model), kept here so they travel with the model through every loader.
+    labels: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
@@ -56,6 +62,20 @@ class GPTConfig:
             raise ValueError(f"norm_placement must be 'pre' or 'post', got {self.norm_placement!r}")
         if self.activation not in ("gelu", "relu"):
             raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
+        self._check_classes()
+
+    def _check_classes(self) -> None:
+        if not isinstance(self.n_classes, int) or self.n_classes < 0 or self.n_classes == 1:
+            raise ValueError(f"n_classes must be 0 (a language model) or at least 2, got {self.n_classes!r}")
+        if self.n_classes and self.tie_weights:
+            raise ValueError("a classification head (n_classes > 0) cannot be tied to the token embedding: "
+                             "set tie_weights=False")
+        labels = tuple(self.labels or ())  # JSON gives a list back; the config keeps a tuple
+        object.__setattr__(self, "labels", labels)
+        if labels and len(labels) != self.n_classes:
+            raise ValueError(f"{len(labels)} labels given for n_classes={self.n_classes}")
+        if not all(isinstance(label, str) and label for label in labels) or len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be distinct non-empty strings, got {list(labels)}")
 
     @property
     def hidden_dim(self) -> int:
@@ -71,7 +91,9 @@ class GPTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["labels"] = list(self.labels)  # as JSON gives it back: equal after a round trip
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> GPTConfig:

@@ -605,7 +605,7 @@ class InstructionTrainer:
     """One instruction fine-tuning run over prepared data; `finetune_instruct` is its front door."""
 
     def __init__(self, model: GPT, data: PreparedData, settings: InstructSettings, out: Path | None):
-        from glassgpt.train import has_native_bf16, pick_device
+        from glassgpt.device import has_native_bf16, pick_device
 
         self.model, self.data, self.settings, self.out = model, data, settings, out
         if settings.threads:

@@ -208,7 +208,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.final_norm = (LayerNorm(config.emb_dim, config.norm_eps, config.norm_bias)
                            if config.final_norm else nn.Identity())
-        self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=config.head_bias)
+        # A classifier (config.n_classes > 0, see glassgpt.classify) scores classes instead of tokens.
+        self.out_head = nn.Linear(config.emb_dim, config.n_classes or config.vocab_size, bias=config.head_bias)
         if config.tie_weights:
             # Weight tying: reading a token in and writing it out use the same matrix (GPT-2 does
             # this; it saves vocab_size * emb_dim parameters, 38.6M for GPT-2 small).
