@@ -15,9 +15,12 @@ import torch
 
 from glassgpt import hub
 from glassgpt.cli import main
+from glassgpt.config import GPTConfig
 from glassgpt.data import prepare
+from glassgpt.model import GPT
+from glassgpt.tokenizer import get_tokenizer
 from glassgpt.train import RECIPES, TrainConfig, Trainer, recipe
-from glassgpt.weights import load_model
+from glassgpt.weights import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -175,6 +178,7 @@ def gpt2_dir(tmp_path):
     (["--init-from", "{hf}", "--context-length", "128"], "context_length 128 exceeds the 64"),
     (["--init-from", "{hf}", "--n-layers", "3"], "--n-layers cannot change it"),
     (["--init-from", "{small}"], "has 50,257 ids, but the model has embeddings for 120"),
+    (["--init-from", "{classifier}"], "is a classifier (2 classes), not a language model"),
 ])
 def test_a_bad_start_is_refused_before_anything_is_written(tmp_path, gpt2_dir, monkeypatch, capsys,
                                                            arguments, message):
@@ -185,7 +189,11 @@ def test_a_bad_start_is_refused_before_anything_is_written(tmp_path, gpt2_dir, m
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")  # a directory that holds something already
-    arguments = [a.format(tmp=tmp_path, hf=gpt2_dir, small=tmp_path / "small") for a in arguments]
+    classifier = GPTConfig(vocab_size=GPT2_VOCAB, context_length=16, emb_dim=16, n_heads=2, n_layers=1,
+                           n_classes=2, tie_weights=False)
+    save_model(GPT(classifier), tmp_path / "classifier", get_tokenizer("gpt2"))
+    places = dict(tmp=tmp_path, hf=gpt2_dir, small=tmp_path / "small", classifier=tmp_path / "classifier")
+    arguments = [a.format(**places) for a in arguments]
     assert main(["train", *arguments, "--text", TEXT, "--out", str(out), *FAST]) == 2
     assert message in capsys.readouterr().err
     assert tree(out) == {"notes.txt": b"mine"}

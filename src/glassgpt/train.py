@@ -513,6 +513,9 @@ class Trainer:
                 merge_lora(load_adapters(self.start_model, c.adapters)).requires_grad_(True)
                 self.init_source += f" + adapters {c.adapters}"
         model_config = self.start_model.config
+        if model_config.n_classes:
+            raise ValueError(f"--init-from {c.init_from} is a classifier ({model_config.n_classes} classes), "
+                             "not a language model: `glassgpt finetune classify --model` trains it further")
         if c.context_length is not None and c.context_length > model_config.context_length:
             raise ValueError(f"context_length {c.context_length} exceeds the {model_config.context_length} "
                              f"of --init-from {c.init_from} (its position table has no slots beyond that)")
