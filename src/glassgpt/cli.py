@@ -355,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_verb.set_defaults(run=cmd_demo)
 
     train = verbs.add_parser("train", help="train a model: --recipe NAME --out DIR, any setting overridable",
-                             description="Train from a recipe (or from scratch settings); every setting "
-                             "below overrides the recipe's. The result in --out loads with "
-                             "`glassgpt generate --model DIR`.")
+                             description="Train from a recipe (or from scratch settings), from random "
+                             "weights (--model PRESET) or from a trained model (--init-from MODEL), all "
+                             "weights or LoRA adapters (--lora-rank R); every setting below overrides the "
+                             "recipe's. The result in --out loads with `glassgpt generate --model DIR`.")
     add_train_arguments(train)
     train.set_defaults(run=cmd_train)
 

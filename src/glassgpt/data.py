@@ -129,12 +129,13 @@ def load_prepared(directory: str | Path) -> tuple[np.ndarray, Tokenizer]:
     return ids, tokenizer_from_dict(meta["tokenizer"])
 
 
-def load_corpus(sources: Sequence[str], tokenizer_name: str = "gpt2",
-                text: str | None = None) -> tuple[np.ndarray, Tokenizer]:
+def load_corpus(sources: Sequence[str], tokenizer_name: str = "gpt2", text: str | None = None,
+                tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, Tokenizer]:
     """(token ids, tokenizer) for raw text files, one prepared directory, or an inline `text`.
 
     Several text files are joined; with the GPT-2 tokenizer an end-of-text token separates them.
-    The char tokenizer's vocabulary is every character of the corpus.
+    The char tokenizer's vocabulary is every character of the corpus. A `tokenizer` given (a trained
+    model's own) encodes the text instead of one made by name; a prepared directory keeps its own.
     """
     if text is not None:
         if sources:
@@ -149,7 +150,8 @@ def load_corpus(sources: Sequence[str], tokenizer_name: str = "gpt2",
     for source, content in zip(sources or ["the inline text"], texts, strict=True):
         if not content.strip():
             raise ValueError(f"corpus {source} is empty")
-    tokenizer = get_tokenizer(tokenizer_name, text="".join(texts) if tokenizer_name == "char" else None)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(tokenizer_name, text="".join(texts) if tokenizer_name == "char" else None)
     ids: list[int] = []
     for index, content in enumerate(texts):
         if index and tokenizer.eos_id is not None:
