@@ -19,7 +19,6 @@ logs and writes. The global batch is batch_size x grad_accum x number of process
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -30,13 +29,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from glassgpt.checkpoint import checkpoint_model, has_checkpoint, load_checkpoint, load_state, save_checkpoint
-from glassgpt.config import PRESETS, GPTConfig, get_preset
+from glassgpt.config import PRESETS, GPTConfig, Settings, get_preset
 from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
 from glassgpt.device import has_native_bf16, peak_flops, pick_device
 from glassgpt.hub import GPT2_NAMES, resolve_model
@@ -66,8 +66,10 @@ def setting(default, help: str):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Every setting of a training run. Recipes fill these in; the command line overrides any of them."""
+
+    fields_name: ClassVar[str] = "training settings"
 
     out: str | None = setting(None, "directory for checkpoints, metrics and loss.png (None: keep nothing)")
     # data
@@ -93,7 +95,7 @@ class TrainConfig:
     emb_dim: int | None = setting(None, "embedding width (None: the preset's)")
     drop_rate: float | None = setting(None, "dropout (None: the preset's)")
     init: str = setting("gpt2", "random weights: gpt2 (N(0, 0.02), scaled residual projections) or pytorch "
-                                "(each layer's PyTorch default, as our reference); unused with --init-from")
+                                "(each layer's PyTorch default, as the tutorial's); unused with --init-from")
     # LoRA: train low-rank adapters beside frozen weights (glassgpt.lora)
     lora_rank: int | None = setting(None, "train LoRA adapters of this rank on attention qkv and output and "
                                           "feed-forward expand and contract, everything else frozen (None: "
@@ -181,23 +183,9 @@ class TrainConfig:
                              f"{', '.join(fixed)} cannot change it (--context-length may shorten it, "
                              "--drop-rate sets its dropout)")
 
-    def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**data)
-
 
 RECIPES: dict[str, dict] = {
-    # Our reference run: the 162M model on The Verdict, 2 x 256-token batches, AdamW, 10 epochs.
+    # The tutorial's run: the 162M model on The Verdict, 2 x 256-token batches, AdamW, 10 epochs.
     # Precision auto: bf16 on a CPU with AVX-512 BF16 is 2-3x faster per step, and its losses stayed
     # within 0.01 of fp32's over the whole run (docs/PERFORMANCE.md).
     "verdict": dict(
@@ -315,7 +303,7 @@ def model_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
 def pytorch_default_init(model: GPT) -> GPT:
     """Re-initialise every layer as PyTorch would: N(0, 1) embeddings, uniform(+-1/sqrt(fan_in)) linears.
 
-    Our reference builds its model from plain nn.Embedding / nn.Linear and keeps these defaults.
+    The tutorial builds its model from plain nn.Embedding / nn.Linear and keeps these defaults.
     On a text as small as The Verdict they memorise far faster than GPT-2's N(0, 0.02): unit-scale
     embeddings give every token and position a distinct code from the first step. (With a tied
     head the shared matrix ends up with the head's initialisation.)
