@@ -480,7 +480,7 @@ def run_finetune_classify(model_spec: str, data_path: str, out_dir: str | Path |
 
     Every check (model, data, labels, vocabulary, output directory) runs before the first step.
     """
-    from glassgpt.weights import resolve_model
+    from glassgpt.hub import resolve_model
 
     settings = settings or ClassifySettings()
     if out_dir is not None:
