@@ -378,3 +378,26 @@ def test_the_instruct_recipe_is_the_tutorials_run(instruct_run, tmp_path, capsys
     expected = split_instructions(load_instructions("bundled:instruction-data.json"), seed=123)
     assert seen["splits"] == expected
     assert seen["model"].config.vocab_size == 400 and str(seen["out"]) == str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', [],
+     "data.jsonl, line 2: not valid JSON"),
+    ('{"instruction": "a", "input": "b"}\n', [], "data.jsonl, line 1: missing 'output'"),
+    ("", [], "is empty"),
+    ('{"instruction": "a", "output": "b"}\n', ["--lora-rank", "0"], "lora_rank must be at least 1"),
+    ('{"instruction": "a", "output": "b"}\n', ["--model", "nowhere"], "no model at"),
+    ('{"instruction": "a", "output": "b"}\n', ["--model", "CLASSIFIER"], "is a classifier"),
+])
+def test_finetune_instruct_refuses_bad_input_before_training(instruct_run, last_z, tmp_path, capsys,
+                                                             content, flags, message):
+    root, _ = instruct_run
+    (tmp_path / "data.jsonl").write_text(content)
+    flags = [str(last_z / "model") if flag == "CLASSIFIER" else str(tmp_path / flag) if flag == "nowhere"
+             else flag for flag in flags]
+    out = tmp_path / "out"
+    code, _, stderr = run(capsys, "finetune", "instruct", "--model", root / "base", "--data",
+                          tmp_path / "data.jsonl", "--out", out, "--max-steps", "1", "--device", "cpu",
+                          *flags)
+    assert code == 2 and stderr.startswith("glassgpt: error: ") and message in stderr, stderr
+    assert not out.exists()
