@@ -6,9 +6,10 @@
 
 One random GPT-2 small is built in transformers, saved with `save_pretrained` and loaded into
 glassgpt, so both sides hold the same weights (their greedy tokens are checked equal). The
-tutorial's model (llms-from-scratch's GPTModel, `pip install --no-deps llms-from-scratch`) gets the
-same weights too. Contenders alternate round by round, so load from other processes falls on all
-of them alike; each figure is the median over rounds.
+tutorial's model (the book "Build a Large Language Model (From Scratch)": llms-from-scratch's
+GPTModel, `pip install --no-deps llms-from-scratch`) gets the same weights too. Contenders alternate
+round by round, so load from other processes falls on all of them alike; each figure is the median
+over rounds.
 
 - decode: 50 new tokens after an 8-token prompt. "decode tokens/s" counts the 49 tokens after
   the first (time of a 50-token run minus a 1-token run, which is the prefill); "end to end" is
@@ -56,7 +57,8 @@ def tutorial_model(ours):
 
     c = ours.config
     theirs = GPTModel({"vocab_size": c.vocab_size, "context_length": c.context_length, "emb_dim": c.emb_dim,
-                       "n_heads": c.n_heads, "n_layers": c.n_layers, "drop_rate": 0.0, "qkv_bias": c.qkv_bias})
+                       "n_heads": c.n_heads, "n_layers": c.n_layers, "drop_rate": 0.0,
+                       "qkv_bias": c.qkv_bias})
 
     def copy(target, source):
         target.weight.copy_(source.weight)
@@ -70,7 +72,8 @@ def tutorial_model(ours):
             att = their_block.att
             weights = block.attn.qkv.weight.split(c.emb_dim)
             biases = block.attn.qkv.bias.split(c.emb_dim)
-            for part, weight, bias in zip((att.W_query, att.W_key, att.W_value), weights, biases, strict=True):
+            for part, weight, bias in zip((att.W_query, att.W_key, att.W_value), weights, biases,
+                                          strict=True):
                 part.weight.copy_(weight)
                 part.bias.copy_(bias)
             copy(att.out_proj, block.attn.out_proj)
@@ -165,7 +168,8 @@ def reduced_precision(ours, args, prompt) -> None:
     for name, variant in variants.items():
         decode = 49 / (t50[name] - t1[name])
         ppl = base_ppl if name == "fp32" else perplexity(variant, text_ids, window)
-        print(f"  {name:<13} decode {decode:7.1f} tokens/s ({decode / (49 / (t50['fp32'] - t1['fp32'])):4.2f}x fp32)"
+        print(f"  {name:<13} decode {decode:7.1f} tokens/s "
+              f"({decode / (49 / (t50['fp32'] - t1['fp32'])):4.2f}x fp32)"
               f"   perplexity on The Verdict {ppl:10.2f} ({(ppl / base_ppl - 1) * 100:+.2f}%)")
 
 
@@ -176,7 +180,8 @@ def _copy(model):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a 2-block GPT-2, to check the script runs")
@@ -198,9 +203,11 @@ def main() -> None:
     print(f"greedy 50 tokens equal to transformers: {torch.equal(ours_generate(ours, prompt, 50), expected)}")
     started = time.perf_counter()
     same = torch.equal(ours_generate(ours, prompt, 50, compile=True), expected)
-    print(f"  and with compile=True: {same} (first call, compiling included: {time.perf_counter() - started:.1f} s)")
+    print(f"  and with compile=True: {same} "
+          f"(first call, compiling included: {time.perf_counter() - started:.1f} s)")
 
-    runs = {"glassgpt": partial(ours_generate, ours), "glassgpt compile": partial(ours_generate, ours, compile=True),
+    runs = {"glassgpt": partial(ours_generate, ours),
+            "glassgpt compile": partial(ours_generate, ours, compile=True),
             "transformers": partial(hf_generate, hf)}
     one = rounds({name: partial(run, prompt, 1) for name, run in runs.items()}, args.repeats)
     full = rounds({name: partial(run, prompt, 50) for name, run in runs.items()}, args.repeats)
@@ -208,12 +215,14 @@ def main() -> None:
     end_to_end = {name: 50 / full[name] for name in full}
     print("\ndecode, 8-token prompt + 50 new tokens")
     for name in full:
-        print(f"  {name:<16} decode {decode[name]:7.1f} tokens/s   end to end {end_to_end[name]:7.1f} tokens/s   "
+        print(f"  {name:<16} decode {decode[name]:7.1f} tokens/s   "
+              f"end to end {end_to_end[name]:7.1f} tokens/s   "
               f"ratio to transformers: decode {decode[name] / decode['transformers']:.2f}x, "
               f"end to end {end_to_end[name] / end_to_end['transformers']:.2f}x")
     floor = 34e9 / (ours.num_parameters() * 4)
     print(f"  memory-bandwidth bound (34 GB/s / fp32 weights): {floor:.0f} tokens/s; glassgpt reaches "
-          f"{decode['glassgpt'] / floor:.0%} of it, {decode['glassgpt compile'] / floor:.0%} with compile=True")
+          f"{decode['glassgpt'] / floor:.0%} of it, "
+          f"{decode['glassgpt compile'] / floor:.0%} with compile=True")
 
     prefill = rounds({"glassgpt": lambda: ours_prefill(ours, prefill_ids),
                       "transformers": lambda: hf_prefill(hf, prefill_ids)}, args.repeats)
@@ -226,11 +235,13 @@ def main() -> None:
         tutorial = tutorial_model(ours)
         same = torch.equal(ours_generate(ours, long_prompt, 5), tutorial_generate(tutorial, long_prompt, 5))
         long = rounds({"glassgpt": lambda: ours_generate(ours, long_prompt, 50),
-                       "tutorial": lambda: tutorial_generate(tutorial, long_prompt, 50)}, max(1, args.repeats - 1))
+                       "tutorial": lambda: tutorial_generate(tutorial, long_prompt, 50)},
+                      max(1, args.repeats - 1))
         print(f"\nlong prompt, 512 tokens + 50 new (greedy tokens equal to the tutorial's: {same})")
         for name, t in long.items():
             print(f"  {name:<13} {50 / t:7.1f} tokens/s end to end")
-        print(f"  ratio glassgpt (KV cache) / tutorial (no cache): {long['tutorial'] / long['glassgpt']:.2f}x")
+        print("  ratio glassgpt (KV cache) / tutorial (no cache): "
+              f"{long['tutorial'] / long['glassgpt']:.2f}x")
 
     if args.precision:
         reduced_precision(ours, args, prompt)

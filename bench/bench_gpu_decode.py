@@ -65,14 +65,16 @@ def hf_generate(hf_model, ids, new_tokens, **options):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new", type=int, default=200)
     parser.add_argument("--batches", default="1,8,32,128")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-hf-static", action="store_true", help="skip transformers' static cache")
     parser.add_argument("--tune", action="store_true",
-                        help="let inductor tune its kernels' launch settings (coordinate descent; longer compile)")
+                        help="let inductor tune its kernels' launch settings "
+                             "(coordinate descent; longer compile)")
     parser.add_argument("--json", default="")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, for a CPU check")
     args = parser.parse_args()

@@ -11,13 +11,15 @@ itself and prints tokens/s, ms/step, MFU and the ratio to transformers compiled.
 Variant names say what runs: glassgpt or transformers; glassgpt computes its loss with
 `model(inputs, targets=targets)`, whose head is padded to a multiple of 64 on the GPU with -inf
 logits for the padding (the loss and gradients of GPT-2's 50,257 tokens, on evenly tiled kernels);
-"logits": glassgpt's logits through the shared loss code instead; "vocab50304": nanoGPT's padded vocabulary, a
-model with 50,304 outputs (a multiple of 128, so the head's matrix products tile evenly; the 47
-extra tokens are never targets) -- faster, but its logits are not GPT-2's 50,257; "compiled": torch.compile; "tuned":
-inductor's coordinate-descent tuning of its kernels; "graphs": compile mode "reduce-overhead" (CUDA
-graphs); "own-loss": transformers' loss from `labels=` instead of the shared loss code.
+"logits": glassgpt's logits through the shared loss code instead; "vocab50304": nanoGPT's padded
+vocabulary, a model with 50,304 outputs (a multiple of 128, so the head's matrix products tile
+evenly; the 47 extra tokens are never targets) -- faster, but its logits are not GPT-2's 50,257;
+"compiled": torch.compile; "tuned": inductor's coordinate-descent tuning of its kernels; "graphs":
+compile mode "reduce-overhead" (CUDA graphs); "own-loss": transformers' loss from `labels=` instead
+of the shared loss code.
 
-MFU counts 6N + 12·L·H·Q·T FLOPs per token (N: parameters less the position table), over the measured peak.
+MFU counts 6N + 12·L·H·Q·T FLOPs per token (N: parameters less the position table), over the
+measured peak.
 """
 
 from __future__ import annotations
@@ -140,7 +142,8 @@ def transformers_model(variant, config, device):
     return model, lambda inputs, targets: cross_entropy(model(input_ids=inputs).logits, targets)
 
 
-def make_train_step(model, loss_of, device: torch.device, compile: bool, graphs: bool = False, accum: int = 1):
+def make_train_step(model, loss_of, device: torch.device, compile: bool, graphs: bool = False,
+                    accum: int = 1):
     """One optimisation step over `accum` micro-batches of (inputs, targets): returns the last loss
     as a tensor (no host sync)."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
@@ -223,7 +226,8 @@ def profile_steps(one_step, device: torch.device, n_steps: int = 3) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -232,7 +236,8 @@ def main() -> None:
     parser.add_argument("--variants", default="glassgpt-eager,glassgpt-compiled,glassgpt-compiled-graphs,"
                         "glassgpt-logits-compiled,glassgpt-vocab50304-compiled,transformers-eager,"
                         "transformers-compiled,transformers-own-loss-compiled")
-    parser.add_argument("--profile", default="", help="variant to profile after timing, e.g. glassgpt-compiled")
+    parser.add_argument("--profile", default="",
+                        help="variant to profile after timing, e.g. glassgpt-compiled")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and batch, for a CPU check")
     args = parser.parse_args()
@@ -255,7 +260,8 @@ def main() -> None:
           f"micro-batch {args.micro_batch} x {args.seq}, {args.accum} per optimizer step", flush=True)
 
     if device.type == "cuda":
-        backends = time_attention_backends(device, args.micro_batch, args.seq, config.n_heads, config.head_dim)
+        backends = time_attention_backends(device, args.micro_batch, args.seq, config.n_heads,
+                                           config.head_dim)
         print("  causal attention fwd+bwd per layer: " +
               ", ".join(f"{name} {ms:.2f} ms" for name, ms in backends.items()), flush=True)
 
@@ -280,7 +286,8 @@ def main() -> None:
     print("\n| variant | tokens/s | ms/step | MFU | vs transformers compiled |\n|---|---:|---:|---:|---:|")
     for row in results:
         ratio = f"{row['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else "-"
-        print(f"| {row['variant']} | {row['tokens_per_s']:,.0f} | {row['ms_per_step']:.1f} | {row['mfu']:.1%} | {ratio} |")
+        print(f"| {row['variant']} | {row['tokens_per_s']:,.0f} | {row['ms_per_step']:.1f} "
+              f"| {row['mfu']:.1%} | {ratio} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": name, "torch": torch.__version__, "peak_tflops": peak,

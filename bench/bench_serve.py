@@ -4,11 +4,12 @@
 
 - cold start: from launching the server process to its first 200 (GET /readyz), and to the first
   POST /generate answered;
-- warm: POST /generate for `--tokens` new tokens (top-k 50, temperature 0.7, as the reference's
-  page), p50 and p99 over `--requests` requests, one at a time.
+- warm: POST /generate for `--tokens` new tokens (top-k 50, temperature 0.7, as the reference
+  page of the project's specification), p50 and p99 over `--requests` requests, one at a time.
 With `--checkpoint`, the model is first saved to a temporary directory and served from there
-(loading safetensors instead of initialising random weights). Ratios are printed against our
-reference's published figures (about 10 s cold, 2-3 s warm) and our targets (3 s, 1 s).
+(loading safetensors instead of initialising random weights). Ratios are printed against the
+reference figures the project's specification quotes (about 10 s cold, 2-3 s warm) and our
+targets (3 s, 1 s).
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32", 
             compile: bool = False) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    body = {"prompt": "Every effort moves you", "max_tokens": n_tokens, "temperature": 0.7, "top_k": 50, "seed": 0}
+    body = {"prompt": "Every effort moves you", "max_tokens": n_tokens, "temperature": 0.7, "top_k": 50,
+            "seed": 0}
     started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "glassgpt.cli", "serve", "--model", model, "--port", str(port),
-                               "--dtype", dtype, *(["--threads", str(threads)] if threads else []),
+    server = subprocess.Popen([sys.executable, "-m", "glassgpt.cli", "serve", "--model", model,
+                               "--port", str(port), "--dtype", dtype,
+                               *(["--threads", str(threads)] if threads else []),
                                *(["--compile"] if compile else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -110,25 +113,32 @@ def report(label: str, result: dict, n_requests: int, n_tokens: int) -> None:
     print(f"\n{label}: {result['model']} ({result['parameters']:,} parameters, {result['dtype']}), "
           f"{os.cpu_count()} CPUs")
     print(f"  cold start, process -> GET /readyz 200      {result['ready_s']:6.2f} s   "
-          f"(reference ~{REFERENCE_COLD_S:.0f} s: {REFERENCE_COLD_S / result['ready_s']:.1f}x; target < {TARGET_COLD_S} s)")
+          f"(reference ~{REFERENCE_COLD_S:.0f} s: {REFERENCE_COLD_S / result['ready_s']:.1f}x; "
+          f"target < {TARGET_COLD_S} s)")
     print(f"  cold start, process -> first /generate 200  {result['first_generate_s']:6.2f} s   "
           f"(reference ~{REFERENCE_COLD_S:.0f} s: {REFERENCE_COLD_S / result['first_generate_s']:.1f}x)")
     print(f"  warm POST /generate, {n_tokens} tokens, {n_requests} requests: p50 {result['p50_s']:.3f} s, "
           f"p99 {result['p99_s']:.3f} s, {result['tokens_per_s']:.1f} tokens/s   "
-          f"(reference ~{REFERENCE_WARM_S} s: {REFERENCE_WARM_S / result['p50_s']:.1f}x; target < {TARGET_WARM_S} s)")
+          f"(reference ~{REFERENCE_WARM_S} s: {REFERENCE_WARM_S / result['p50_s']:.1f}x; "
+          f"target < {TARGET_WARM_S} s)")
     print(f"  same generation in-process, no HTTP: p50 {result['local_p50_s']:.3f} s -> serving overhead "
-          f"{result['p50_s'] / result['local_p50_s']:.2f}x   (machine load average {result['load_average']:.1f})")
+          f"{result['p50_s'] / result['local_p50_s']:.2f}x   "
+          f"(machine load average {result['load_average']:.1f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="verdict-162m", help="preset (random weights) or checkpoint directory")
+    parser.add_argument("--model", default="verdict-162m",
+                        help="preset (random weights) or checkpoint directory")
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=50)
-    parser.add_argument("--checkpoint", action="store_true", help="also serve the preset from a saved checkpoint")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="also serve the preset from a saved checkpoint")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "all"], default="all")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for server and peer (0: torch's choice)")
-    parser.add_argument("--compile", action="store_true", help="serve --compile (and the peer with compile=True)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for server and peer (0: torch's choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="serve --compile (and the peer with compile=True)")
     args = parser.parse_args()
 
     for dtype in ("float32", "bfloat16", "int8") if args.dtype == "all" else (args.dtype,):
@@ -138,7 +148,8 @@ def main() -> None:
     if args.checkpoint:
         with tempfile.TemporaryDirectory() as directory:
             saved = save_checkpoint(args.model, Path(directory))
-            report("saved checkpoint (safetensors)", measure(str(saved), args.requests, args.tokens, "float32", args.threads),
+            report("saved checkpoint (safetensors)",
+                   measure(str(saved), args.requests, args.tokens, "float32", args.threads),
                    args.requests, args.tokens)
 
 

@@ -2,14 +2,15 @@
 
     python bench/bench_train_cpu.py                 # s/step of both, same weights and batches, + ratios
     python bench/bench_train_cpu.py --steps 6       # more steps per contender
-    python bench/bench_train_cpu.py --full          # the whole verdict recipe: loss curve, wall time, tokens/s
+    python bench/bench_train_cpu.py --full          # the whole verdict recipe: loss, wall time, tokens/s
     python bench/bench_train_cpu.py --full --precision fp32 --out runs/verdict-fp32
 
-The peer is the tutorial's own model and loop (`pip install --no-deps llms-from-scratch`, the
-`bench` extra): GPTModel, AdamW over all parameters (lr 4e-4, weight decay 0.1), cross-entropy on
-2 x 256-token batches of The Verdict. Our weights are copied into theirs, so both start from the
-same point and see the same batches; the contenders alternate step by step, so load from other
-processes on the machine falls on both alike.
+The peer is the tutorial's own model and loop (the book "Build a Large Language Model (From
+Scratch)": its code is on PyPI, `pip install --no-deps llms-from-scratch`, the `bench` extra):
+GPTModel, AdamW over all parameters (lr 4e-4, weight decay 0.1), cross-entropy on 2 x 256-token
+batches of The Verdict. Our weights are copied into theirs, so both start from the same point and
+see the same batches; the contenders alternate step by step, so load from other processes on the
+machine falls on both alike.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def their_model(ours):
 
     c = ours.config
     theirs = GPTModel({"vocab_size": c.vocab_size, "context_length": c.context_length, "emb_dim": c.emb_dim,
-                       "n_heads": c.n_heads, "n_layers": c.n_layers, "drop_rate": c.drop_rate, "qkv_bias": c.qkv_bias})
+                       "n_heads": c.n_heads, "n_layers": c.n_layers, "drop_rate": c.drop_rate,
+                       "qkv_bias": c.qkv_bias})
     with torch.no_grad():
         theirs.tok_emb.weight.copy_(ours.tok_emb.weight)
         theirs.pos_emb.weight.copy_(ours.pos_emb.weight)
@@ -46,7 +48,8 @@ def their_model(ours):
             for theirs_linear, ours_linear in ((expand, block.ff.expand), (contract, block.ff.contract)):
                 theirs_linear.weight.copy_(ours_linear.weight)
                 theirs_linear.bias.copy_(ours_linear.bias)
-            for theirs_norm, ours_norm in ((their_block.norm1, block.norm1), (their_block.norm2, block.norm2)):
+            for theirs_norm, ours_norm in ((their_block.norm1, block.norm1),
+                                           (their_block.norm2, block.norm2)):
                 theirs_norm.scale.copy_(ours_norm.scale)
                 theirs_norm.shift.copy_(ours_norm.shift)
         theirs.final_norm.scale.copy_(ours.final_norm.scale)
@@ -118,7 +121,8 @@ def full_run(precision: str, out: str | None, epochs: int) -> None:
     print("epoch  train   val   sample")
     for r in records:
         if r["event"] == "eval":
-            print(f"{r['epoch']:>5g}  {r['train_loss']:.3f}  {r['val_loss']:.3f}  {' '.join(r['sample'].split())[:70]!r}")
+            print(f"{r['epoch']:>5g}  {r['train_loss']:.3f}  {r['val_loss']:.3f}  "
+                  f"{' '.join(r['sample'].split())[:70]!r}")
     if out:
         size = sum(f.stat().st_size for f in Path(out, "last").iterdir() if f.name == "model.safetensors")
         print(f"checkpoint weights: {size / 2**20:.0f} MiB (fp32)")

@@ -22,11 +22,12 @@ from pathlib import Path
 
 def run(gpus: int, args, out: Path) -> list[dict]:
     settings = ["--model", "verdict-162m", "--corpus", "bundled:tinyshakespeare.txt", "--tokenizer", "gpt2",
-                "--drop-rate", "0", "--batch-size", str(args.batch_size), "--grad-accum", str(args.gpus // gpus),
-                "--max-steps", str(args.steps), "--lr", "6e-4", "--schedule", "cosine", "--warmup-steps", "20",
-                "--grad-clip", "1.0", "--precision", "bf16", "--eval-every", str(args.steps), "--eval-batches", "4",
-                "--log-every", "10", "--checkpoint-every", str(10 * args.steps), "--no-progress",
-                "--sample-tokens", "10", "--out", str(out)]
+                "--drop-rate", "0", "--batch-size", str(args.batch_size),
+                "--grad-accum", str(args.gpus // gpus), "--max-steps", str(args.steps), "--lr", "6e-4",
+                "--schedule", "cosine", "--warmup-steps", "20", "--grad-clip", "1.0", "--precision", "bf16",
+                "--eval-every", str(args.steps), "--eval-batches", "4", "--log-every", "10",
+                "--checkpoint-every", str(10 * args.steps), "--no-progress", "--sample-tokens", "10",
+                "--out", str(out)]
     if args.compile:
         settings.append("--compile")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] \
@@ -48,14 +49,17 @@ def main() -> None:
         if args.save:
             Path(args.save).mkdir(parents=True, exist_ok=True)
             for gpus, records in curves.items():
-                Path(args.save, f"metrics_{gpus}gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+                Path(args.save, f"metrics_{gpus}gpu.jsonl").write_text(
+                    "".join(json.dumps(r) + "\n" for r in records))
     global_batch = args.batch_size * args.gpus * 256
     print(f"\nverdict-162m, global batch {args.batch_size * args.gpus} x 256 = {global_batch:,} tokens, "
           f"{args.steps} steps, bf16{', compiled' if args.compile else ''}")
     print("step   loss 1 GPU   loss " f"{args.gpus} GPUs")
-    steps = {gpus: {r["step"]: r for r in records if r["event"] == "step"} for gpus, records in curves.items()}
+    steps = {gpus: {r["step"]: r for r in records if r["event"] == "step"}
+             for gpus, records in curves.items()}
     for step in sorted(steps[1]):
-        print(f"{step:>4}   {steps[1][step]['train_loss']:10.4f}   {steps[args.gpus][step]['train_loss']:10.4f}")
+        print(f"{step:>4}   {steps[1][step]['train_loss']:10.4f}   "
+              f"{steps[args.gpus][step]['train_loss']:10.4f}")
     speeds = {}
     for gpus in curves:  # the first window holds compilation: leave it out
         windows = [r for r in steps[gpus].values()][1:]

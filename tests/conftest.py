@@ -1,20 +1,45 @@
-"""Shared set-up for the browser tests: Debian's headless Chromium driven by Playwright."""
+"""Shared test helpers: models with random weights and random token ids, and the browser tests'
+set-up (Debian's headless Chromium driven by Playwright). Test modules import the plain helpers
+with `from conftest import ...`; none imports another test module."""
 
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+from glassgpt import GPT, GPTConfig
+
+
+def random_model(config: GPTConfig, seed: int = 0, spread: float = 0.05, device: str = "cpu",
+                 matrices: bool = True) -> GPT:
+    """GPT-2's initialisation plus N(0, spread) noise on every parameter (with `matrices=False`, on
+    biases and norms only), so that biases and norms are not at their trivial initial values."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if matrices or p.dim() == 1:
+                p.add_(spread * torch.randn_like(p))
+    return model.to(device).eval()
+
+
+def random_ids(config: GPTConfig, batch: int, n: int, seed: int = 1) -> torch.Tensor:
+    """A (batch, n) tensor of token ids drawn from a seeded generator: the same ids on every run."""
+    return torch.randint(0, config.vocab_size, (batch, n), generator=torch.Generator().manual_seed(seed))
+
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags that keep Chromium off the network: on this machine's closed network its background
 # connections are refused and it fails to look up Google's hosts at every start.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # screenshots, git-ignored
 
 browser_tests = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install chromium)"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason="Chromium is not installed (apt-get install chromium)"),
 ]
 
 
@@ -22,7 +47,8 @@ browser_tests = [
 # would break later tests that call asyncio.run.
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is not installed (pip install playwright)")
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -71,7 +71,8 @@ def test_whole_tiny_shakespeare_matches_tiktoken(gpt2_bpe, tiktoken_gpt2):
     assert ids == tiktoken_gpt2.encode(text)
 
 
-@pytest.mark.parametrize("text", ["a" * 777, "1" * 501, "=-" * 300, " \n" * 200, "ab" * 250 + "  x", "\t" * 99 + "!"])
+@pytest.mark.parametrize("text", ["a" * 777, "1" * 501, "=-" * 300, " \n" * 200, "ab" * 250 + "  x",
+                                  "\t" * 99 + "!"])
 def test_long_chunks_match_tiktoken(gpt2_bpe, tiktoken_gpt2, text):
     assert gpt2_bpe.encode(text) == tiktoken_gpt2.encode(text)
 
@@ -82,7 +83,8 @@ def test_chunk_cache_holds_each_distinct_chunk_once_and_changes_nothing():
     chunks = tokenizer.chunk_regex.findall(text)
     cached_ids = tokenizer.encode(text)
     assert len(tokenizer.cache) == len(set(chunks)) < len(chunks)
-    uncached_ids = [tokenizer.rank_of[part] for chunk in chunks for part in tokenizer.merge_bytes(chunk.encode())]
+    uncached_ids = [tokenizer.rank_of[part]
+                    for chunk in chunks for part in tokenizer.merge_bytes(chunk.encode())]
     assert cached_ids == uncached_ids
 
 

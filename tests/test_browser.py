@@ -36,7 +36,8 @@ def server(model_and_tokenizer):
 
 
 def set_slider(page, selector: str, value) -> None:
-    page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", str(value))
+    page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
+                          str(value))
 
 
 def test_generate_page_streams_the_continuation_and_its_timing(server, page, model_and_tokenizer):
@@ -78,7 +79,8 @@ def test_generate_page_shows_errors_in_plain_words(server, page):
 def test_pages_fit_a_phone_screen(server, browser):
     phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
     try:
-        for name, url, ready in (("generate", "/", "#send"), ("architecture", "/architecture", "#total-parameters"),
+        for name, url, ready in (("generate", "/", "#send"),
+                                 ("architecture", "/architecture", "#total-parameters"),
                                  ("inside", "/inside", "canvas[data-drawn]")):
             phone.goto(server.url + url)
             phone.wait_for_selector(ready)
@@ -103,7 +105,8 @@ def test_architecture_page_shows_the_live_model(server, page, model_and_tokenize
     page.wait_for_selector("#flow .token")  # the example prompt's real tokens in the data flow
     flow = page.inner_text("#flow")
     assert "2 transformer blocks" in flow and "32 → 50,257 logits" in flow and "Softmax" in flow
-    assert [t.inner_text().split("\n")[1] for t in page.query_selector_all("#flow .token")] == ["464", "12036", "373"]
+    assert ([t.inner_text().split("\n")[1] for t in page.query_selector_all("#flow .token")]
+            == ["464", "12036", "373"])
     table = page.inner_text("#breakdown-table")
     assert "token embedding" in table and "1,608,224" in table and "total" in table
     page.screenshot(path=str(ARTIFACTS / "architecture.png"), full_page=True)
@@ -113,13 +116,15 @@ def test_architecture_page_shows_the_live_model(server, page, model_and_tokenize
 def test_inside_page_draws_the_attention_heatmap(server, page):
     page.goto(server.url + "/inside")
     page.wait_for_selector("canvas[data-drawn='0/0/3']")
-    assert [t.inner_text().split("\n")[1] for t in page.query_selector_all("#tokens .token")] == ["464", "12036", "373"]
+    assert ([t.inner_text().split("\n")[1] for t in page.query_selector_all("#tokens .token")]
+            == ["464", "12036", "373"])
     assert len(page.query_selector_all("#next .bar")) == 10
     painted = page.evaluate("""() => {
         const canvas = document.getElementById('heatmap');
         const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
         let blue = 0;
-        for (let i = 0; i < pixels.length; i += 4) if (pixels[i + 2] > 150 && pixels[i] < 150 && pixels[i + 3] > 0) blue++;
+        for (let i = 0; i < pixels.length; i += 4)
+            if (pixels[i + 2] > 150 && pixels[i] < 150 && pixels[i + 3] > 0) blue++;
         return blue;
     }""")
     assert painted > 500  # the attention cells are filled in the accent blue
@@ -166,7 +171,8 @@ def test_static_site_calls_the_api_across_origins_and_unlisted_origins_are_refus
         set_slider(page, "#max-tokens", 8)
         page.click("#send")
         page.wait_for_selector("#timing:has-text('Generated in')", timeout=30_000)
-        assert page.inner_text("#output .completion") == generate_text(model, tokenizer, "Every effort moves you", 8)
+        assert (page.inner_text("#output .completion")
+                == generate_text(model, tokenizer, "Every effort moves you", 8))
         page.screenshot(path=str(ARTIFACTS / "site-cross-origin.png"), full_page=True)
         page.click("text=Architecture")  # the site's own links lead to its other pages
         assert page.wait_for_selector("#total-parameters").inner_text() == "1,635,744"

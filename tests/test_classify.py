@@ -400,7 +400,8 @@ def test_max_steps_stops_mid_epoch_in_bf16_keeping_nothing(tmp_path):
     tokenizer = CharTokenizer("abcdz")
     data = load_classification_data(tmp_path / "data.tsv", tokenizer, 16)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=5, context_length=16, emb_dim=16, n_heads=2, n_layers=2, tie_weights=False))
+    model = GPT(GPTConfig(vocab_size=5, context_length=16, emb_dim=16, n_heads=2, n_layers=2,
+                          tie_weights=False))
     to_classifier(model, 2, data.classes, seed=0)
     records = []
     settings = ClassifySettings(**{**TINY, "max_steps": 3, "precision": "bf16", "batch_size": 4})

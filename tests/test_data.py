@@ -1,4 +1,8 @@
-"""Sliding windows, the train/validation split, loaders, and prepared (memory-mapped) corpora."""
+"""Sliding windows, the train/validation split, loaders, and prepared (memory-mapped) corpora.
+
+The expected batches are the tutorial's (the book "Build a Large Language Model (From Scratch)",
+chapter 5; see the README).
+"""
 
 from __future__ import annotations
 
@@ -51,13 +55,13 @@ def test_split_at_token_boundary_validation_last():
         split_ids(ids, 1.0)
 
 
-def test_verdict_gives_the_reference_batches():
+def test_verdict_gives_the_tutorials_batches():
     ids, tokenizer = load_corpus(["bundled:the-verdict.txt"], "gpt2")
     assert len(ids) == 5145 and ids.dtype == np.uint16
     assert ids[:10].tolist() == [40, 367, 2885, 1464, 1807, 3619, 402, 271, 10899, 2138]
     train, val = split_ids(ids, 0.1)
     train_windows, val_windows = TokenWindows(train, 256, 256), TokenWindows(val, 256, 256)
-    # 9 batches of 2 per epoch and one validation batch, as in our reference's loop.
+    # 9 batches of 2 per epoch and one validation batch, as in the tutorial's chapter 5 loop.
     assert len(make_loader(train_windows, 2, train=True)) == 9
     assert len(val_windows) == 2
 
@@ -166,8 +170,8 @@ def test_prepare_verb_then_train_on_the_prepared_directory(tmp_path, capsys):
     corpus.write_text(bundled_text("the-verdict.txt")[:3000], encoding="utf-8")
     assert main(["prepare", str(corpus), "--tokenizer", "char", "--out", str(tmp_path / "prepared")]) == 0
     assert "3,000 tokens (uint16" in capsys.readouterr().out
-    assert main(["train", "--corpus", str(tmp_path / "prepared"), "--out", str(tmp_path / "run"), "--model", "nano",
-                 "--n-layers", "1", "--emb-dim", "32", "--n-heads", "2", "--context-length", "32", "--max-steps", "2",
-                 "--sample-prompt", "I", "--no-progress"]) == 0
+    assert main(["train", "--corpus", str(tmp_path / "prepared"), "--out", str(tmp_path / "run"),
+                 "--model", "nano", "--n-layers", "1", "--emb-dim", "32", "--n-heads", "2",
+                 "--context-length", "32", "--max-steps", "2", "--sample-prompt", "I", "--no-progress"]) == 0
     config = json.loads((tmp_path / "run" / "glassgpt.json").read_text())["config"]
     assert config["vocab_size"] == len(set(corpus.read_text()))  # the prepared char vocabulary

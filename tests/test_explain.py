@@ -1,4 +1,7 @@
-"""The walk-through reproduces the tutorial's numbers with glassgpt's own components."""
+"""The walk-through reproduces the tutorial's numbers with glassgpt's own components.
+
+The tutorial: the book "Build a Large Language Model (From Scratch)" (see the README).
+"""
 
 import hashlib
 import io
@@ -275,7 +278,8 @@ def test_cli_explain(capsys):
 def test_cli_explain_runs_a_saved_model(tmp_path, capsys):
     from glassgpt.weights import save_model
 
-    save_model(GPT(get_preset("tinygpt")), tmp_path / "tiny", tokenizer=CharTokenizer.from_text("hello hello"))
+    save_model(GPT(get_preset("tinygpt")), tmp_path / "tiny",
+               tokenizer=CharTokenizer.from_text("hello hello"))
     assert main(["explain", "gpt", "--json", "--model", str(tmp_path / "tiny")]) == 0
     steps = {s["title"]: s for s in json.loads(capsys.readouterr().out)["steps"]}
     assert dict(steps["Where the parameters are"]["table"])["total"] == 2_453

@@ -9,7 +9,7 @@ not at all, and nothing that needs autograd, autocast or another dtype is touche
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import random_model  # GPT-2's initialisation plus noise on every parameter
+from conftest import random_ids, random_model
 
 from glassgpt import get_preset
 from glassgpt.fast import (
@@ -34,12 +34,13 @@ CONFIGS = {
 def test_prefill_and_decode_logits_equal_the_default_kernels(name):
     config = CONFIGS[name]
     model = random_model(config)
-    ids = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    ids = random_ids(config, 2, 20, seed=1)
     with torch.inference_mode():
         expected = model(ids)
         with cpu_inference_kernels():
             cache = model.new_cache(batch_size=2)
-            pieces = [model(ids[:, :12], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
+            pieces = ([model(ids[:, :12], cache=cache)]
+                      + [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)])
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -89,7 +90,7 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits():
     """compile=True: one-token steps through the compiled matrix-vector kernel; prompts stay on oneDNN."""
     config = CONFIGS["gpt2"]
     model = random_model(config)
-    ids = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    ids = random_ids(config, 1, 5, seed=2)
     expected = generate(model, ids, 20)
     assert torch.equal(generate(model, ids, 20, compile=True), expected)
     x, weight, bias = torch.randn(1, 1, 32), torch.randn(96, 32), torch.randn(96)
@@ -98,7 +99,8 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits():
                                    atol=1e-5, rtol=1e-5)
         with CPULinear(compile=True), torch.autograd.profiler.profile() as prof:
             F.linear(x, weight, bias)
-    assert not any(event.name in ("aten::linear", "mkldnn::_linear_pointwise") for event in prof.function_events)
+    assert not any(event.name in ("aten::linear", "mkldnn::_linear_pointwise")
+                   for event in prof.function_events)
 
 
 def test_a_machine_where_compiling_fails_still_decodes(monkeypatch):
@@ -112,7 +114,7 @@ def test_a_machine_where_compiling_fails_still_decodes(monkeypatch):
     monkeypatch.setattr(fast.COMPILED, "failure", None)
     config = CONFIGS["verdict-162m"]
     model = random_model(config)
-    ids = torch.randint(0, config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(3))
+    ids = random_ids(config, 1, 4, seed=3)
     with pytest.warns(RuntimeWarning, match="No working C\\+\\+ compiler found"):
         out = generate(model, ids, 6, compile=True)
     assert torch.equal(out, generate(model, ids, 6))

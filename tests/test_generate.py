@@ -1,4 +1,8 @@
-"""Generation: sampling rules, the KV-cache loop against recomputation, batches, streaming text."""
+"""Generation: sampling rules, the KV-cache loop against recomputation, batches, streaming text.
+
+The recomputing loop is the tutorial's `generate_text_simple` (the book "Build a Large Language
+Model (From Scratch)"; see the README).
+"""
 
 import pytest
 import torch

@@ -8,26 +8,14 @@ graph-captured decoding, both against eager, on random weights.
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_ids, random_model
 
-from glassgpt import GPT, get_preset
+from glassgpt import get_preset
 from glassgpt.cuda_graphs import GraphedDecoder, StaticKVCache, static_forward
 from glassgpt.generate import generate
 
 SMALL = get_preset("gpt2", vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def random_model(config, seed: int = 0, spread: float = 0.05, device: str = "cpu",
-                 matrices: bool = True) -> GPT:
-    """GPT-2's initialisation plus N(0, spread) noise on every parameter (with `matrices=False`, on
-    biases and norms only), so that biases and norms are not at their trivial initial values."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if matrices or p.dim() == 1:
-                p.add_(spread * torch.randn_like(p))
-    return model.to(device).eval()
 
 
 @pytest.fixture
@@ -47,7 +35,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.mark.parametrize("fused", [True, False])
 def test_static_cache_decoding_equals_full_forward(fused):
     model = random_model(SMALL).set_fused(fused)
-    ids = torch.randint(0, SMALL.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    ids = random_ids(SMALL, 2, 20, seed=1)
     with torch.no_grad():
         full = model(ids)
         cache = StaticKVCache.for_model(model, batch_size=2, max_length=24)
@@ -65,7 +53,7 @@ def test_static_cache_decoding_equals_full_forward(fused):
 
 def test_decoder_without_graph_is_greedy_generation():
     model = random_model(SMALL, spread=0.3)
-    ids = torch.randint(0, SMALL.vocab_size, (3, 5), generator=torch.Generator().manual_seed(2))
+    ids = random_ids(SMALL, 3, 5, seed=2)
     decoder = GraphedDecoder(model, batch_size=3, max_length=30, compile=False)
     expected = generate(model, ids, 25)
     assert torch.equal(decoder.generate(ids, 25), expected)

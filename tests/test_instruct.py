@@ -1,5 +1,7 @@
 """Instruction fine-tuning: the tutorial's template, data checks, split, collate and masking; a small
-model that learns to answer its training instructions exactly; the saved checkpoint and its template."""
+model that learns to answer its training instructions exactly; the saved checkpoint and its template.
+
+The tutorial: the book "Build a Large Language Model (From Scratch)", chapter 7 (see the README)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The /learn page in headless Chromium (Debian's /usr/bin/chromium driven by Playwright), against a
-real uvicorn on loopback: every topic of the walk-through renders from the live API. Screenshots go to
-test-artifacts/ (as in test_browser.py)."""
+real uvicorn on loopback: every topic of the walk-through renders from the live API. Screenshots go
+to test-artifacts/ (as in test_browser.py). The tutorial: the book "Build a Large Language Model
+(From Scratch)" (see the README)."""
 
 
 import httpx

@@ -43,13 +43,14 @@ def rss_mib(pid: int) -> float:
 def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("load")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(name="tiny-load", vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2))
+    model = GPT(GPTConfig(name="tiny-load", vocab_size=50257, context_length=64, emb_dim=32, n_heads=2,
+                          n_layers=2))
     save_model(model, directory / "model", tokenizer=get_tokenizer("gpt2"))
     port = free_port()
     log = open(directory / "server.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "glassgpt.cli", "serve", "--model", str(directory / "model"), "--port", str(port),
-         "--max-tokens-cap", "16", "--max-running", "1", "--max-waiting", "8"],
+        [sys.executable, "-m", "glassgpt.cli", "serve", "--model", str(directory / "model"),
+         "--port", str(port), "--max-tokens-cap", "16", "--max-running", "1", "--max-waiting", "8"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -74,7 +75,8 @@ def one_request(rng: random.Random) -> tuple[str, str, dict]:
     prompt = rng.choice(["Every effort moves you", "The painting was", "I HAD always thought", "Hello"])
     if roll < 0.55:
         return "POST", "/generate", {"prompt": prompt, "max_tokens": rng.randint(1, 16),
-                                     "temperature": rng.choice([0.0, 0.7, 1.5]), "top_k": rng.choice([None, 5, 50])}
+                                     "temperature": rng.choice([0.0, 0.7, 1.5]),
+                                     "top_k": rng.choice([None, 5, 50])}
     if roll < 0.75:
         return "POST", "/generate/stream", {"prompt": prompt, "max_tokens": rng.randint(1, 16)}
     if roll < 0.85:
@@ -118,7 +120,8 @@ def test_load_no_server_errors_and_steady_memory(server):
     rss_after = rss_mib(process.pid)
 
     quantiles = statistics.quantiles(latencies, n=100)
-    print(f"\n{REQUESTS} requests from {CLIENTS} clients in {wall:.1f} s; statuses {dict(sorted(statuses.items()))}; "
+    print(f"\n{REQUESTS} requests from {CLIENTS} clients in {wall:.1f} s; "
+          f"statuses {dict(sorted(statuses.items()))}; "
           f"latency p50 {quantiles[49] * 1000:.0f} ms, p99 {quantiles[98] * 1000:.0f} ms; "
           f"server RSS {rss_before:.0f} -> {rss_after:.0f} MiB")
     assert sum(statuses.values()) == REQUESTS
@@ -130,4 +133,5 @@ def test_load_no_server_errors_and_steady_memory(server):
     assert httpx.get(url + "/healthz").status_code == 200
 
     access = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
-    assert len(access) >= REQUESTS and {"request_id", "method", "path", "status", "duration_ms"} <= set(access[-1])
+    assert (len(access) >= REQUESTS
+            and {"request_id", "method", "path", "status", "duration_ms"} <= set(access[-1]))

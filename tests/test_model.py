@@ -1,9 +1,14 @@
+"""The model's components and whole: both attention paths agree, the tutorial's numbers come out (the
+book "Build a Large Language Model (From Scratch)", chapters 3 and 4; see the README), bad input is
+refused."""
+
 import math
 
 import pytest
 import torch
+from conftest import random_ids, random_model
 
-from glassgpt import GPT, GPTConfig, get_preset
+from glassgpt import GPT, get_preset
 from glassgpt.inspect import record_attention
 from glassgpt.model import GELU, LayerNorm, MultiHeadAttention
 
@@ -11,25 +16,12 @@ from glassgpt.model import GELU, LayerNorm, MultiHeadAttention
 # final norm) at a size that runs in milliseconds.
 FAMILIES = {
     "tinygpt": get_preset("tinygpt"),
-    "nano": get_preset("nano", vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, ff_dim=64),
+    "nano": get_preset("nano", vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
+                       ff_dim=64),
     "gpt2": get_preset("gpt2", vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2),
     "verdict-162m": get_preset("verdict-162m", vocab_size=97, context_length=16, emb_dim=32, n_heads=4,
                                n_layers=2, drop_rate=0.0),
 }
-
-
-def random_model(config: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config)
-    # Perturb every parameter so biases and norms are not at their trivial initial values.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def random_ids(config: GPTConfig, batch: int, n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, config.vocab_size, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -91,7 +83,8 @@ def test_input_longer_than_context_is_a_clear_error():
         model(random_ids(config, 1, 17))
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(5, dtype=torch.long), torch.zeros(1, 4), torch.zeros(1, 0, dtype=torch.long)])
+@pytest.mark.parametrize("bad", [torch.zeros(5, dtype=torch.long), torch.zeros(1, 4),
+                                 torch.zeros(1, 0, dtype=torch.long)])
 def test_bad_ids_are_a_clear_error(bad):
     with pytest.raises(ValueError, match="ids|token"):
         random_model(FAMILIES["gpt2"])(bad)
@@ -121,7 +114,8 @@ def test_layernorm_explicit_matches_torch_and_normalises():
     torch.testing.assert_close(out.mean(-1), torch.zeros(2), atol=1e-6, rtol=0)
     torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
     # The tutorial's first row: torch.manual_seed(123); torch.randn(2, 5) normalised.
-    torch.testing.assert_close(out[0], torch.tensor([0.5528, 1.0693, -0.0223, 0.2656, -1.8654]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[0], torch.tensor([0.5528, 1.0693, -0.0223, 0.2656, -1.8654]),
+                               atol=1e-4, rtol=0)
 
 
 def test_gelu_explicit_matches_tanh_approximation():

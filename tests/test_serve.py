@@ -214,7 +214,8 @@ def test_model_endpoint_describes_the_live_model(client, model):
     assert [(row["name"], row["parameters"]) for row in info["breakdown"]] == model.parameter_breakdown()
     assert info["size_bytes"] == 4 * model.num_parameters()  # fp32, the tied head counted once
     assert info["config"] == TINY.to_dict()
-    assert (info["device"], info["dtype"], info["tokenizer"], info["name"]) == ("cpu", "float32", "gpt2", "tiny")
+    assert ((info["device"], info["dtype"], info["tokenizer"], info["name"])
+            == ("cpu", "float32", "gpt2", "tiny"))
     assert info["limits"] == {"max_tokens": CAP, "inspect_max_tokens": 10, "max_prompt_chars": 20_000}
 
 
@@ -282,7 +283,8 @@ def test_a_checkpoint_can_be_served_in_bfloat16_or_int8(tmp_path, model, tokeniz
         info = client.get("/api/model").json()
         assert info["dtype"].startswith("int8") and info["parameters"] == model.num_parameters()
         assert [(r["name"], r["parameters"]) for r in info["breakdown"]] == model.parameter_breakdown()
-        assert client.post("/generate", json={"prompt": "Hello", "max_tokens": 3}).json()["completion_tokens"] == 3
+        assert (client.post("/generate", json={"prompt": "Hello", "max_tokens": 3})
+                .json()["completion_tokens"] == 3)
         inspected = client.post("/api/inspect", json={"text": "The painting was"}).json()
         assert len(inspected["attention"]) == 2
     with pytest.raises(ValueError, match="dtype must be 'float32', 'bfloat16' or 'int8'"):
@@ -472,7 +474,8 @@ except ImportError:  # pragma: no cover - schemathesis is in the dev extra
 if schemathesis is not None:
     torch.manual_seed(0)
     FUZZ_SCHEMA = schemathesis.openapi.from_asgi(
-        "/openapi.json", create_app(GPT(TINY).eval(), get_tokenizer("gpt2"), max_tokens_cap=4, inspect_max_tokens=8))
+        "/openapi.json",
+        create_app(GPT(TINY).eval(), get_tokenizer("gpt2"), max_tokens_cap=4, inspect_max_tokens=8))
 
     @FUZZ_SCHEMA.parametrize()
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))

@@ -24,7 +24,8 @@ from glassgpt.train import (
 from glassgpt.weights import load_model
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-        "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n") * 3
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+        "All:\nResolved. resolved.\n") * 3
 
 
 def tiny(**overrides) -> TrainConfig:
@@ -164,7 +165,7 @@ def test_bf16_autocast_trains_on_cpu():
     assert losses[-1] < losses[0] - 0.3
 
 
-def test_pytorch_init_matches_the_reference_models_scales():
+def test_pytorch_init_matches_the_tutorials_model_scales():
     trainer = Trainer(tiny(init="pytorch", emb_dim=64))
     model = trainer.model
     assert model.pos_emb.weight.std().item() == pytest.approx(1.0, abs=0.1)  # nn.Embedding: N(0, 1)
@@ -175,11 +176,12 @@ def test_pytorch_init_matches_the_reference_models_scales():
     assert gpt2.pos_emb.weight.std().item() == pytest.approx(0.02, abs=0.003)
 
 
-def test_recipes_hold_the_reference_settings():
+def test_recipes_hold_the_tutorials_settings():
     verdict = recipe("verdict")
-    assert (verdict.model, verdict.batch_size, verdict.stride, verdict.val_fraction) == ("verdict-162m", 2, 256, 0.1)
+    assert ((verdict.model, verdict.batch_size, verdict.stride, verdict.val_fraction)
+            == ("verdict-162m", 2, 256, 0.1))
     assert (verdict.optimizer, verdict.lr, verdict.weight_decay, verdict.epochs) == ("adamw", 4e-4, 0.1, 10)
-    assert verdict.init == "pytorch"  # the reference model keeps PyTorch's layer defaults
+    assert verdict.init == "pytorch"  # the tutorial's model keeps PyTorch's layer defaults
     assert set(RECIPES) >= {"verdict", "tinygpt", "shakespeare-char", "demo"}
     for name in RECIPES:
         recipe(name)  # every recipe is a valid TrainConfig

@@ -56,7 +56,8 @@ def our_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
         return model(ids)
 
 
-def hf_greedy(model: GPT2LMHeadModel, ids: torch.Tensor, max_new_tokens: int, attention_mask=None) -> torch.Tensor:
+def hf_greedy(model: GPT2LMHeadModel, ids: torch.Tensor, max_new_tokens: int,
+              attention_mask=None) -> torch.Tensor:
     if attention_mask is None:
         attention_mask = torch.ones_like(ids)
     return model.generate(ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -134,7 +135,8 @@ def test_left_padded_batch_equals_transformers_batched_generate(tmp_path):
     ours, _ = load_model(tmp_path)
     prompts = [[5, 9, 2, 77, 31, 8], [40, 2], [13, 13, 60]]
     ids, mask = left_pad(prompts)
-    assert torch.equal(generate(ours, ids, 20, attention_mask=mask), hf_greedy(hf, ids, 20, attention_mask=mask))
+    assert torch.equal(generate(ours, ids, 20, attention_mask=mask),
+                       hf_greedy(hf, ids, 20, attention_mask=mask))
     for prompt, row in zip(prompts, generate(ours, prompts, 20), strict=True):
         assert row == hf_greedy(hf, torch.tensor([prompt]), 20)[0].tolist()  # each as if alone
 
@@ -148,12 +150,14 @@ def write_openai_tf_checkpoint(hf: GPT2LMHeadModel, directory) -> None:
     variables = {"model/wte": state["wte.weight"], "model/wpe": state["wpe.weight"],
                  "model/ln_f/g": state["ln_f.weight"], "model/ln_f/b": state["ln_f.bias"]}
     for i in range(hf.config.n_layer):
-        for tf_name, hf_name in [("ln_1/g", "ln_1.weight"), ("ln_1/b", "ln_1.bias"), ("ln_2/g", "ln_2.weight"),
-                                 ("ln_2/b", "ln_2.bias"), ("attn/c_attn/b", "attn.c_attn.bias"),
+        for tf_name, hf_name in [("ln_1/g", "ln_1.weight"), ("ln_1/b", "ln_1.bias"),
+                                 ("ln_2/g", "ln_2.weight"), ("ln_2/b", "ln_2.bias"),
+                                 ("attn/c_attn/b", "attn.c_attn.bias"),
                                  ("attn/c_proj/b", "attn.c_proj.bias"), ("mlp/c_fc/b", "mlp.c_fc.bias"),
                                  ("mlp/c_proj/b", "mlp.c_proj.bias")]:
             variables[f"model/h{i}/{tf_name}"] = state[f"h.{i}.{hf_name}"]
-        for tf_name, hf_name in [("attn/c_attn/w", "attn.c_attn.weight"), ("attn/c_proj/w", "attn.c_proj.weight"),
+        for tf_name, hf_name in [("attn/c_attn/w", "attn.c_attn.weight"),
+                                 ("attn/c_proj/w", "attn.c_proj.weight"),
                                  ("mlp/c_fc/w", "mlp.c_fc.weight"), ("mlp/c_proj/w", "mlp.c_proj.weight")]:
             variables[f"model/h{i}/{tf_name}"] = state[f"h.{i}.{hf_name}"].unsqueeze(0)  # (1, in, out)
     names = sorted(variables)
@@ -245,8 +249,9 @@ def test_gpt2_names_resolve_from_the_hf_cache_and_from_models_dir(tmp_path, monk
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
 def test_download_fails_fast_offline_with_hand_placement_help(tmp_path, env):
     full_env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), **env}
-    result = subprocess.run([sys.executable, "-m", "glassgpt.cli", "download", "gpt2", "--dir", str(tmp_path / "d")],
-                            capture_output=True, text=True, env=full_env, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "glassgpt.cli", "download", "gpt2", "--dir", str(tmp_path / "d")],
+        capture_output=True, text=True, env=full_env, timeout=60)
     assert result.returncode == 2
     assert "could not download gpt2" in result.stderr
     assert "https://huggingface.co/openai-community/gpt2/tree/main" in result.stderr

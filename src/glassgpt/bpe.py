@@ -151,7 +151,8 @@ class BPETokenizer:
             elif token_id in self.special_of_id:
                 pieces.append(self.special_of_id[token_id].encode("utf-8"))
             else:
-                raise ValueError(f"token id {token_id} is not in this tokenizer's vocabulary of {self.vocab_size}")
+                raise ValueError(
+                    f"token id {token_id} is not in this tokenizer's vocabulary of {self.vocab_size}")
         return b"".join(pieces)
 
     def decode(self, ids: list[int]) -> str:
@@ -176,7 +177,8 @@ class BPETokenizer:
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise ValueError(f"vocab_size {vocab_size} is too small: the 256 byte tokens and "
-                             f"{len(special_tokens)} special tokens need at least {256 + len(special_tokens)}")
+                             f"{len(special_tokens)} special tokens need at least "
+                             f"{256 + len(special_tokens)}")
         if len(set(special_tokens)) != len(special_tokens) or "" in special_tokens:
             raise ValueError(f"special tokens must be distinct, non-empty strings, got {special_tokens!r}")
         splitter = _special_splitter(dict.fromkeys(special_tokens, 0))
@@ -218,7 +220,8 @@ class BPETokenizer:
                 continue
             parts = self.merge_bytes(token, max_rank=rank)
             if len(parts) != 2:
-                raise ValueError(f"token {rank} {_show(token)} cannot be built from one pair of earlier tokens")
+                raise ValueError(
+                    f"token {rank} {_show(token)} cannot be built from one pair of earlier tokens")
             merges.append(((self.rank_of[parts[0]], self.rank_of[parts[1]]), rank))
         return merges
 
@@ -237,7 +240,8 @@ class BPETokenizer:
                 encoded, rank = line.split()
                 ranked[int(rank)] = base64.b64decode(encoded, validate=True)
             except ValueError:
-                raise ValueError(f"{path}:{line_number}: expected 'base64-bytes rank', got {line[:60]!r}") from None
+                raise ValueError(
+                    f"{path}:{line_number}: expected 'base64-bytes rank', got {line[:60]!r}") from None
         if sorted(ranked) != list(range(len(ranked))):
             raise ValueError(f"{path}: ranks must run 0, 1, 2, ... without gaps")
         tokens = [ranked[rank] for rank in range(len(ranked))]
@@ -258,7 +262,8 @@ class BPETokenizer:
         """Rebuild a tokenizer from `to_dict()`'s output."""
         if data.get("type") != "bpe":
             raise ValueError(f"not a BPE tokenizer description (type {data.get('type')!r})")
-        tokens = [token.encode("utf-8") if isinstance(token, str) else bytes(token) for token in data["tokens"]]
+        tokens = [token.encode("utf-8") if isinstance(token, str) else bytes(token)
+                  for token in data["tokens"]]
         return cls(tokens, data.get("special_tokens"), data.get("pattern", GPT2_SPLIT_PATTERN))
 
     def save(self, path: str | Path) -> None:

@@ -7,8 +7,9 @@ Layout of a training output directory `OUT` (`glassgpt train --out OUT`):
                                                `glassgpt.weights.load_model(OUT)`, generate and serve load
     OUT/best/                                  the same best model, as its own directory
     OUT/last/                                  the latest model + `trainer.pt` (optimizer, scheduler,
-                                               step, random states): what `--resume OUT` continues from
-                                               (`load_checkpoint`)
+                                               step, random states; with LoRA, the unmerged model):
+                                               what `--resume OUT` continues from (`load_checkpoint`)
+    OUT/adapters.safetensors (+ best/, last/)  LoRA adapters, when the trainer asks for them (`more_files`)
     OUT/metrics.jsonl, OUT/loss.png, OUT/train_config.json
 
 Every write is atomic. A checkpoint directory is built under a temporary name, its files fsynced,
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, load_state_into, save_model
+from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE, load_model, load_state_into, save_model
 
 LAST = "last"
 BEST = "best"
@@ -89,9 +90,9 @@ def write_directory_atomically(target: str | Path, write: Callable[[Path], None]
     return target
 
 
-def link_model_files(source: Path, destination: Path) -> None:
+def link_model_files(source: Path, destination: Path, names=MODEL_FILES) -> None:
     """Point `destination`'s model files at `source`'s, each replaced atomically."""
-    for name in MODEL_FILES:
+    for name in names:
         tmp = destination / f".{name}.tmp"
         tmp.unlink(missing_ok=True)
         try:
@@ -105,15 +106,22 @@ def link_model_files(source: Path, destination: Path) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, model, tokenizer, *, state: dict | None = None,
-                    best: bool = False, extra: dict | None = None) -> None:
+                    best: bool = False, extra: dict | None = None,
+                    more_files: dict[str, Callable[[Path], None]] | None = None) -> None:
     """Write `out_dir/last` (model + trainer `state`) and, if `best`, `out_dir/best` and the top level.
 
-    `extra` (step, losses...) is stored in glassgpt.json beside the config.
+    `extra` (step, losses...) is stored in glassgpt.json beside the config. `more_files`: name ->
+    a function that writes that file into the directory it is given, beside the model (LoRA adapters).
+    A `state` holding "model_state" is the trainer's own model, when it is not the saved model (LoRA:
+    the saved one has its adapters merged); `load_checkpoint` restores that instead.
     """
     out_dir = Path(out_dir)
+    more_files = more_files or {}
 
     def write_model(directory: Path) -> None:
         save_model(model, directory, tokenizer, extra=extra)
+        for write in more_files.values():
+            write(directory)
 
     def write_last(directory: Path) -> None:
         write_model(directory)
@@ -123,7 +131,7 @@ def save_checkpoint(out_dir: str | Path, model, tokenizer, *, state: dict | None
     write_directory_atomically(out_dir / LAST, write_last)
     if best:
         write_directory_atomically(out_dir / BEST, write_model)
-        link_model_files(out_dir / BEST, out_dir)
+        link_model_files(out_dir / BEST, out_dir, MODEL_FILES + tuple(more_files))
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
@@ -145,9 +153,23 @@ def load_state(out_dir: str | Path) -> dict:
 
 def load_checkpoint(out_dir: str | Path, model) -> dict:
     """Put the weights of `out_dir/last` into `model` (onto its device) and return the trainer state
-    saved beside them (what `save_checkpoint` was given as `state`)."""
+    saved beside them (what `save_checkpoint` was given as `state`). A state that holds the trainer's
+    own "model_state" (LoRA's unmerged weights and adapters) restores that rather than the saved model."""
     last = Path(out_dir) / LAST
     state = load_state(out_dir)  # first: it recovers an interrupted swap and says when nothing is there
+    if "model_state" in state:
+        model.load_state_dict(state.pop("model_state"))
+        return state
     weights = load_file(str(last / WEIGHTS_FILE), device=str(next(model.parameters()).device))
     load_state_into(model, weights, str(last))
     return state
+
+
+def checkpoint_model(out_dir: str | Path):
+    """(model, tokenizer) saved in `out_dir/last`: the architecture of a checkpointed run, for a run
+    whose shape came from another model (`--init-from`) rather than from its settings."""
+    last = Path(out_dir) / LAST
+    recover(last)
+    if not (last / GLASSGPT_META).is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {last / GLASSGPT_META} does not exist")
+    return load_model(last)

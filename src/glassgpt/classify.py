@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from glassgpt import finetune_common
@@ -45,9 +46,11 @@ from glassgpt.classify_data import (
     pad_id_for,
     parse_split,
 )
+from glassgpt.hub import resolve_model
 from glassgpt.model import GPT
 from glassgpt.plots import plot_metric
 from glassgpt.train import TrainingDiverged, setting
+from glassgpt.weights import GLASSGPT_META, config_to_hf, hf_names, load_model, save_model
 
 HF_PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, the padding id of our batches and of the HF export
 
@@ -60,7 +63,7 @@ class ClassifySettings(finetune_common.FinetuneSettings):
     (`--train-layers`, `--max-length`, ...). Optimisation flags mean what they mean for `glassgpt train`;
     the defaults are the tutorial's run (AdamW 5e-5, weight decay 0.1, 5 epochs, batch 8)."""
 
-    KIND: ClassVar[str] = "classification fine-tuning settings"
+    fields_name: ClassVar[str] = "classification fine-tuning settings"
 
     labels: list[str] | None = setting(None, "the classes in head order, comma-separated (None: the labels "
                                              "found, sorted)")
@@ -320,8 +323,6 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
             "data": data.source, "base_model": base, "settings": settings.to_dict(),
         }
         if directory:
-            from glassgpt.weights import save_model
-
             info = {"task": "classify", "classes": data.classes, "max_length": data.max_length,
                     "pad_id": pad_id, "base_model": base, "data": data.source,
                     "train_layers": settings.train_layers, "lora_rank": settings.lora_rank,
@@ -351,8 +352,6 @@ def run_finetune_classify(model_spec: str, data_path: str, out_dir: str | Path |
 
     Every check (model, data, labels, vocabulary, output directory) runs before the first step.
     """
-    from glassgpt.hub import resolve_model
-
     settings = settings or ClassifySettings()
     if out_dir is not None:
         finetune_common.check_out_dir(out_dir, CLASSIFIER, replace=True)
@@ -370,8 +369,6 @@ def run_finetune_classify(model_spec: str, data_path: str, out_dir: str | Path |
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, object, dict]:
     """(model, tokenizer, the run's metadata: classes, max_length, ...) of a classifier directory."""
-    from glassgpt.weights import GLASSGPT_META, load_model
-
     model, tokenizer = load_model(path, device)
     if not model.config.n_classes:
         raise ValueError(f"{path} holds a language model, not a classifier (train one with "
@@ -423,10 +420,6 @@ def export_hf_classifier(model: GPT, directory: str | Path, pad_token_id: int = 
     every text except one whose own last token is the pad id (a text ending in "<|endoftext|>"),
     which transformers reads one token earlier.
     """
-    from safetensors.torch import save_file
-
-    from glassgpt.weights import config_to_hf, hf_names
-
     config = model.config
     if not config.n_classes:
         raise ValueError("this model is a language model: export it with export_hf")

@@ -128,11 +128,12 @@ def check_labels(labels: str | Sequence[str]) -> list[str]:
 
 
 def load_labelled(path: str | Path, labels: Sequence[str] | None = None,
-                  format: str | None = None) -> LabelledTexts:
+                  format: str | None = None, allow_missing: bool = False) -> LabelledTexts:
     """Every (label, text) of a TSV, CSV or JSONL file (or `bundled:NAME`), checked.
 
     The classes are the labels found, sorted, unless `labels` fixes them and their order; then a
-    label outside `labels` is an error, and so is one of `labels` that never occurs. Empty files,
+    label outside `labels` is an error, and so is one of `labels` that never occurs (unless
+    `allow_missing`: a test file may hold only some of a classifier's classes). Empty files,
     malformed lines, empty labels or texts, and a single class are errors naming the file and line.
     """
     fmt = format or data_format(path)
@@ -159,7 +160,7 @@ def load_labelled(path: str | Path, labels: Sequence[str] | None = None,
                 raise ValueError(f"{source} line {number}: label {label!r} is not one of the given labels "
                                  f"({', '.join(classes)})")
         unused = sorted(set(classes) - {label for _, label, _ in cleaned})
-        if unused:
+        if unused and not allow_missing:
             raise ValueError(f"{source}: label(s) {', '.join(unused)} given but never found in the file")
     else:
         classes = sorted({label for _, label, _ in cleaned})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,15 +69,14 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- train and demo
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--recipe`, `--resume`, and one `--flag` per TrainConfig setting (given flags override the recipe)."""
-    from glassgpt.train import RECIPES, TrainConfig
-
-    parser.add_argument("--recipe", choices=list(RECIPES), help="named settings to start from")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR (its settings, "
-                        "unless overridden)")
-    hints = typing.get_type_hints(TrainConfig)
-    for setting in dataclasses.fields(TrainConfig):
+def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type) -> None:
+    """One `--flag` per field of a settings dataclass (TrainConfig, ClassifySettings, InstructSettings),
+    its help from the field's metadata; a flag not given is absent from the parsed arguments, so a
+    recipe's value (or the field's default) stands. Booleans get --flag/--no-flag, `list[str]` fields
+    several values, an optional list or a tuple one text the settings class parses ("ham,spam",
+    "70/10/20"), everything else one value of the field's type ("none" for None)."""
+    hints = typing.get_type_hints(settings_class)
+    for setting in dataclasses.fields(settings_class):
         flag = "--" + setting.name.replace("_", "-")
         kind = hints[setting.name]
         help_text = setting.metadata.get("help", "")
@@ -86,9 +86,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind == list[str]:
             parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text)
         else:
-            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            parser.add_argument(flag, type=_optional(base), default=argparse.SUPPRESS,
-                                metavar=base.__name__.upper(), help=help_text)
+            optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+            base = next(t for t in typing.get_args(kind) if t is not type(None)) if optional else kind
+            if typing.get_origin(base) in (list, tuple):  # one text; the dataclass splits it
+                metavar = "A,B,..." if typing.get_origin(base) is list else "/".join("N" * len(
+                    typing.get_args(base)))
+                parser.add_argument(flag, type=_optional(str), default=argparse.SUPPRESS, metavar=metavar,
+                                    help=help_text)
+            else:
+                parser.add_argument(flag, type=_optional(base), default=argparse.SUPPRESS,
+                                    metavar=base.__name__.upper(), help=help_text)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--recipe`, `--resume`, and one `--flag` per TrainConfig setting (given flags override the recipe)."""
+    from glassgpt.train import RECIPES, TrainConfig
+
+    parser.add_argument("--recipe", choices=list(RECIPES), help="named settings to start from")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR (its settings, "
+                        "unless overridden)")
+    add_settings_arguments(parser, TrainConfig)
 
 
 def _optional(base: type):
@@ -140,6 +157,75 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.dist.is_main and trainer.out:
         print(f"done: {trainer.step} steps; model in {trainer.out} "
               f"(glassgpt generate --model {trainer.out}), metrics in {trainer.out / 'metrics.jsonl'}")
+    return 0
+
+
+# ---------------------------------------------------------------- fine-tuning and classifiers
+
+
+def finetune_from_args(task: str, args: argparse.Namespace):
+    """(settings, model spec, data path, out) of `glassgpt finetune TASK`: the recipe's (if any),
+    then the flags given."""
+    from glassgpt.finetune import finetune_recipe, settings_class
+
+    names = {f.name for f in dataclasses.fields(settings_class(task))}
+    given = {name: value for name, value in vars(args).items() if name in names}
+    if args.recipe:
+        settings, model, data = finetune_recipe(args.recipe, task, args.model, args.data, **given)
+    else:
+        settings, model, data = settings_class(task)(**given), args.model, args.data
+        if not model:
+            raise ValueError("say which model to start from: --model MODEL (a GPT-2 name, a checkpoint "
+                             "directory), or a --recipe")
+        if not data:
+            raise ValueError("say what to train on: --data FILE, or a --recipe")
+    if not args.out:
+        raise ValueError("say where the run goes: --out DIR")
+    return settings, model, data, args.out
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from glassgpt.finetune import run_finetune
+
+    settings, model, data, out = finetune_from_args(args.task, args)
+    print(f"fine-tuning {model} to {'classify' if args.task == 'classify' else 'follow instructions'} "
+          f"on {data} into {out}")
+    try:
+        results = run_finetune(args.task, model, data, out, settings)
+    except KeyboardInterrupt:
+        return 130
+    if args.task == "classify":
+        accuracy = results["test_accuracy"]
+        shown = "-" if accuracy is None else f"{accuracy:.2%}"
+        print(f"done: {results['steps']} steps, test accuracy {shown}; classifier in {out} "
+              f"(glassgpt classify --model {out} \"some text\"), results in {Path(out) / 'results.json'}")
+    else:
+        print(f"done: {results['steps']} steps, test loss {results['test_loss']}; model in {out} "
+              f"(glassgpt generate --model {out} --instruction \"...\"), results in "
+              f"{Path(out) / 'results.json'}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import json
+
+    from glassgpt.classify import load_classifier, predict
+    from glassgpt.hub import check_model_spec
+
+    check_model_spec(args.model)
+    if not Path(args.model).is_dir():  # a GPT-2 name or a preset: a language model
+        raise ValueError(f"{args.model} is a language model, not a classifier (train one with "
+                         "glassgpt finetune classify)")
+    if args.batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {args.batch_size}")
+    model, tokenizer, info = load_classifier(args.model, args.device)
+    results = predict(model, tokenizer, args.texts, args.batch_size, info.get("max_length"))
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    for result in results:
+        probabilities = ", ".join(f"{name} {p:.3f}" for name, p in result["probabilities"].items())
+        print(f"{result['label']}\t({probabilities})\t{result['text']}")
     return 0
 
 
@@ -221,22 +307,68 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instruction_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt `--instruction` (and `--input`) make with the model's saved template, else None.
+
+    A model saved without a template (GPT-2, an exported model) gets the default Alpaca template,
+    the tutorial's, with a warning: most instruction-tuned GPT-2s were trained on it.
+    """
+    from glassgpt.instruct import InstructionTemplate, load_template
+
+    if args.instruction is None:
+        if args.prompt is None:
+            raise ValueError("give a prompt to continue, or --instruction TEXT for an instruction-tuned "
+                             "model")
+        if args.input is not None:
+            raise ValueError("--input goes with --instruction")
+        return None
+    if args.prompt is not None:
+        raise ValueError("give a prompt or --instruction, not both")
+    if not args.instruction.strip():
+        raise ValueError("the instruction is empty")
+    template = load_template(args.model) if Path(args.model).is_dir() else None
+    if template is None:
+        template = InstructionTemplate()
+        print(f"glassgpt: warning: {args.model} has no saved instruction template (it was not trained with "
+              "glassgpt finetune instruct); using the default Alpaca template", file=sys.stderr)
+    return template.format_prompt(args.instruction, args.input or "")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from glassgpt.generate import Sampling, Timing, stream_text
-    from glassgpt.hub import resolve_model
+    from glassgpt.hub import check_model_spec, resolve_model
 
     # A Sampling checks its settings as it is made: here, before loading gigabytes of weights.
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                         stop=args.stop or ())
+    check_model_spec(args.model)
+    instruction_prompt = _instruction_prompt(args)
+    max_tokens = args.max_tokens or (256 if instruction_prompt is not None else 50)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, description = resolve_model(args.model, device=args.device, dtype=args.dtype)
+    if model.config.n_classes:
+        raise ValueError(f"{args.model} is a classifier: it scores classes, it does not generate text "
+                         f"(try: glassgpt classify --model {args.model} \"some text\")")
     timing = Timing()
-    pieces = stream_text(model, tokenizer, args.prompt, args.max_tokens, sampling, timing=timing,
+    prompt = args.prompt if instruction_prompt is None else instruction_prompt
+    pieces = stream_text(model, tokenizer, prompt, max_tokens, sampling, timing=timing,
                          compile=args.compile)
-    if args.stream:
+    if instruction_prompt is not None:
+        # Only the response, as instruct.respond gives it: generation ends at the end-of-text token,
+        # and the whitespace around the response is not part of it.
+        if args.stream:
+            started = False
+            for piece in pieces:
+                piece = piece if started else piece.lstrip()
+                started = started or bool(piece)
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print("".join(pieces).strip())
+    elif args.stream:
         print(args.prompt, end="", flush=True)
         for piece in pieces:
             print(piece, end="", flush=True)
@@ -260,6 +392,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             context_length=args.context_length, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result, indent=1))
+        return 0
+    if "confusion" in result:  # a classifier
+        correct = sum(result["confusion"][i][i] for i in range(len(result["classes"])))
+        print(f"{result['model']} on {result['data']}: {result['examples']:,} examples\n"
+              f"accuracy  {result['accuracy']:.2%} ({correct:,} of {result['examples']:,})\n"
+              "confusion (rows: true class, columns: predicted)")
+        names = result["classes"]
+        width = max(len(name) for name in names)
+        cells = max(6, *(len(name) for name in names), len(f"{result['examples']:,}"))
+        print(f"  {'':<{width}}  " + "  ".join(f"{name:>{cells}}" for name in names))
+        for name, row in zip(names, result["confusion"], strict=True):
+            print(f"  {name:<{width}}  " + "  ".join(f"{count:>{cells},}" for count in row))
         return 0
     print(f"{result['model']} on {result['data']}: {result['tokens']:,} tokens predicted in "
           f"{result['windows']:,} windows of up to {result['context_length']:,}")
@@ -287,6 +431,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from glassgpt.weights import export_hf
 
     model, _, _ = resolve_model(args.checkpoint, presets=False)
+    if model.config.n_classes:  # a classifier: its head scores classes, Hugging Face's `score` layer
+        from glassgpt.classify import export_hf_classifier
+
+        directory = export_hf_classifier(model, args.to_hf)
+        print(f"wrote {directory}/config.json and model.safetensors (load with "
+              f"transformers.GPT2ForSequenceClassification.from_pretrained({str(directory)!r}))")
+        return 0
     directory = export_hf(model, args.to_hf)
     print(f"wrote {directory}/config.json and model.safetensors "
           f"(load with transformers.GPT2LMHeadModel.from_pretrained({str(directory)!r}))")
@@ -296,7 +447,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from glassgpt.serve import serve
 
-    if args.dtype == "auto":  # bf16 halves the bytes each decoded token reads, where the CPU computes it natively
+    # bf16 halves the bytes each decoded token reads, where the CPU computes it natively
+    if args.dtype == "auto":
         import torch
 
         from glassgpt.device import has_native_bf16
@@ -323,6 +475,40 @@ def cmd_site(args: argparse.Namespace) -> int:
           f"try it:  python -m http.server 8080 --bind 127.0.0.1 --directory {args.dir}\n"
           f"         glassgpt serve --host {api.hostname} --port {api.port or 80} --cors-origin http://127.0.0.1:8080")
     return 0
+
+
+def add_finetune_verbs(verbs) -> None:
+    """`glassgpt finetune classify|instruct`: --model, --data, --out, --recipe, then one flag per
+    field of the task's settings (`add_settings_arguments`, as `glassgpt train`'s)."""
+    from glassgpt.finetune import recipes_for, settings_class
+
+    finetune = verbs.add_parser("finetune", help="fine-tune a model: classify texts or follow instructions",
+                                description="Start from a trained model and teach it a task "
+                                "(docs/TRAINING.md, 'Fine-tuning').")
+    tasks = finetune.add_subparsers(dest="task", required=True, metavar="TASK")
+    about = {
+        "classify": ("a classification head on a language model, trained on labelled texts",
+                     "labelled texts: TSV label<TAB>text, CSV with label,text columns, or JSONL "
+                     '{"label", "text"} (bundled:sms-spam-collection.tsv)'),
+        "instruct": ("teach a language model to answer instructions (Alpaca format)",
+                     'Alpaca-style JSON list or JSONL of {"instruction", "input", "output"} '
+                     "(bundled:instruction-data.json)"),
+    }
+    for task, (help_text, data_help) in about.items():
+        names = recipes_for(task)
+        sub = tasks.add_parser(task, help=help_text,
+                               description=f"{help_text[0].upper()}{help_text[1:]}. Every flag below "
+                               f"overrides the recipe's value; optimisation flags mean what they mean for "
+                               f"`glassgpt train`. Recipes: {', '.join(names)}.")
+        sub.add_argument("--recipe", choices=names, help="the tutorial's run (its model and data unless "
+                         "--model/--data say otherwise)")
+        sub.add_argument("--model", default=None, help="the model to start from: a GPT-2 name found locally, "
+                         "a checkpoint directory (glassgpt, Hugging Face, OpenAI) or a preset")
+        sub.add_argument("--data", default=None, help=data_help)
+        sub.add_argument("--out", default=None, metavar="DIR", help="where the fine-tuned model and its "
+                         "results go")
+        add_settings_arguments(sub, settings_class(task))
+        sub.set_defaults(run=cmd_finetune, task=task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,9 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_verb.set_defaults(run=cmd_demo)
 
     train = verbs.add_parser("train", help="train a model: --recipe NAME --out DIR, any setting overridable",
-                             description="Train from a recipe (or from scratch settings); every setting "
-                             "below overrides the recipe's. The result in --out loads with "
-                             "`glassgpt generate --model DIR`.")
+                             description="Train from a recipe (or from scratch settings), from random "
+                             "weights (--model PRESET) or from a trained model (--init-from MODEL), all "
+                             "weights or LoRA adapters (--lora-rank R); every setting below overrides the "
+                             "recipe's. The result in --out loads with `glassgpt generate --model DIR`.")
     add_train_arguments(train)
     train.set_defaults(run=cmd_train)
 
@@ -366,19 +553,29 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, help="directory for tokens.bin and meta.json")
     prepare.set_defaults(run=cmd_prepare)
 
-    explain = verbs.add_parser("explain", help="the walk-through: one concept, step by step, with real numbers")
+    explain = verbs.add_parser("explain",
+                               help="the walk-through: one concept, step by step, with real numbers")
     explain.add_argument("topic", nargs="?", help="a topic from --list (no topic: list them)")
     explain.add_argument("--list", action="store_true", help="list the topics")
     explain.add_argument("--json", action="store_true", help="print the steps as JSON")
-    explain.add_argument("--model", metavar="DIR", help="a saved model for the block, gpt and sampling topics")
+    explain.add_argument("--model", metavar="DIR",
+                         help="a saved model for the block, gpt and sampling topics")
     explain.set_defaults(run=cmd_explain)
 
-    generate = verbs.add_parser("generate", help="continue a prompt with a model")
-    generate.add_argument("prompt")
+    generate = verbs.add_parser("generate", help="continue a prompt with a model, or answer an instruction",
+                                description="Continue PROMPT; or, with --instruction, format it (and "
+                                "--input) with the template saved by `glassgpt finetune instruct` and "
+                                "print only the response, which ends at the end-of-text token. A model "
+                                "saved without a template gets the default Alpaca template, with a warning.")
+    generate.add_argument("prompt", nargs="?", help="the text to continue (not with --instruction)")
+    generate.add_argument("--instruction", default=None,
+                          help="an instruction for an instruction-tuned model: prints only its response")
+    generate.add_argument("--input", default=None, help="the instruction's input, if it has one")
     generate.add_argument("--model", default="gpt2",
                           help=f"checkpoint directory, GPT-2 name ({', '.join(GPT2_NAMES)}; found locally, "
                                "never downloaded) or preset (random weights)")
-    generate.add_argument("--max-tokens", type=int, default=50, help="new tokens at most (default 50)")
+    generate.add_argument("--max-tokens", type=int, default=None,
+                          help="new tokens at most (default 50; 256 for an --instruction's response)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
@@ -391,38 +588,55 @@ def build_parser() -> argparse.ArgumentParser:
                           help="int8: dynamic quantisation, about 2.5x faster decoding on CPU")
     generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     generate.add_argument("--compile", action="store_true",
-                          help="CPU, float32/bfloat16: compiled matrix-vector kernels, faster decoding on AMD "
-                               "CPUs after a first-use compile of seconds (needs a C++ compiler)")
+                          help="CPU, float32/bfloat16: compiled matrix-vector kernels, faster decoding on "
+                               "AMD CPUs after a first-use compile of seconds (needs a C++ compiler)")
     generate.set_defaults(run=cmd_generate)
 
-    evaluate = verbs.add_parser("eval", help="measure a model: loss, perplexity and bits per byte on a text",
+    evaluate = verbs.add_parser("eval", help="measure a model: loss, perplexity and bits per byte on a text; "
+                                "a classifier's accuracy and confusion matrix on a labelled file",
                                 description="Loss, perplexity and bits per byte of a language model over "
-                                "non-overlapping windows of its context, as training evaluates "
+                                "non-overlapping windows of its context, as training evaluates; for a "
+                                "classifier, its accuracy and confusion matrix on a labelled file "
                                 "(docs/TRAINING.md, 'Evaluate a model').")
     evaluate.add_argument("--model", required=True,
                           help="checkpoint directory (any format), GPT-2 name found locally, or preset")
-    evaluate.add_argument("--data", default="bundled:the-verdict.txt",
-                          help="a text file, bundled:NAME or a prepared directory "
-                               "(default bundled:the-verdict.txt)")
+    evaluate.add_argument("--data", default=None,
+                          help="a text file, bundled:NAME or a prepared directory (default "
+                               "bundled:the-verdict.txt); for a classifier, a labelled TSV, CSV or JSONL "
+                               "file (required)")
     evaluate.add_argument("--json", action="store_true", help="print the numbers as JSON")
     evaluate.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, ...")
     evaluate.add_argument("--dtype", choices=list(DTYPES), default=None,
                           help="weights in memory (default: as saved)")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    evaluate.add_argument("--batch-size", type=int, default=8,
+                          help="windows (a classifier: texts) per forward pass (default 8)")
     evaluate.add_argument("--context-length", type=int, default=None, metavar="N",
                           help="tokens per window, at most the model's (default: the model's)")
     evaluate.set_defaults(run=cmd_eval)
 
+    add_finetune_verbs(verbs)
+
+    classify = verbs.add_parser("classify", help="label texts with a classifier (glassgpt finetune classify)")
+    classify.add_argument("texts", nargs="+", metavar="TEXT", help="one or more texts to classify")
+    classify.add_argument("--model", required=True, metavar="DIR", help="a classifier's directory")
+    classify.add_argument("--json", action="store_true",
+                          help='print a JSON list of {"text", "label", "probabilities": {class: p}}')
+    classify.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
+    classify.add_argument("--device", default="cpu")
+    classify.set_defaults(run=cmd_classify)
+
     download = verbs.add_parser("download", help="fetch OpenAI's GPT-2 weights from the Hugging Face Hub")
     download.add_argument("name", choices=GPT2_NAMES)
-    download.add_argument("--dir", default=None, help="a directory to put the files in (default: the HF cache)")
+    download.add_argument("--dir", default=None,
+                          help="a directory to put the files in (default: the HF cache)")
     download.set_defaults(run=cmd_download)
 
     export = verbs.add_parser("export", help="write a checkpoint in another format")
     export.add_argument("checkpoint", help="a model directory (glassgpt, Hugging Face or OpenAI format) "
                         "or a GPT-2 name found locally")
     export.add_argument("--to-hf", required=True, metavar="DIR",
-                        help="write config.json + model.safetensors for transformers' GPT2LMHeadModel")
+                        help="write config.json + model.safetensors for transformers' GPT2LMHeadModel "
+                             "(a classifier: GPT2ForSequenceClassification)")
     export.set_defaults(run=cmd_export)
 
     serve = verbs.add_parser("serve", help="the web pages and the HTTP API (POST /generate, ...)")
@@ -431,8 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "found locally, or a preset (random weights)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--lazy", action="store_true", help="load the model on the first request, not at start-up")
-    serve.add_argument("--max-tokens-cap", type=int, default=256, help="the most tokens one request may ask for")
+    serve.add_argument("--lazy", action="store_true",
+                       help="load the model on the first request, not at start-up")
+    serve.add_argument("--max-tokens-cap", type=int, default=256,
+                       help="the most tokens one request may ask for")
     serve.add_argument("--max-running", type=int, default=1, help="generations at once")
     serve.add_argument("--max-waiting", type=int, default=8, help="requests queued; beyond them: 503")
     serve.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
@@ -443,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "at start-up (seconds to a minute; needs a C++ compiler)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                       help="a browser origin allowed to call the API, e.g. https://site.example (repeatable)")
+                       help="a browser origin allowed to call the API, e.g. https://site.example "
+                            "(repeatable)")
     serve.set_defaults(run=cmd_serve)
 
     site = verbs.add_parser("site", help="write the web pages as a static site that calls a remote API")
@@ -459,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as error:
         print(f"glassgpt: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,8 @@
-"""One dataclass describes every model glassgpt can build; presets name the ones in our references.
+"""One dataclass describes every model glassgpt can build; presets name the ones it is checked against.
+
+The presets: OpenAI's four GPT-2 sizes, the model the tutorial (the book "Build a Large Language
+Model (From Scratch)", see the README) trains, and two small teaching models from the project's
+specification.
 
 Every number about a model's shape lives here. The model reads a `GPTConfig` and nothing else.
 """
@@ -8,11 +12,40 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal, Self
+
+
+class Settings:
+    """What every glassgpt settings dataclass can do (GPTConfig, training and fine-tuning settings).
+
+    `from_dict` refuses names the dataclass does not have, so a typo in a saved file or a request
+    is an error rather than a silently ignored setting; `fields_name` is how that error names them.
+    """
+
+    fields_name: ClassVar[str] = "settings"
+
+    def replace(self, **changes) -> Self:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def check_names(cls, data: dict) -> None:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.fields_name}: {', '.join(unknown)}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Self:
+        cls.check_names(data)
+        return cls(**data)
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(Settings):
     """The shape of a GPT-2-architecture model.
 
     The defaults are OpenAI's GPT-2 small (124M): 12 blocks of 12 heads, 768 wide, context 1024.
@@ -31,7 +64,8 @@ class GPTConfig:
     norm_bias: bool = True  # LayerNorm's learned shift
     head_bias: bool = False  # bias on the output head (vocabulary logits)
     tie_weights: bool = True  # output head shares the token-embedding matrix
-    norm_placement: Literal["pre", "post"] = "pre"  # LayerNorm before (GPT-2) or after (original Transformer) each sub-layer
+    # LayerNorm before (GPT-2) or after (the original Transformer) each sub-layer
+    norm_placement: Literal["pre", "post"] = "pre"
     activation: Literal["gelu", "relu"] = "gelu"
     final_norm: bool = True  # LayerNorm after the last block
     norm_eps: float = 1e-5
@@ -42,6 +76,8 @@ class GPTConfig:
     # The classes' names, in head order. Metadata like `name` (compare=False: renaming a class does
     # not change the model), kept here so they travel with the model through every loader.
     labels: tuple[str, ...] = field(default=(), compare=False)
+
+    fields_name: ClassVar[str] = "GPTConfig fields"
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
@@ -86,22 +122,10 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
-    def replace(self, **changes) -> GPTConfig:
-        """A copy with some fields changed (the config itself is immutable)."""
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["labels"] = list(self.labels)  # as JSON gives it back: equal after a round trip
         return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> GPTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields: {', '.join(unknown)}")
-        return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -119,7 +143,8 @@ PRESETS: dict[str, GPTConfig] = {
         qkv_bias=True, attn_out_bias=True, head_bias=True, tie_weights=False,
         norm_placement="post", activation="relu", final_norm=False,
     ),
-    # "Putting it all together": 4 blocks, 256 wide, no attention biases, tied head: 5,846,528.
+    # The specification's "Putting it all together" model: 4 blocks, 256 wide, no attention biases,
+    # tied head: 5,846,528.
     "nano": GPTConfig(
         name="nano", vocab_size=10_000, context_length=512, emb_dim=256, n_heads=4, n_layers=4,
         ff_dim=1024, qkv_bias=False, attn_out_bias=False,
@@ -129,8 +154,8 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-medium": _gpt2("gpt2-medium", 1024, 16, 24),
     "gpt2-large": _gpt2("gpt2-large", 1280, 20, 36),
     "gpt2-xl": _gpt2("gpt2-xl", 1600, 25, 48),
-    # The model our reference trains on The Verdict and deploys: GPT-2 small with a 256 context,
-    # an untied head and no Q/K/V bias: 162,419,712 parameters.
+    # The model the tutorial trains on The Verdict (chapter 5) and glassgpt serves: GPT-2 small with a
+    # 256 context, an untied head and no Q/K/V bias: 162,419,712 parameters.
     "verdict-162m": GPTConfig(
         name="verdict-162m", context_length=256, qkv_bias=False, tie_weights=False, drop_rate=0.1,
     ),

@@ -8,6 +8,9 @@ Corpora come in two forms:
 - raw text files, tokenised in memory when training starts (fine for megabytes), or
 - a prepared directory (`glassgpt prepare`): `tokens.bin`, the ids as a flat uint16/uint32 array,
   plus `meta.json`. Training memory-maps it, so a multi-gigabyte corpus never has to fit in RAM.
+
+The windows and the split are the tutorial's (the book "Build a Large Language Model (From
+Scratch)", chapters 2 and 5; see the README), so the `verdict` recipe sees the same batches.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class TokenWindows(Dataset):
     """Windows over a 1-D array of ids: item i is (ids[s : s+T], ids[s+1 : s+T+1]) with s = i * stride.
 
     Windows start at 0, stride, 2 * stride, ... as long as a full target still fits, which is
-    `range(0, len(ids) - context_length, stride)`: the same windows as our reference's dataset.
+    `range(0, len(ids) - context_length, stride)`: the same windows as the tutorial's GPTDatasetV1.
     `ids` may be a numpy memmap; only the window asked for is read.
     """
 
@@ -66,7 +69,7 @@ class TokenWindows(Dataset):
 def split_ids(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation): the first 1 - val_fraction of the tokens, then the rest.
 
-    The cut falls on a token boundary and validation comes last, as in our reference, so the
+    The cut falls on a token boundary and validation comes last, as in the tutorial, so the
     model is validated on text it has never seen, not on windows interleaved with training ones.
     """
     if not 0.0 <= val_fraction < 1.0:
@@ -148,12 +151,13 @@ def load_prepared(directory: str | Path) -> tuple[np.ndarray, Tokenizer]:
     return ids, tokenizer_from_dict(meta["tokenizer"])
 
 
-def load_corpus(sources: Sequence[str], tokenizer_name: str = "gpt2",
-                text: str | None = None) -> tuple[np.ndarray, Tokenizer]:
+def load_corpus(sources: Sequence[str], tokenizer_name: str = "gpt2", text: str | None = None,
+                tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, Tokenizer]:
     """(token ids, tokenizer) for raw text files, one prepared directory, or an inline `text`.
 
     Several text files are joined; with the GPT-2 tokenizer an end-of-text token separates them.
-    The char tokenizer's vocabulary is every character of the corpus.
+    The char tokenizer's vocabulary is every character of the corpus. A `tokenizer` given (a trained
+    model's own) encodes the text instead of one made by name; a prepared directory keeps its own.
     """
     if text is not None:
         if sources:
@@ -168,7 +172,8 @@ def load_corpus(sources: Sequence[str], tokenizer_name: str = "gpt2",
     for source, content in zip(sources or ["the inline text"], texts, strict=True):
         if not content.strip():
             raise ValueError(f"corpus {source} is empty")
-    tokenizer = get_tokenizer(tokenizer_name, text="".join(texts) if tokenizer_name == "char" else None)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(tokenizer_name, text="".join(texts) if tokenizer_name == "char" else None)
     ids: list[int] = []
     for index, content in enumerate(texts):
         if index and tokenizer.eos_id is not None:

@@ -135,13 +135,62 @@ def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, context_length: i
 # ---------------------------------------------------------------- a classifier
 
 def evaluate_classifier(model: GPT, tokenizer: Tokenizer, labelled,
-                        batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+                        batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None) -> dict:
     """A classifier's `accuracy` and `confusion` matrix (rows: the true class, columns: the predicted
-    one, both in the order of `classes`) on `labelled` texts, with `classes` and `examples`.
+    one, both in the order of `classes`, the model's) on `labelled` texts, with `classes`, `examples`
+    and `max_length`.
 
-    The seam for `glassgpt.classify` (`predict`, `load_labelled`): filled in once it is merged.
+    `labelled`: a `classify_data.LabelledTexts` or a file `load_labelled` reads (TSV, CSV, JSONL,
+    `bundled:NAME`). Its labels are matched to the model's classes by name; a file may hold only
+    some of them (its rows for the others are zeros), never another. Each text is classified as
+    `classify.predict` does, cut to `max_length` tokens (the length the classifier trained with;
+    default the model's context).
     """
-    raise NotImplementedError("evaluating a classifier needs glassgpt.classify, not yet in this build")
+    from glassgpt.classify import class_names, predict
+    from glassgpt.classify_data import LabelledTexts, load_labelled
+
+    if not model.config.n_classes:
+        raise ValueError("this model is a language model, not a classifier: evaluate it on a text")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    classes = class_names(model.config)
+    if not isinstance(labelled, LabelledTexts):
+        labelled = load_labelled(labelled, classes, allow_missing=True)
+    if not len(labelled):
+        raise ValueError(f"{labelled.source or 'the data'} holds no examples")
+    index = {name: i for i, name in enumerate(classes)}
+    foreign = [name for name in labelled.classes if name not in index]
+    if foreign:
+        raise ValueError(f"{labelled.source or 'the data'} has labels the model does not know: "
+                         f"{', '.join(foreign)} (its classes: {', '.join(classes)})")
+    truth = [index[labelled.classes[label]] for label in labelled.labels]
+    max_length = min(max_length or model.config.context_length, model.config.context_length)
+    predicted = [index[p["label"]] for p in predict(model, tokenizer, labelled.texts, batch_size, max_length)]
+    confusion = [[0] * len(classes) for _ in classes]
+    for true, guess in zip(truth, predicted, strict=True):
+        confusion[true][guess] += 1
+    correct = sum(confusion[i][i] for i in range(len(classes)))
+    return {"accuracy": correct / len(truth), "confusion": confusion, "classes": classes,
+            "examples": len(truth), "max_length": max_length}
+
+
+def saved_classifier(spec: str | Path) -> dict | None:
+    """{"classes", "max_length"} of the glassgpt classifier in directory `spec`, read from its
+    metadata without loading weights; None when `spec` is not one (a language model, a name)."""
+    import json
+
+    from glassgpt.classify import class_names
+    from glassgpt.config import GPTConfig
+    from glassgpt.weights import GLASSGPT_META
+
+    meta_file = Path(spec) / GLASSGPT_META
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    config = GPTConfig.from_dict(meta["config"]) if "config" in meta else None
+    if config is None or not config.n_classes:
+        return None
+    return {"classes": class_names(config), "max_length": meta.get("finetune", {}).get("max_length")}
 
 
 # ---------------------------------------------------------------- from a --model and a --data
@@ -173,11 +222,15 @@ def eval_ids(data: str | Path, text: str | None, tokenizer: Tokenizer) -> np.nda
     return ids
 
 
-def evaluate_model(model_spec: str | Path, data: str | Path = DEFAULT_DATA, device: str = "auto",
+def evaluate_model(model_spec: str | Path, data: str | Path | None = None, device: str = "auto",
                    dtype: str | None = None, context_length: int | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
     """`glassgpt eval`: load `model_spec` (any --model), evaluate it on `data`, and return the numbers
-    with `model` (what was loaded) and `data`. Bad input fails before any weights are read."""
+    with `model` (what was loaded) and `data`. Bad input fails before any weights are read.
+
+    A language model is measured on a text (default `bundled:the-verdict.txt`): `evaluate_lm`'s
+    numbers. A classifier needs a labelled file (`data` is then required): `evaluate_classifier`'s.
+    """
     from glassgpt.device import pick_device
     from glassgpt.hub import check_model_spec, resolve_model
 
@@ -186,10 +239,28 @@ def evaluate_model(model_spec: str | Path, data: str | Path = DEFAULT_DATA, devi
         raise ValueError(f"context length must be positive, got {context_length}")
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    text = read_eval_data(data)
     if dtype == "int8" and device == "auto":  # dynamic quantisation runs on the CPU only
         device = "cpu"
+    classifier = saved_classifier(model_spec)
+    if classifier is not None:
+        from glassgpt.classify_data import load_labelled
+
+        if data is None:
+            classes = ", ".join(classifier["classes"])
+            raise ValueError(f"{model_spec} is a classifier ({classes}): evaluate it on a labelled file, "
+                             "--data FILE (TSV label<TAB>text, CSV or JSONL)")
+        if context_length is not None:
+            raise ValueError("--context-length is for language models; a classifier reads each text up to "
+                             "the length it was trained with")
+        labelled = load_labelled(data, classifier["classes"], allow_missing=True)
+        model, tokenizer, description = resolve_model(model_spec, pick_device(device), dtype)
+        result = evaluate_classifier(model, tokenizer, labelled, batch_size, classifier["max_length"])
+        return {"model": description, "data": str(data), **result}
+    data = DEFAULT_DATA if data is None else data
+    text = read_eval_data(data)
     model, tokenizer, description = resolve_model(model_spec, pick_device(device), dtype)
+    if model.config.n_classes:  # a classifier in a format whose metadata we did not read above
+        raise ValueError(f"{model_spec} is a classifier: evaluate it on a labelled file with --data")
     if context_length is not None and context_length > model.config.context_length:
         raise ValueError(f"context length {context_length} exceeds the model's {model.config.context_length}")
     result = evaluate_lm(model, eval_ids(data, text, tokenizer), tokenizer, context_length, batch_size)

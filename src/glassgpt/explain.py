@@ -3,7 +3,9 @@
 Every topic is a function that builds small inputs, runs them through the real components of
 `glassgpt.model` (`MultiHeadAttention`, `LayerNorm`, `GELU`, `FeedForward`, `TransformerBlock`,
 `GPT`) and returns the steps as plain data, so the terminal (`glassgpt explain`) and the browser
-(`/learn`) show the same numbers, and the tests check them against the tutorial's.
+(`/learn`) show the same numbers, and the tests check them against the tutorial's: the book "Build
+a Large Language Model (From Scratch)" (see the README), chapters 2 to 5. The tokenization
+sentences and the untrained-loss figure come from the project's specification instead.
 
     list_topics()                 -> [(name, title), ...]
     run_topic("attention")        -> {"topic", "title", "steps": [{"title", "text", ...data}, ...]}
@@ -24,7 +26,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import tiktoken
 import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 from torch import nn
 
 from glassgpt.config import GPTConfig, get_preset
@@ -52,7 +58,7 @@ SHORTCUT_LAYERS = [(3, 3), (3, 3), (3, 3), (3, 3), (3, 1)]  # the tutorial's siz
 # tiktoken's cl100k_base ranks (GPT-3.5/4): used only if already in tiktoken's cache, never fetched.
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
-CL100K_TUTORIAL_IDS = [3404, 2065, 374, 2523, 0]
+CL100K_EXAMPLE_IDS = [3404, 2065, 374, 2523, 0]  # "Tokenization is fun!" in cl100k_base
 
 Step = dict
 TopicFunction = Callable[[GPT | None, object | None], list[Step]]
@@ -96,6 +102,13 @@ def _step(title: str, text: str, tensor: torch.Tensor | None = None, **data) -> 
         step["shape"] = list(tensor.shape)
     step.update(data)
     return step
+
+
+def _fast_path_step(text: str, explicit: torch.Tensor, fused: torch.Tensor) -> Step:
+    """The closing step of a component's topic: its fused kernel computes what the explicit maths does."""
+    return _step("The fast path agrees", text,
+                 table=[["largest |explicit - fused|", (explicit - fused).abs().max().item()]],
+                 columns=["check", "value"], digits=8)
 
 
 def _shape(tensor: torch.Tensor) -> str:
@@ -163,8 +176,6 @@ def _offline_cl100k():
     path = Path(cache_dir) / hashlib.sha1(CL100K_URL.encode()).hexdigest()
     if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != CL100K_SHA256:
         return None
-    import tiktoken
-
     return tiktoken.get_encoding("cl100k_base")
 
 
@@ -199,8 +210,8 @@ def tokenization(model, tokenizer) -> list[Step]:
         steps.append(_step(
             "cl100k_base (GPT-3.5 and GPT-4)",
             "A larger byte-pair vocabulary (about 100,000 ids). No offline copy of its ranks file is "
-            "available here and glassgpt never downloads at run time, so it is not shown. The tutorial "
-            f"reports the ids {CL100K_TUTORIAL_IDS} for \"{SENTENCES[0]}\".",
+            "available here and glassgpt never downloads at run time, so it is not shown. In it, "
+            f"\"{SENTENCES[0]}\" is the ids {CL100K_EXAMPLE_IDS}.",
             available=False))
     else:
         rows = []
@@ -305,8 +316,8 @@ def scaling(model, tokenizer) -> list[Step]:
               table=rows, columns=["width d", "variance of q . k", "variance of q . k / sqrt(d)"],
               digits=2),
         _step("In the model",
-              f"MultiHeadAttention divides every score by sqrt(head_dim). GPT-2's heads are {gpt2_head} wide, "
-              f"so its scores are divided by {math.sqrt(gpt2_head):g}."),
+              "MultiHeadAttention divides every score by sqrt(head_dim). "
+              f"GPT-2's heads are {gpt2_head} wide, so its scores are divided by {math.sqrt(gpt2_head):g}."),
     ]
 
 
@@ -338,8 +349,9 @@ def causal(model, tokenizer) -> list[Step]:
               "\"Your\" sees only itself, so its output is its own value vector.",
               context[0], labels=WORDS, columns=["out 1", "out 2"]),
         _step("Dropout on the weights (training only)",
-              "During training, dropout zeroes a random share of the attention weights (here half) and scales "
-              "the rest by 1 / (1 - 0.5) = 2 so the expected total is unchanged. It is off when generating.",
+              "During training, dropout zeroes a random share of the attention weights (here half) and "
+              "scales the rest by 1 / (1 - 0.5) = 2 so the expected total is unchanged. It is off when "
+              "generating.",
               dropout(weights), labels=WORDS, columns=WORDS, heatmap=True),
     ]
 
@@ -351,7 +363,8 @@ def multihead(model, tokenizer) -> list[Step]:
     torch.manual_seed(SEED)
     attention = MultiHeadAttention(3, 2, n_heads=2, dropout=0.0, qkv_bias=False).eval()
     concatenated = []
-    handle = attention.out_proj.register_forward_hook(lambda module, inputs, output: concatenated.append(inputs[0]))
+    handle = attention.out_proj.register_forward_hook(
+        lambda module, inputs, output: concatenated.append(inputs[0]))
     try:
         output, (weights,) = record_attention(attention, batch)
     finally:
@@ -368,9 +381,9 @@ def multihead(model, tokenizer) -> list[Step]:
     ]
     return [
         _step("Shapes through the layer",
-              f"d_out = {d_out} is split into {heads} heads of {attention.head_dim}: each head attends with its "
-              "own slice of the queries, keys and values, in parallel, then the slices are concatenated and "
-              "mixed by an output projection. The batch holds two copies of the six tokens.",
+              f"d_out = {d_out} is split into {heads} heads of {attention.head_dim}: each head attends with "
+              "its own slice of the queries, keys and values, in parallel, then the slices are concatenated "
+              "and mixed by an output projection. The batch holds two copies of the six tokens.",
               table=shapes, columns=["stage", "shape"]),
         *[_step(f"Head {h + 1}: attention weights",
                 "Each head computes its own causal weights from its own slice.",
@@ -382,11 +395,8 @@ def multihead(model, tokenizer) -> list[Step]:
         _step("Output",
               "The output projection mixes the heads (first sequence of the batch; seed 123, dropout 0).",
               output[0], labels=WORDS, columns=["out 1", "out 2"]),
-        _step("The fast path agrees",
-              "The same layer on PyTorch's fused scaled_dot_product_attention kernel gives the same output; "
-              "the largest difference is float rounding.",
-              table=[["largest |explicit - fused|", (output - fused_output).abs().max().item()]],
-              columns=["check", "value"], digits=8),
+        _fast_path_step("The same layer on PyTorch's fused scaled_dot_product_attention kernel gives the "
+                        "same output; the largest difference is float rounding.", output, fused_output),
     ]
 
 
@@ -406,24 +416,23 @@ def layernorm(model, tokenizer) -> list[Step]:
     fused = norm(batch)
 
     def stats(x: torch.Tensor) -> list[list]:
-        return [[f"row {i + 1}", row.mean().item(), row.var(unbiased=False).item()] for i, row in enumerate(x)]
+        return [[f"row {i + 1}", row.mean().item(), row.var(unbiased=False).item()]
+                for i, row in enumerate(x)]
 
     return [
         _step("Two vectors", "torch.manual_seed(123); torch.randn(2, 5).", batch,
               labels=["row 1", "row 2"], table=stats(batch), columns=["", "mean", "variance"]),
         _step("Normalised",
               "Subtract each vector's mean and divide by its standard deviation (with a small eps against "
-              "division by zero): every vector comes out with mean 0 and variance 1, whatever its scale, which "
-              "keeps deep networks' activations in a steady range.",
-              normalised, labels=["row 1", "row 2"], table=stats(normalised), columns=["", "mean", "variance"]),
+              "division by zero): every vector comes out with mean 0 and variance 1, whatever its scale, "
+              "which keeps deep networks' activations in a steady range.",
+              normalised, labels=["row 1", "row 2"], table=stats(normalised),
+              columns=["", "mean", "variance"]),
         _step("Learned scale and shift",
-              "Then each dimension is multiplied by a learned scale and shifted by a learned shift, so training "
-              "can undo the normalisation where that helps. They start at 1 and 0.",
+              "Then each dimension is multiplied by a learned scale and shifted by a learned shift, so "
+              "training can undo the normalisation where that helps. They start at 1 and 0.",
               torch.stack([norm.scale, norm.shift]), labels=["scale", "shift"], digits=1),
-        _step("The fast path agrees",
-              "torch's fused layer_norm kernel gives the same numbers.",
-              table=[["largest |explicit - fused|", (normalised - fused).abs().max().item()]],
-              columns=["check", "value"], digits=8),
+        _fast_path_step("torch's fused layer_norm kernel gives the same numbers.", normalised, fused),
     ]
 
 
@@ -458,8 +467,8 @@ def gelu(model, tokenizer) -> list[Step]:
                                {"name": "ReLU", "y": torch.relu(plot_x).tolist()}],
                     "x_label": "x", "y_label": "activation"}),
         _step("Where GELU sits: the feed-forward block",
-              "Each token's vector is expanded 4x (768 -> 3072 in GPT-2), passed through GELU, and contracted "
-              "back: room to compute features, applied to every token separately.",
+              "Each token's vector is expanded 4x (768 -> 3072 in GPT-2), passed through GELU, and "
+              "contracted back: room to compute features, applied to every token separately.",
               table=[["input", _shape(x)], *[[label, _shape(out)] for label, out in records]],
               columns=["stage", "shape"]),
         _step("Its parameters",
@@ -492,10 +501,11 @@ def shortcut(model, tokenizer) -> list[Step]:
     layers = [f"layer {i}" for i in range(1, 6)]
     return [
         _step("A deep, narrow network",
-              "Five Linear + GELU layers of sizes 3 -> 3 -> 3 -> 3 -> 3 -> 1 (seed 123), one input [1, 0, -1], "
-              "target 0, squared-error loss. We backpropagate once and look at each layer's mean absolute "
-              "weight gradient.",
-              table=[[f"layer {i}", f"{n_in} -> {n_out}"] for i, (n_in, n_out) in enumerate(SHORTCUT_LAYERS, 1)],
+              "Five Linear + GELU layers of sizes 3 -> 3 -> 3 -> 3 -> 3 -> 1 (seed 123), one input "
+              "[1, 0, -1], target 0, squared-error loss. We backpropagate once and look at each layer's mean "
+              "absolute weight gradient.",
+              table=[[f"layer {i}", f"{n_in} -> {n_out}"]
+                     for i, (n_in, n_out) in enumerate(SHORTCUT_LAYERS, 1)],
               columns=["layer", "sizes"]),
         _step("Gradients without and with shortcuts",
               "Without shortcuts the gradient shrinks at every layer on the way back: the first layer gets "
@@ -522,7 +532,8 @@ def block(model, tokenizer) -> list[Step]:
     layer = model.blocks[0] if model is not None else _fresh(config).blocks[0]
     weight = layer.norm1.scale
     torch.manual_seed(SEED)
-    x = torch.randn(2, min(4, config.context_length), config.emb_dim, device=weight.device, dtype=weight.dtype)
+    x = torch.randn(2, min(4, config.context_length), config.emb_dim,
+                    device=weight.device, dtype=weight.dtype)
     records, remove = _record_outputs({
         "norm1 (LayerNorm)": layer.norm1,
         f"attention ({config.n_heads} heads)": layer.attn,
@@ -537,22 +548,24 @@ def block(model, tokenizer) -> list[Step]:
         remove()
     order = ("x + attention(norm1(x)), then x + feed-forward(norm2(x))" if config.norm_placement == "pre"
              else "norm1(x + attention(x)), then norm2(x + feed-forward(x))")
-    source = "block 0 of the loaded model" if model is not None else f"a fresh block of the {config.name} preset"
+    source = ("block 0 of the loaded model" if model is not None
+              else f"a fresh block of the {config.name} preset")
     return [
         _step("Inside one block",
-              f"{source.capitalize()}: {order}. LayerNorm keeps the inputs of each sub-layer in range, attention "
-              "mixes information between tokens, the feed-forward layer works on each token alone, and the "
-              "shortcuts (the additions) carry the input and its gradient straight through.",
+              f"{source.capitalize()}: {order}. LayerNorm keeps the inputs of each sub-layer in range, "
+              "attention mixes information between tokens, the feed-forward layer works on each token alone, "
+              "and the shortcuts (the additions) carry the input and its gradient straight through.",
               table=[["emb_dim", config.emb_dim], ["n_heads", config.n_heads], ["head_dim", config.head_dim],
                      ["feed-forward width", config.hidden_dim], ["norm placement", config.norm_placement]],
               columns=["setting", "value"]),
         _step("Shapes through the block",
               "A batch of 2 sequences of random vectors, in the order the block computes them.",
-              table=[["input", _shape(x)], *[[label, _shape(t)] for label, t in records], ["output", _shape(out)]],
+              table=[["input", _shape(x)], *[[label, _shape(t)] for label, t in records],
+                     ["output", _shape(out)]],
               columns=["stage", "shape"]),
         _step("Same shape in, same shape out",
-              "The block maps (batch, tokens, emb_dim) to the same shape, so blocks stack: GPT-2 small has 12, "
-              "GPT-2 XL 48.",
+              "The block maps (batch, tokens, emb_dim) to the same shape, so blocks stack: GPT-2 small has "
+              "12, GPT-2 XL 48.",
               table=[["input", _shape(x)], ["output", _shape(out)]], columns=["", "shape"]),
         _step("Parameters of one block",
               "Attention: the Q/K/V projection and the output projection. Feed-forward: expand and contract. "
@@ -571,7 +584,8 @@ def gpt(model, tokenizer) -> list[Step]:
     config = model.config
     device = model.tok_emb.weight.device
     generator = torch.Generator().manual_seed(SEED)
-    ids = torch.randint(0, config.vocab_size, (2, min(4, config.context_length)), generator=generator).to(device)
+    ids = torch.randint(0, config.vocab_size, (2, min(4, config.context_length)),
+                        generator=generator).to(device)
     watched = {"token embedding": model.tok_emb, "position embedding": model.pos_emb,
                "embeddings summed (after dropout)": model.drop_emb}
     watched |= {f"block {i}": b for i, b in enumerate(model.blocks)}
@@ -592,9 +606,11 @@ def gpt(model, tokenizer) -> list[Step]:
     source = "the loaded model" if live else f"a fresh {config.name} model"
     return [
         _step("The configuration",
-              f"{source.capitalize()}: {config.n_layers} blocks of {config.n_heads} heads, {config.emb_dim} wide.",
+              f"{source.capitalize()}: {config.n_layers} blocks of {config.n_heads} heads, "
+              f"{config.emb_dim} wide.",
               table=[["vocabulary", config.vocab_size], ["context length", config.context_length],
-                     ["embedding width", config.emb_dim], ["heads", config.n_heads], ["blocks", config.n_layers],
+                     ["embedding width", config.emb_dim], ["heads", config.n_heads],
+                     ["blocks", config.n_layers],
                      ["feed-forward width", config.hidden_dim], ["tied output head", config.tie_weights],
                      ["dropout", config.drop_rate]],
               columns=["setting", "value"]),
@@ -605,14 +621,15 @@ def gpt(model, tokenizer) -> list[Step]:
               table=[["token ids", _shape(ids)], *[[label, _shape(t)] for label, t in records]],
               columns=["stage", "shape"]),
         _step("Where the parameters are",
-              "Counted from the modules. With a tied head the output layer reuses the token-embedding matrix.",
+              "Counted from the modules. With a tied head the output layer reuses the token-embedding "
+              "matrix.",
               table=[[name, count] for name, count in model.parameter_breakdown()],
               columns=["component", "parameters"]),
         _step("An untrained model's loss",
-              f"A fresh model with this configuration, on {tokens.shape[0]} x {n_tokens} random tokens: having "
-              "learned nothing, it gives every token about the same probability, so its cross-entropy is close "
-              f"to ln({config.vocab_size:,}). Training starts from here (the tutorial saw 9.27 against "
-              "ln 10,000 = 9.21).",
+              f"A fresh model with this configuration, on {tokens.shape[0]} x {n_tokens} random tokens: "
+              "having learned nothing, it gives every token about the same probability, so its cross-entropy "
+              f"is close to ln({config.vocab_size:,}). Training starts from here (with 10,000 tokens: "
+              "about 9.2 to 9.3, against ln 10,000 = 9.21).",
               table=[["loss", loss], [f"ln({config.vocab_size:,})", math.log(config.vocab_size)],
                      ["perplexity exp(loss)", math.exp(loss)]],
               columns=["", "value"], digits=4, loss=loss, ln_vocab=math.log(config.vocab_size)),
@@ -668,12 +685,12 @@ def sampling(model, tokenizer) -> list[Step]:
     greedy = int(logits.argmax())
     return [
         _step("The prompt",
-              f"\"{prompt}\" as {len(ids)} token ids. The model returns one row of logits per position; the last "
-              "row scores every vocabulary entry as the next token.",
+              f"\"{prompt}\" as {len(ids)} token ids. The model returns one row of logits per position; the "
+              "last row scores every vocabulary entry as the next token.",
               table=[[piece(i), i] for i in ids], columns=["token", "id"]),
         _step("Logits to probabilities",
-              f"Softmax over all {len(probs):,} logits; the most likely next tokens. Greedy decoding always picks "
-              f"the first: {piece(greedy)}.",
+              f"Softmax over all {len(probs):,} logits; the most likely next tokens. Greedy decoding always "
+              f"picks the first: {piece(greedy)}.",
               table=[[piece(i), i, logits[i].item(), probs[i].item()] for i in top],
               columns=["token", "id", "logit", "probability"]),
         _step("Temperature",
@@ -684,14 +701,16 @@ def sampling(model, tokenizer) -> list[Step]:
               temperatures=list(temperatures),
               top_probability=[p.max().item() for p in by_temperature]),
         _step(f"Top-k (k = {top_k})",
-              f"Keep only the {top_k} most likely tokens, set the others' logits to -infinity, and renormalise: "
-              "the long tail of unlikely tokens can never be drawn.",
-              table=k_rows, columns=["token", "id", "probability", "after top-k"], kept=k_kept, kept_mass=k_mass),
+              f"Keep only the {top_k} most likely tokens, set the others' logits to -infinity, and "
+              "renormalise: the long tail of unlikely tokens can never be drawn.",
+              table=k_rows, columns=["token", "id", "probability", "after top-k"],
+              kept=k_kept, kept_mass=k_mass),
         _step(f"Top-p (p = {top_p:g})",
               f"Keep the smallest set of most likely tokens whose probabilities add up to {top_p:g}, then "
-              f"renormalise: {p_kept:,} tokens here, holding {p_mass:.4f} of the probability. A confident model "
-              "keeps few, an unsure one many.",
-              table=p_rows, columns=["token", "id", "probability", "after top-p"], kept=p_kept, kept_mass=p_mass),
+              f"renormalise: {p_kept:,} tokens here, holding {p_mass:.4f} of the probability. A confident "
+              "model keeps few, an unsure one many.",
+              table=p_rows, columns=["token", "id", "probability", "after top-p"],
+              kept=p_kept, kept_mass=p_mass),
     ]
 
 
@@ -718,9 +737,6 @@ def _heat(value: float, low: float, high: float) -> str:
 
 def _tensor_tables(step: Step):
     """rich Tables for a step's tensor: one for a vector or matrix, one per slice above that."""
-    from rich.table import Table
-    from rich.text import Text
-
     digits = step.get("digits", 4)
     tensor = step["tensor"]
     if not isinstance(tensor, list):
@@ -743,16 +759,14 @@ def _tensor_tables(step: Step):
     for column in columns:
         table.add_column(Text(str(column)), justify="right")
     for label, row in zip(labels, matrix, strict=True):
-        cells = [Text(format_value(v, digits), style=_heat(v, low, high) + " black" if step.get("heatmap") else "")
+        cells = [Text(format_value(v, digits),
+                      style=_heat(v, low, high) + " black" if step.get("heatmap") else "")
                  for v in row]
         table.add_row(Text(str(label)), *cells)
     yield table
 
 
 def _data_table(step: Step):
-    from rich.table import Table
-    from rich.text import Text
-
     digits = step.get("digits", 4)
     columns = step.get("columns") or [""] * len(step["table"][0])
     table = Table(show_edge=False, pad_edge=False)
@@ -767,9 +781,6 @@ def _data_table(step: Step):
 
 def print_topic(result: dict, console=None) -> None:
     """Print a `run_topic` result: numbered steps, their text, tensors and tables (rich formatting)."""
-    from rich.console import Console
-    from rich.text import Text
-
     console = console or Console()
     console.rule(Text(result["title"], style="bold"))
     for number, step in enumerate(result["steps"], 1):

@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import torch
+from tqdm import tqdm
 
 from glassgpt import lora
+from glassgpt.checkpoint import write_directory_atomically
+from glassgpt.config import Settings
 from glassgpt.device import PRECISIONS, Precision, pick_device, resolve_precision
-from glassgpt.train import Settings, TrainingDiverged, make_optimizer, setting
+from glassgpt.train import TrainingDiverged, make_optimizer, setting
+from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
@@ -114,8 +118,6 @@ def check_out_dir(out_dir: str | Path, what: str, replace: bool = False) -> Path
     resumable checkpoint) must not vanish because of a typo, and without `replace` a finished
     model is never written over. `what` names the run's kind ("a classifier") in the message.
     """
-    from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
@@ -131,8 +133,6 @@ def write_output(out: Path | None, write: Callable[[Path | None], T]) -> T:
     """`write(directory)`'s result, where `directory` is a temporary sibling of `out` (`.NAME.tmp`)
     that replaces `out` only once `write` has returned: a failed or interrupted run leaves an
     earlier output untouched. With `out` None, `write(None)`: nothing is kept."""
-    from glassgpt.checkpoint import write_directory_atomically
-
     if out is None:
         return write(None)
     result: list[T] = []
@@ -221,8 +221,6 @@ def train_steps(model, optimizer: torch.optim.Optimizer, batches, loss_of: Calla
     `seed` seeds dropout. A loss that is not finite raises TrainingDiverged: the run stops before
     writing `out`.
     """
-    from tqdm import tqdm
-
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise ValueError("there is no full batch to train on")

@@ -3,7 +3,8 @@
 Decoding uses the KV cache: the prompt is processed once (prefill), then each step computes only
 the newest token. GPT-2's positions are learned absolute slots, so a cache cannot slide past the
 context length: once prompt + generated tokens exceed it, every step recomputes the last
-`context_length` tokens from scratch, exactly as the tutorial's no-cache loop does.
+`context_length` tokens from scratch, exactly as the tutorial's no-cache loop does
+(`generate_text_simple` in the book "Build a Large Language Model (From Scratch)"; see the README).
 
 `Sampling` holds the settings (temperature, top-k, top-p, seed, end-of-text id, stop strings) as
 one object; every function below takes it, or its fields by name. Three layers, each built on
@@ -329,7 +330,8 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-def detokenize_stream(tokenizer, ids: Iterable[int], stop: str | Sequence[str] | None = None) -> Iterator[str]:
+def detokenize_stream(tokenizer, ids: Iterable[int],
+                      stop: str | Sequence[str] | None = None) -> Iterator[str]:
     """Turn token ids, as they arrive, into text pieces that never hold a broken UTF-8 character.
 
     Ends at the tokenizer's end-of-text id (not shown), when `ids` runs out, or at the first stop

@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError
 
 from glassgpt.config import PRESETS
 from glassgpt.model import GPT
@@ -58,8 +60,6 @@ def find_gpt2(name: str) -> Path | None:
     local = LOCAL_MODELS_DIR / name
     if (local / "config.json").exists():
         return local
-    from huggingface_hub import try_to_load_from_cache  # only when a name is looked up
-
     for repo in (GPT2_REPOS[name], name):  # the Hub's current id, and the legacy one ("gpt2")
         config_path = try_to_load_from_cache(repo, "config.json")
         if isinstance(config_path, str):
@@ -76,9 +76,6 @@ def download_gpt2(name: str, directory: str | Path | None = None) -> Path:
     HF_HUB_OFFLINE=1) it fails at once with a ConnectionError that says how to place the files by hand.
     """
     _check_gpt2_name(name)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
     try:
         path = snapshot_download(GPT2_REPOS[name], allow_patterns=GPT2_FILES,
                                  local_dir=str(directory) if directory else None)

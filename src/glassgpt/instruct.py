@@ -1,4 +1,7 @@
-"""Instruction fine-tuning: teach a language model to answer instructions (the tutorial's chapter 7).
+"""Instruction fine-tuning: teach a language model to answer instructions.
+
+The method, data, template and defaults are chapter 7 of the tutorial, the book "Build a Large
+Language Model (From Scratch)" (see the README).
 
 The pieces, in the order a run uses them:
 - `InstructionTemplate`: the Alpaca prompt around an instruction (and its optional input); it is
@@ -32,13 +35,17 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
+from tqdm import tqdm
 
 from glassgpt import finetune_common
+from glassgpt.config import Settings
 from glassgpt.data import jsonl_values, read_source
 from glassgpt.device import Precision
+from glassgpt.generate import generate
 from glassgpt.model import GPT
 from glassgpt.plots import plot_metric
-from glassgpt.train import Settings, setting
+from glassgpt.train import setting
+from glassgpt.weights import GLASSGPT_META, save_model
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets with it add nothing to the loss
 RESPONSES_FILE = "test_responses.jsonl"
@@ -73,7 +80,7 @@ class InstructionTemplate(Settings):
     separator: str = "\n\n"
     name: str = "alpaca"
 
-    KIND: ClassVar[str] = "instruction template fields"
+    fields_name: ClassVar[str] = "instruction template fields"
 
     def format_prompt(self, instruction: str, input: str = "") -> str:  # noqa: A002 (the data's own key)
         """The text the model continues: everything up to and including the response header's line."""
@@ -89,10 +96,11 @@ class InstructionTemplate(Settings):
 
     @classmethod
     def from_dict(cls, data: dict) -> InstructionTemplate:
+        cls.check_names(data)
         wrong = sorted(key for key, value in data.items() if not isinstance(value, str))
         if wrong:
             raise ValueError(f"instruction template fields must be strings: {', '.join(wrong)}")
-        return super().from_dict(data)
+        return cls(**data)
 
 
 TEMPLATE_KEY = "instruction_template"  # where the template sits in a checkpoint's glassgpt.json
@@ -100,8 +108,6 @@ TEMPLATE_KEY = "instruction_template"  # where the template sits in a checkpoint
 
 def load_template(path: str | Path) -> InstructionTemplate | None:
     """The instruction template saved with the glassgpt checkpoint in `path` (None if it has none)."""
-    from glassgpt.weights import GLASSGPT_META
-
     meta_file = Path(path) / GLASSGPT_META
     if not meta_file.is_file():
         return None
@@ -284,8 +290,6 @@ def respond_many(model: GPT, tokenizer, template: InstructionTemplate, examples:
     Prompts of different lengths are left-padded with an attention mask, so each row computes
     what it would alone.
     """
-    from glassgpt.generate import generate
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     eos_id = tokenizer.eos_id
@@ -308,8 +312,6 @@ def respond(model: GPT, tokenizer, template: InstructionTemplate, instruction: s
     `sampling` says otherwise: temperature, top_k, top_p, seed) stops at the tokenizer's
     end-of-text token or after `max_new_tokens`.
     """
-    from glassgpt.generate import generate
-
     prompt = tokenizer.encode(template.format_prompt(instruction, input))
     out = generate(model, prompt, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
     return _response_text(tokenizer, out[0, len(prompt):].tolist(), tokenizer.eos_id)
@@ -326,7 +328,7 @@ class InstructSettings(finetune_common.FinetuneSettings):
     evaluation every 5 steps over 5 batches, responses of up to 256 tokens.
     """
 
-    KIND: ClassVar[str] = "instruction fine-tuning settings"
+    fields_name: ClassVar[str] = "instruction fine-tuning settings"
 
     mask_prompt: bool = setting(False, "ignore the prompt's tokens in the loss: learn only the responses "
                                        "(the tutorial's exercise)")
@@ -334,6 +336,8 @@ class InstructSettings(finetune_common.FinetuneSettings):
     max_new_tokens: int = setting(256, "longest response generated for a test example")
     test_responses: int | None = setting(None, "test examples to answer (None: all)")
     progress: bool = setting(True, "show a progress bar and messages")
+
+    fields_name: ClassVar[str] = "instruction fine-tuning settings"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -471,8 +475,6 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
     nothing on disk. With `lora_rank`, the adapters are merged into the weights (of `model` too)
     after training, so the saved model is an ordinary one.
     """
-    from tqdm import tqdm
-
     settings = settings or InstructSettings()
     template = template or InstructionTemplate()
     say = tqdm.write if settings.progress else (lambda message: None)
@@ -554,8 +556,6 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
                  "generated": g} for e, g in zip(test, generated, strict=True)]
         results["test_responses"] = len(rows)
         if directory is not None:
-            from glassgpt.weights import save_model
-
             summary = {key: results[key]
                        for key in ("train_loss", "val_loss", "test_loss", "steps", "examples")}
             extra = {TEMPLATE_KEY: template.to_dict(),

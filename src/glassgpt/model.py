@@ -209,7 +209,8 @@ class GPT(nn.Module):
         self.final_norm = (LayerNorm(config.emb_dim, config.norm_eps, config.norm_bias)
                            if config.final_norm else nn.Identity())
         # A classifier (config.n_classes > 0, see glassgpt.classify) scores classes instead of tokens.
-        self.out_head = nn.Linear(config.emb_dim, config.n_classes or config.vocab_size, bias=config.head_bias)
+        n_outputs = config.n_classes or config.vocab_size
+        self.out_head = nn.Linear(config.emb_dim, n_outputs, bias=config.head_bias)
         if config.tie_weights:
             # Weight tying: reading a token in and writing it out use the same matrix (GPT-2 does
             # this; it saves vocab_size * emb_dim parameters, 38.6M for GPT-2 small).
@@ -333,7 +334,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
         """`ids` with up to `max_new_tokens` generated tokens appended; see `glassgpt.generate`."""
-        from glassgpt.generate import generate
+        from glassgpt.generate import generate  # generate drives a GPT: imported here, not at the top
 
         return generate(self, ids, max_new_tokens, **sampling)
 

@@ -14,6 +14,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
 from glassgpt.bpe import GPT2_EOS, GPT2_RANKS, GPT2_SPLIT_PATTERN, BPETokenizer
 
 ASSETS = resources.files("glassgpt") / "assets"
@@ -66,7 +69,8 @@ class CharTokenizer:
             return [self.id_of[ch] for ch in text]
         except KeyError as error:
             raise ValueError(
-                f"character {error.args[0]!r} is not in this tokenizer's vocabulary of {self.vocab_size} characters"
+                f"character {error.args[0]!r} is not in this tokenizer's vocabulary of "
+                f"{self.vocab_size} characters"
             ) from None
 
     def decode(self, ids: list[int]) -> str:
@@ -94,9 +98,6 @@ class GPT2Tokenizer:
     name = "gpt2"
 
     def __init__(self, ranks_path: str | Path | None = None):
-        import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
-
         path = Path(ranks_path) if ranks_path else Path(str(GPT2_RANKS))
         ranks = load_tiktoken_bpe(str(path))
         self.eos_id = len(ranks)  # 50256: the one special token sits right after the merges

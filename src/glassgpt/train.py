@@ -19,7 +19,6 @@ logs and writes. The global batch is batch_size x grad_accum x number of process
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -36,13 +35,25 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from glassgpt.checkpoint import has_checkpoint, load_checkpoint, load_state, save_checkpoint
-from glassgpt.config import GPTConfig, get_preset
+from glassgpt.checkpoint import checkpoint_model, has_checkpoint, load_checkpoint, load_state, save_checkpoint
+from glassgpt.config import PRESETS, GPTConfig, Settings, get_preset
 from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
 from glassgpt.device import peak_flops, pick_device, resolve_precision
+from glassgpt.hub import GPT2_NAMES, resolve_model
+from glassgpt.lora import (
+    apply_lora,
+    check_settings,
+    load_adapters,
+    lora_layers,
+    merge_lora,
+    save_adapters,
+    trainable_parameters,
+)
 from glassgpt.model import GPT
 from glassgpt.plots import plot_losses
-from glassgpt.tokenizer import CharTokenizer
+from glassgpt.tokenizer import CharTokenizer, Tokenizer
+
+ADAPTERS_FILE = "adapters.safetensors"  # with --save-adapters, beside each checkpoint's model
 
 # ---------------------------------------------------------------- settings and recipes
 
@@ -54,48 +65,44 @@ def setting(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-class Settings:
-    """What every settings dataclass (TrainConfig, the fine-tuning settings) does besides checking itself."""
-
-    KIND: ClassVar[str] = "training settings"  # what from_dict's error calls unknown names
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.KIND}: {', '.join(unknown)}")
-        return cls(**data)
-
-
 @dataclass
 class TrainConfig(Settings):
     """Every setting of a training run. Recipes fill these in; the command line overrides any of them."""
+
+    fields_name: ClassVar[str] = "training settings"
 
     out: str | None = setting(None, "directory for checkpoints, metrics and loss.png (None: keep nothing)")
     # data
     corpus: list[str] = setting([], "text files (or 'bundled:NAME'), or one prepared directory")
     text: str | None = setting(None, "an inline training text instead of a corpus")
-    tokenizer: str = setting("gpt2", "gpt2 or char (ignored for a prepared directory)")
+    tokenizer: str | None = setting(None, "gpt2 or char (None: the --init-from model's own, else gpt2; "
+                                          "ignored for a prepared directory)")
     val_fraction: float = setting(0.1, "the last fraction of the tokens, held out for validation")
     stride: int | None = setting(None, "tokens between window starts (None: the context length)")
     # model
-    model: str = setting("verdict-162m", "a preset of glassgpt.config.PRESETS")
+    model: str = setting("verdict-162m", "a preset of glassgpt.config.PRESETS (random weights)")
+    init_from: str | None = setting(None, "start from this trained model instead of a preset: its weights, "
+                                          "architecture and tokenizer (a GPT-2 name, a glassgpt run or "
+                                          "checkpoint, a Hugging Face or OpenAI GPT-2 directory)")
+    adapters: str | None = setting(None, "with --init-from: a LoRA adapter file (--save-adapters wrote it) "
+                                         "merged into that model before training")
     model_name: str | None = setting(None, "the name saved with the model (None: the preset's, suffixed "
-                                           "when resized)")
-    context_length: int | None = setting(None, "tokens per window (None: the preset's; at most the preset's)")
+                                           "when resized, or the --init-from model's)")
+    context_length: int | None = setting(None, "tokens per window (None: the model's; at most the preset's "
+                                               "or the --init-from model's)")
     n_layers: int | None = setting(None, "blocks (None: the preset's)")
     n_heads: int | None = setting(None, "attention heads (None: the preset's)")
     emb_dim: int | None = setting(None, "embedding width (None: the preset's)")
     drop_rate: float | None = setting(None, "dropout (None: the preset's)")
-    init: str = setting("gpt2", "gpt2 (N(0, 0.02), scaled residual projections) or pytorch (each layer's "
-                                "PyTorch default, as our reference)")
+    init: str = setting("gpt2", "random weights: gpt2 (N(0, 0.02), scaled residual projections) or pytorch "
+                                "(each layer's PyTorch default, as the tutorial's); unused with --init-from")
+    # LoRA: train low-rank adapters beside frozen weights (glassgpt.lora)
+    lora_rank: int | None = setting(None, "train LoRA adapters of this rank on attention qkv and output and "
+                                          "feed-forward expand and contract, everything else frozen (None: "
+                                          "train all weights); checkpoints hold the merged model")
+    lora_alpha: float | None = setting(None, "LoRA updates are scaled by alpha / rank (None: alpha = rank)")
+    save_adapters: bool = setting(False, "with --lora-rank: also write the adapters alone, "
+                                         "adapters.safetensors beside each checkpoint's model")
     # optimisation
     batch_size: int = setting(2, "windows per micro-batch, per process")
     grad_accum: int = setting(1, "micro-batches summed into each optimizer step")
@@ -129,8 +136,10 @@ class TrainConfig(Settings):
     progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        choices = {"tokenizer": ("gpt2", "char"), "init": ("gpt2", "pytorch"), "optimizer": ("adamw", "adam"),
+        choices = {"init": ("gpt2", "pytorch"), "optimizer": ("adamw", "adam"),
                    "schedule": ("constant", "cosine"), "precision": ("fp32", "bf16", "fp16", "auto")}
+        if self.tokenizer is not None:
+            choices["tokenizer"] = ("gpt2", "char")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
@@ -145,15 +154,38 @@ class TrainConfig(Settings):
         if isinstance(self.corpus, str):
             self.corpus = [self.corpus]
         preset = get_preset(self.model)
-        if self.context_length is not None and self.context_length > preset.context_length:
+        self._check_lora()
+        if self.init_from is not None:
+            self._check_init_from()
+        elif self.context_length is not None and self.context_length > preset.context_length:
             raise ValueError(
                 f"context_length {self.context_length} exceeds the {self.model} preset's "
                 f"{preset.context_length} (its position table has no slots beyond that)"
             )
 
+    def _check_lora(self) -> None:
+        if self.lora_rank is not None:
+            check_settings(self.lora_rank, self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+        elif self.lora_alpha is not None or self.save_adapters:
+            raise ValueError(f"{'--lora-alpha' if self.lora_alpha is not None else '--save-adapters'} "
+                             "needs --lora-rank")
+        if self.adapters is not None and self.init_from is None:
+            raise ValueError("--adapters are merged into the --init-from model: give --init-from BASE too")
+
+    def _check_init_from(self) -> None:
+        """The settings that cannot go with --init-from (its context is checked against the model)."""
+        if not self.init_from:
+            raise ValueError("init_from is empty: name a model, or leave it out to start from a preset")
+        fixed = [f"--{key.replace('_', '-')}" for key in ("n_layers", "n_heads", "emb_dim")
+                 if getattr(self, key) is not None]
+        if fixed:
+            raise ValueError(f"--init-from {self.init_from} trains that model's architecture: "
+                             f"{', '.join(fixed)} cannot change it (--context-length may shorten it, "
+                             "--drop-rate sets its dropout)")
+
 
 RECIPES: dict[str, dict] = {
-    # Our reference run: the 162M model on The Verdict, 2 x 256-token batches, AdamW, 10 epochs.
+    # The tutorial's run: the 162M model on The Verdict, 2 x 256-token batches, AdamW, 10 epochs.
     # Precision auto: bf16 on a CPU with AVX-512 BF16 is 2-3x faster per step, and its losses stayed
     # within 0.01 of fp32's over the whole run (docs/PERFORMANCE.md).
     "verdict": dict(
@@ -184,6 +216,17 @@ RECIPES: dict[str, dict] = {
         batch_size=2, val_fraction=0.1, epochs=12, optimizer="adamw", lr=4e-4, weight_decay=0.1,
         precision="auto", eval_every=27, eval_batches=2, sample_prompt="Every effort moves you",
         keep_best=False,
+    ),
+    # Continue OpenAI's GPT-2 small on The Verdict (nanoGPT's finetune_shakespeare, for our text):
+    # its weights, tied head and tokenizer. Context 256 as in the verdict recipe: the story's 514
+    # validation tokens hold no window of 1,024, and 256 gives 18 training windows rather than 4.
+    # A small lr (5e-5, the tutorial's fine-tuning rate) for 3 epochs (27 steps): the model moves to
+    # the story's style without forgetting English; the best validation loss is kept.
+    # Needs GPT-2's weights on this machine: `glassgpt download gpt2`.
+    "verdict-finetune": dict(
+        init_from="gpt2", corpus=["bundled:the-verdict.txt"], tokenizer="gpt2", context_length=256,
+        stride=256, batch_size=2, val_fraction=0.1, optimizer="adamw", lr=5e-5, weight_decay=0.1,
+        epochs=3, precision="auto", eval_batches=2, sample_prompt="Every effort moves you",
     ),
 }
 
@@ -222,11 +265,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.999), decay_embeddings: bool = False,
                    kind: str = "adamw") -> torch.optim.Optimizer:
     """AdamW (or Adam) over the parameters that train (requires_grad), with weight decay on the weight
-    matrices only.
+    matrices only; `glassgpt train` and the fine-tuning runs all build theirs here.
 
     Biases and LayerNorm scales/shifts are not decayed: shrinking them towards 0 has no
     regularising meaning. Embeddings are left alone too unless `decay_embeddings` is set. Frozen
-    parameters (a fine-tuning run's lower blocks, LoRA's base weights) get no optimizer state at all.
+    parameters (LoRA's base weights, a classifier's lower blocks) are not given to the optimizer at all.
     """
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():  # a tied head appears once, as tok_emb
@@ -270,7 +313,7 @@ def model_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
 def pytorch_default_init(model: GPT) -> GPT:
     """Re-initialise every layer as PyTorch would: N(0, 1) embeddings, uniform(+-1/sqrt(fan_in)) linears.
 
-    Our reference builds its model from plain nn.Embedding / nn.Linear and keeps these defaults.
+    The tutorial builds its model from plain nn.Embedding / nn.Linear and keeps these defaults.
     On a text as small as The Verdict they memorise far faster than GPT-2's N(0, 0.02): unit-scale
     embeddings give every token and position a distinct code from the first step. (With a tied
     head the shared matrix ends up with the head's initialisation.)
@@ -281,10 +324,73 @@ def pytorch_default_init(model: GPT) -> GPT:
     return model
 
 
-def flops_per_token(model_config: GPTConfig, n_parameters: int) -> float:
-    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's scores."""
+def load_init_model(spec: str) -> tuple[GPT, Tokenizer, str]:
+    """(model on the CPU in fp32, its tokenizer, where it came from) for `--init-from SPEC`.
+
+    Any trained model `glassgpt generate --model` takes (`glassgpt.hub.resolve_model`); a preset is
+    refused, as its weights would be random: that is what `--model` trains.
+    """
+    if not Path(spec).is_dir():
+        if spec in PRESETS and spec not in GPT2_NAMES:
+            raise ValueError(f"--init-from {spec}: that is a preset, a shape without trained weights; "
+                             f"train it from random weights with --model {spec}")
+        if spec not in GPT2_NAMES:
+            raise FileNotFoundError(
+                f"--init-from {spec}: no such directory, and not a GPT-2 name ({', '.join(GPT2_NAMES)}). "
+                "Give a glassgpt run or checkpoint directory, a Hugging Face GPT-2 directory, OpenAI's "
+                "TensorFlow release, or a GPT-2 name (`glassgpt download gpt2` fetches its weights)")
+    return resolve_model(spec, device="cpu", dtype=torch.float32, presets=False)
+
+
+def gpt_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+    """A GPT of `config` holding the tensors of `state` themselves (no copy, no random initialisation)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, assign=True)
+    if config.tie_weights:  # assigning made two parameters of the one tied matrix: make them one again
+        model.out_head.weight = model.tok_emb.weight
+    return model
+
+
+def reshaped(model: GPT, config: GPTConfig) -> GPT:
+    """`model`'s weights in a GPT of `config`: the same architecture, with another dropout or a shorter
+    context (the first position vectors are kept: the only positions a shorter window uses)."""
+    state = model.state_dict()
+    state["pos_emb.weight"] = state["pos_emb.weight"][:config.context_length].clone()
+    return gpt_from_state(config, state)
+
+
+def merged_copy(model: GPT) -> GPT:
+    """The plain GPT that a LoRA-wrapped `model` computes: each adapter's (alpha / r) B A added into its
+    layer's weight. `model` keeps its adapters (training goes on); the copy shares every other tensor."""
+    layers = dict(lora_layers(model))
+    state = {name: tensor for name, tensor in model.state_dict().items()
+             if name.rpartition(".")[0] not in layers and name.rpartition(".base.")[0] not in layers}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            # (LoRALinear.merged() would build an nn.Linear, whose initialisation draws random numbers:
+            # that would shift the dropout masks of a run that saves against one that resumes.)
+            state[f"{name}.weight"] = layer.base.weight + layer.delta_weight().to(layer.base.weight.dtype)
+            if layer.base.bias is not None:
+                state[f"{name}.bias"] = layer.base.bias.detach()
+    return gpt_from_state(model.config, state)
+
+
+def check_tokenizer(tokenizer: Tokenizer, model_tokenizer: Tokenizer, spec: str) -> None:
+    """Refuse a prepared corpus's tokenizer other than the one the --init-from model was trained with."""
+    if tokenizer.to_dict() != model_tokenizer.to_dict():
+        raise ValueError(f"the prepared corpus is tokenized with {tokenizer.name} ({tokenizer.vocab_size:,} "
+                         f"ids), but --init-from {spec} was trained with {model_tokenizer.name} "
+                         f"({model_tokenizer.vocab_size:,} ids): the same ids would mean other tokens; "
+                         f"prepare it with --tokenizer {model_tokenizer.name}")
+
+
+def flops_per_token(model_config: GPTConfig, n_parameters: int, n_trainable: int | None = None) -> float:
+    """Training FLOPs per token: 6 per parameter (forward 2, backward 2 for the input's gradient and 2
+    for the weight's; frozen weights skip the last) plus attention's scores."""
     c = model_config
-    return 6 * n_parameters + 12 * c.n_layers * c.emb_dim * c.context_length
+    n_trainable = n_parameters if n_trainable is None else n_trainable
+    return 4 * n_parameters + 2 * n_trainable + 12 * c.n_layers * c.emb_dim * c.context_length
 
 
 # ---------------------------------------------------------------- the trainer
@@ -311,8 +417,9 @@ class Distributed:
 class Trainer:
     """Runs one `TrainConfig`: `Trainer(config).fit()`; `Trainer(config, resume=True)` continues `config.out`.
 
-    `build_model` makes the model; everything around it (optimizer, schedule, precision, data-parallel,
-    evaluation, metrics, checkpoints) works on whatever model it returns.
+    `build_model` makes the model (from a preset, or from the `init_from` model that `_load_start`
+    reads); everything around it (optimizer, schedule, precision, data-parallel, evaluation, metrics,
+    checkpoints) works on whatever model it returns.
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False):
@@ -331,10 +438,15 @@ class Trainer:
             raise ValueError(f"{self.out} already holds a training checkpoint: pass --resume to continue it, "
                              "or choose another --out")
         self._setup_precision()
+        self._load_start(resume)
         self._setup_data()
 
-        torch.manual_seed(config.seed)  # the same initial weights on every process
-        self.model = self.build_model().to(self.device)
+        torch.manual_seed(config.seed)  # the same initial weights (and LoRA A matrices) on every process
+        self.model = self.build_model()
+        if config.lora_rank is not None:  # bad ranks fail here, before anything is written
+            apply_lora(self.model, config.lora_rank, config.lora_alpha)
+        self.model = self.model.to(self.device)
+        self.trainable_parameters = trainable_parameters(self.model)
         if self.dist.rank:  # but different dropout masks
             torch.manual_seed(config.seed + self.dist.rank)
         self.train_model = torch.compile(self.model) if config.compile else self.model
@@ -350,8 +462,8 @@ class Trainer:
         self.best_val = math.inf
         self.last_checkpoint_step: int | None = None
         self.records: list[dict] = []
-        self.flops_per_step = (flops_per_token(self.model.config, self.model.num_parameters())
-                               * self.tokens_per_step)
+        self.flops_per_step = (flops_per_token(self.model.config, self.model.num_parameters(),
+                                               self.trainable_parameters) * self.tokens_per_step)
         self.peak_flops = peak_flops(self.device)
         if resume:
             self._load_checkpoint()
@@ -364,9 +476,70 @@ class Trainer:
     # ------------------------------------------------------------ setup
 
     def build_model(self) -> GPT:
-        """The model to train (on the CPU): a fresh one from the settings. A subclass may load weights."""
-        model = GPT(model_config_for(self.config, self.tokenizer.vocab_size))
-        return pytorch_default_init(model) if self.config.init == "pytorch" else model
+        """The model to train (on the CPU): the `init_from` model (with the run's context and dropout
+        where given), else a fresh one from the settings."""
+        c = self.config
+        if self.start_model is not None:
+            start = self.start_model.config
+            drop_rate = start.drop_rate if c.drop_rate is None else c.drop_rate
+            config = start.replace(context_length=self.context_length, drop_rate=drop_rate,
+                                   name=c.model_name or start.name)
+            return reshaped(self.start_model, config)
+        model = GPT(model_config_for(c, self.tokenizer.vocab_size))
+        return pytorch_default_init(model) if c.init == "pytorch" else model
+
+    def _load_start(self, resume: bool) -> None:
+        """With `init_from`: the model training starts from, its tokenizer, and the run's context length.
+
+        A resumed run takes the architecture from its own checkpoint (whose weights then replace these)
+        and never reads the `init_from` model again: it may have changed or gone since.
+        """
+        c = self.config
+        self.start_model: GPT | None = None
+        self.start_tokenizer: Tokenizer | None = None
+        self.init_source: str | None = None
+        if resume:
+            self._check_same_start()
+        if not c.init_from:
+            self.context_length = c.context_length or get_preset(c.model).context_length
+            return
+        if resume:
+            self.start_model, self.start_tokenizer = checkpoint_model(self.out)
+        else:
+            self.start_model, self.start_tokenizer, self.init_source = load_init_model(c.init_from)
+            if c.adapters:  # a base model + adapters trained on it: start from their merged weights
+                merge_lora(load_adapters(self.start_model, c.adapters)).requires_grad_(True)
+                self.init_source += f" + adapters {c.adapters}"
+        model_config = self.start_model.config
+        if model_config.n_classes:
+            raise ValueError(f"--init-from {c.init_from} is a classifier ({model_config.n_classes} classes), "
+                             "not a language model: `glassgpt finetune classify --model` trains it further")
+        if c.context_length is not None and c.context_length > model_config.context_length:
+            raise ValueError(f"context_length {c.context_length} exceeds the {model_config.context_length} "
+                             f"of --init-from {c.init_from} (its position table has no slots beyond that)")
+        if self.start_tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(f"--init-from {c.init_from}: its tokenizer ({self.start_tokenizer.name}) has "
+                             f"{self.start_tokenizer.vocab_size:,} ids, but the model has embeddings for "
+                             f"{model_config.vocab_size:,}")
+        if c.tokenizer is not None and c.tokenizer != self.start_tokenizer.name:
+            raise ValueError(f"--tokenizer {c.tokenizer} does not match --init-from {c.init_from}, which was "
+                             f"trained with {self.start_tokenizer.name} ({model_config.vocab_size:,} ids): "
+                             "the same ids would mean other tokens; leave --tokenizer unset to train with "
+                             "the model's own")
+        self.context_length = c.context_length or model_config.context_length
+
+    def _check_same_start(self) -> None:
+        """A resumed run keeps the starting point and the adapters it was begun with (its saved
+        settings say which): its checkpoint holds that model, not another."""
+        settings = self.out / "train_config.json"
+        if not settings.is_file():
+            return
+        began = json.loads(settings.read_text(encoding="utf-8"))
+        for key in ("init_from", "adapters", "lora_rank", "lora_alpha"):
+            if began.get(key) != getattr(self.config, key):
+                raise ValueError(f"{self.out} began with {key}={began.get(key)!r}; a resumed run continues "
+                                 f"its own checkpoint, so {key} cannot change (to "
+                                 f"{getattr(self.config, key)!r})")
 
     def _setup_precision(self) -> None:
         precision = resolve_precision(self.config.precision, self.device)
@@ -374,8 +547,11 @@ class Trainer:
 
     def _setup_data(self) -> None:
         c = self.config
-        ids, self.tokenizer = load_corpus(c.corpus, c.tokenizer, c.text)
-        context = c.context_length or get_preset(c.model).context_length
+        ids, self.tokenizer = load_corpus(c.corpus, c.tokenizer or "gpt2", c.text,
+                                          tokenizer=self.start_tokenizer)
+        if self.start_tokenizer is not None:  # a prepared corpus brings its own tokenizer
+            check_tokenizer(self.tokenizer, self.start_tokenizer, c.init_from)
+        context = self.context_length
         train_ids, val_ids = split_ids(ids, c.val_fraction)
         self.train_set = TokenWindows(train_ids, context, c.stride)
         if len(self.train_set) == 0:
@@ -518,6 +694,12 @@ class Trainer:
         c, m = self.config, self.model.config
         self.say(f"model {m.name}: {self.model.num_parameters():,} parameters ({m.n_layers} blocks, "
                  f"{m.n_heads} heads, emb {m.emb_dim}, context {m.context_length}, vocab {m.vocab_size:,})")
+        if self.init_source:
+            self.say(f"starting from the weights of {self.init_source}")
+        if c.lora_rank is not None:
+            settings = self.model.lora_settings
+            self.say(f"LoRA rank {settings.rank}, alpha {settings.alpha:g} on {len(settings.modules)} "
+                     f"layers: trainable_parameters {self.trainable_parameters:,} (the rest frozen)")
         self.say(f"data: {self.n_train_tokens:,} training tokens -> {len(self.train_set):,} windows; "
                  f"{self.n_val_tokens:,} validation tokens; {self.steps_per_epoch:,} steps per epoch of "
                  f"{self.tokens_per_step:,} tokens; {self.total_steps:,} steps")
@@ -620,10 +802,30 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+            "init_from_source": self.init_source,
         }
-        extra = {"training": {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                              "val_loss": val_loss, "recipe_model": self.config.model}}
-        save_checkpoint(self.out, self.model, self.tokenizer, state=state, best=best, extra=extra)
+        c = self.config
+        training = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": val_loss,
+                    "trainable_parameters": self.trainable_parameters}
+        if c.init_from:  # where the weights came from (the preset's name means nothing then)
+            training.update(init_from=c.init_from, init_from_source=self.init_source)
+        else:
+            training["recipe_model"] = c.model
+        model, more_files = self.model, {}
+        if c.lora_rank is not None:
+            # Every saved model is an ordinary one, the adapters merged in. Resuming needs the unmerged
+            # weights and adapters themselves (W + (alpha / r) B A cannot be split back exactly): the
+            # trainer state keeps them.
+            settings = self.model.lora_settings
+            training["lora"] = {"rank": settings.rank, "alpha": settings.alpha,
+                                "targets": list(settings.targets)}
+            state["model_state"] = {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
+            model = merged_copy(self.model)
+            if c.save_adapters:
+                more_files[ADAPTERS_FILE] = lambda directory: save_adapters(self.model,
+                                                                            directory / ADAPTERS_FILE)
+        save_checkpoint(self.out, model, self.tokenizer, state=state, best=best, extra={"training": training},
+                        more_files=more_files)
         self.last_checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
@@ -633,6 +835,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = self.last_checkpoint_step = state["step"]
         self.best_val = state["best_val"]
+        self.init_source = state.get("init_from_source")
         if self.dist.is_main:
             torch.set_rng_state(state["rng"]["torch"])
             random.setstate(state["rng"]["python"])

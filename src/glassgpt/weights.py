@@ -8,10 +8,11 @@ published on the Hub): `config.json` + `model.safetensors` (or `pytorch_model.bi
 its linear layers as "Conv1D" with the matrix transposed, (in, out), and fuses Q, K, V into one
 `c_attn` whose output columns are [query | key | value] -- the same order as our `qkv` projection.
 
-OpenAI's original release (what our tutorial downloads): `hparams.json` + a TensorFlow checkpoint
-`model.ckpt.*` + `encoder.json`/`vocab.bpe`. The same tensors under names like
-`model/h0/attn/c_attn/w`, with a leading 1 on the Conv1D weights. Reading it needs TensorFlow
-(`pip install 'glassgpt[tf]'`); the BPE files are GPT-2's, which glassgpt bundles already.
+OpenAI's original release (what the tutorial, the book "Build a Large Language Model (From
+Scratch)", downloads in chapter 5): `hparams.json` + a TensorFlow checkpoint `model.ckpt.*` +
+`encoder.json`/`vocab.bpe`. The same tensors under names like `model/h0/attn/c_attn/w`, with a
+leading 1 on the Conv1D weights. Reading it needs TensorFlow (`pip install 'glassgpt[tf]'`); the BPE
+files are GPT-2's, which glassgpt bundles already.
 
 Finding a model by name (GPT-2 sizes, presets) and downloading are `glassgpt.hub`'s.
 """
@@ -196,12 +197,14 @@ def read_hf_state(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "model.safetensors").exists():
         return load_file(str(directory / "model.safetensors"))
     if (directory / "model.safetensors.index.json").exists():
-        return {k: v for shard in shards("model.safetensors.index.json") for k, v in load_file(str(shard)).items()}
+        return {k: v for shard in shards("model.safetensors.index.json")
+                for k, v in load_file(str(shard)).items()}
     if (directory / "pytorch_model.bin").exists():
         return read_bin(directory / "pytorch_model.bin")
     if (directory / "pytorch_model.bin.index.json").exists():
         return {k: v for shard in shards("pytorch_model.bin.index.json") for k, v in read_bin(shard).items()}
-    raise FileNotFoundError(f"{directory} has config.json but neither model.safetensors nor pytorch_model.bin")
+    raise FileNotFoundError(
+        f"{directory} has config.json but neither model.safetensors nor pytorch_model.bin")
 
 
 def load_pretrained(path: str | Path) -> GPT:
@@ -214,7 +217,8 @@ def load_pretrained(path: str | Path) -> GPT:
     state = read_hf_state(directory)
     # A bare GPT2Model (no LM head) saves names without the "transformer." prefix.
     if not any(name.startswith("transformer.") for name in state):
-        state = {("" if name.startswith("lm_head.") else "transformer.") + name: t for name, t in state.items()}
+        state = {("" if name.startswith("lm_head.") else "transformer.") + name: t
+                 for name, t in state.items()}
     if not config.tie_weights and "lm_head.weight" not in state:
         raise ValueError(f"{directory}: config says the head is untied but lm_head.weight is missing")
     ours = {}
@@ -248,7 +252,8 @@ def _build(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GP
     for name, tensor in state.items():
         expected = model.get_parameter(name).shape
         if tuple(tensor.shape) != tuple(expected):
-            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected)}")
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected)}")
     load_state_into(model, {k: v.float() for k, v in state.items()}, source)
     if config.tie_weights:
         model.out_head.weight = model.tok_emb.weight

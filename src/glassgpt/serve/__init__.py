@@ -7,6 +7,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import uvicorn
+
 from glassgpt.serve.app import ServeSettings, create_app
 from glassgpt.serve.site import write_site
 
@@ -19,10 +23,6 @@ def serve(model="runs/demo", host: str = "127.0.0.1", port: int = 8000, tokenize
 
     Binds to loopback unless `host` says otherwise. `settings` are `ServeSettings` fields.
     """
-    import logging
-
-    import uvicorn
-
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     access = logging.getLogger("glassgpt.serve.access")  # JSON lines, one per request, as they are
     if not access.handlers:

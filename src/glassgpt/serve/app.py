@@ -2,7 +2,10 @@
 
     POST /generate          prompt -> continuation, token counts and timing (JSON)
     POST /generate/stream   the same as server-sent events: piece..., then done (or error)
-    GET  /api/model         config, parameter breakdown, size, device, dtype
+    POST /classify          texts -> label and class probabilities of each (a classifier only)
+    POST /instruct          instruction (+ input) -> the response alone (an instruction-tuned model only)
+    POST /instruct/stream   the same as server-sent events, like /generate/stream
+    GET  /api/model         config, parameter breakdown, size, device, dtype, task
     POST /api/inspect       tokens, top-10 next tokens, attention of every layer and head
     GET  /api/explain[/{t}] the walk-through topics (glassgpt.explain), run on the live model
     GET  /healthz, /readyz  process up; model loaded
@@ -10,6 +13,11 @@
 
 `create_app` builds the app from route installers, one per group of routes. Model work runs in
 worker threads behind a `Gate` (`gated`), never on the event loop.
+
+What the served model is decides which routes answer (`require_task`): a classifier answers
+/classify and refuses the routes that generate or read next tokens (409, saying which route to
+use); a language model refuses /classify; /instruct needs the instruction template saved by
+`glassgpt finetune instruct`. /generate on an instruction-tuned model continues a raw prompt.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the request models (classes made inside
@@ -22,20 +30,30 @@ import threading
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glassgpt import explain
 from glassgpt.generate import Sampling
-from glassgpt.serve.engine import Busy, Gate, ModelHost, Ticket, inspect_text, run_generation
+from glassgpt.instruct import InstructionTemplate
+from glassgpt.serve.engine import (
+    Busy,
+    Gate,
+    ModelHost,
+    Ticket,
+    inspect_text,
+    run_classification,
+    run_generation,
+    run_instruction,
+)
 from glassgpt.serve.middleware import AccessLog, BodySizeLimit
 from glassgpt.serve.site import PAGES, STATIC_DIR, render_page
 
@@ -48,7 +66,8 @@ class ServeSettings:
     """Every limit of the service in one place (all overridable from `glassgpt serve`)."""
 
     max_tokens_cap: int = 256           # the most tokens one request may ask for
-    max_prompt_chars: int = 20_000      # longer prompts are refused (422) before tokenizing
+    max_prompt_chars: int = 20_000      # longer prompts, texts, instructions: 422 before tokenizing
+    max_classify_texts: int = 64        # texts one POST /classify may send
     inspect_max_tokens: int = 48        # /api/inspect returns layers x heads x T x T weights
     max_running: int = 1                # generations at once (one keeps a small CPU's cores busy)
     max_waiting: int = 8                # queued behind them; more get 503 + Retry-After
@@ -59,8 +78,8 @@ class ServeSettings:
     compile: bool = False               # CPU decoding through compiled kernels (compiled at warm-up)
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens_cap", "max_prompt_chars", "inspect_max_tokens", "max_running",
-                     "max_body_bytes"):
+        for name in ("max_tokens_cap", "max_prompt_chars", "max_classify_texts", "inspect_max_tokens",
+                     "max_running", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
@@ -75,14 +94,12 @@ class ServeSettings:
 
 # ---------------------------------------------------------------- request and response bodies
 
-def generate_request_model(settings: ServeSettings) -> type[BaseModel]:
-    """POST /generate's body, with bounds taken from `settings` so the OpenAPI schema shows them."""
+def sampling_request_model(settings: ServeSettings) -> type[BaseModel]:
+    """The fields of every request that generates (/generate, /instruct): length and sampling."""
 
-    class GenerateRequest(BaseModel):
+    class SamplingRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        prompt: str = Field(min_length=1, max_length=settings.max_prompt_chars,
-                            examples=["Every effort moves you"])
         max_tokens: int = Field(min(50, settings.max_tokens_cap), ge=1, le=settings.max_tokens_cap)
         temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
         top_k: int | None = Field(None, ge=1, le=1_000_000)
@@ -102,7 +119,60 @@ def generate_request_model(settings: ServeSettings) -> type[BaseModel]:
             return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
                             stop=tuple(self.stop))
 
+    return SamplingRequest
+
+
+def generate_request_model(settings: ServeSettings) -> type[BaseModel]:
+    """POST /generate's body, with bounds taken from `settings` so the OpenAPI schema shows them."""
+
+    class GenerateRequest(sampling_request_model(settings)):
+        prompt: str = Field(min_length=1, max_length=settings.max_prompt_chars,
+                            examples=["Every effort moves you"])
+
     return GenerateRequest
+
+
+def instruct_request_model(settings: ServeSettings) -> type[BaseModel]:
+    """POST /instruct's body: an instruction, an optional input, and /generate's sampling fields."""
+
+    class InstructRequest(sampling_request_model(settings)):
+        instruction: str = Field(min_length=1, max_length=settings.max_prompt_chars,
+                                 examples=["Rewrite the sentence using a simile."])
+        input: str = Field("", max_length=settings.max_prompt_chars, examples=["The car is fast."],
+                           description="optional: what the instruction is about")
+
+        @field_validator("instruction")
+        @classmethod
+        def _check_instruction(cls, instruction: str) -> str:
+            if not instruction.strip():
+                raise ValueError("the instruction must not be blank")
+            return instruction
+
+    return InstructRequest
+
+
+def classify_request_model(settings: ServeSettings) -> type[BaseModel]:
+    """POST /classify's body: {"texts": [...]} or {"text": "..."}, bounded by `settings`."""
+    Text = Annotated[str, Field(min_length=1, max_length=settings.max_prompt_chars)]
+
+    class ClassifyRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={
+            "examples": [{"texts": ["Hi, are we still on for lunch?", "You won a prize! Call now"]}]})
+
+        texts: list[Text] | None = Field(None, min_length=1, max_length=settings.max_classify_texts,
+                                         description="the texts to classify")
+        text: Text | None = Field(None, description="one text (instead of texts)")
+
+        @model_validator(mode="after")
+        def _one_of_text_or_texts(self):
+            if (self.texts is None) == (self.text is None):
+                raise ValueError('give "texts" (a list of texts) or "text" (one text), not both or neither')
+            return self
+
+        def all_texts(self) -> list[str]:
+            return self.texts if self.texts is not None else [self.text]
+
+    return ClassifyRequest
 
 
 def inspect_request_model(settings: ServeSettings) -> type[BaseModel]:
@@ -129,11 +199,34 @@ class GenerateResponse(BaseModel):
     model: str
 
 
+class Prediction(BaseModel):
+    text: str
+    label: str = Field(description="the likeliest class")
+    probabilities: dict[str, float] = Field(description="every class's probability, in the head's order")
+
+
+class InstructResponse(BaseModel):
+    instruction: str
+    input: str
+    prompt: str = Field(description="the text the model continued: the instruction in the saved template")
+    response: str = Field(description="the response alone, stripped; it ends at the end-of-text token")
+    completion: str = Field(description="the continuation as generated (the response before stripping)")
+    prompt_tokens: int
+    completion_tokens: int
+    time_s: float
+    tokens_per_s: float
+    template: str = Field(description="the instruction template's name")
+    model: str
+
+
 class ErrorResponse(BaseModel):
     error: str
 
 
 BUSY = {503: {"model": ErrorResponse, "description": "busy (see Retry-After) or model not loaded"}}
+WRONG_MODEL = {409: {"model": ErrorResponse,
+                     "description": "the served model does not do this (see GET /api/model)"}}
+BUSY_OR_WRONG = {**BUSY, **WRONG_MODEL}
 
 
 def _describe_problem(error: dict) -> str:
@@ -148,6 +241,8 @@ def _describe_problem(error: dict) -> str:
         return "the request body is not valid JSON"
     if kind == "string_too_short" and error.get("ctx", {}).get("min_length") == 1:
         return f"{field} must not be empty"
+    if kind == "value_error" and field == "body":  # a check across fields: its message says it all
+        return str(error.get("msg", "invalid")).replace("Value error, ", "")
     return f"{field}: {error.get('msg', 'invalid')}".replace("Value error, ", "")
 
 
@@ -192,6 +287,84 @@ async def answer(gate: Gate, work: Callable[[], T]) -> T:
         raise HTTPException(422, str(error)) from None
 
 
+_streams: set[asyncio.Task] = set()  # running stream jobs, held until they end
+
+
+def event_stream(gate: Gate, work: Callable[[Callable[[str], None], threading.Event], dict]
+                 ) -> StreamingResponse:
+    """Server-sent events of one gated job: `piece` {text} each time `work` calls its first
+    argument, then `done` (what `work` returns) or `error` {error}.
+
+    `work(on_piece, cancelled)` runs in a worker thread; `cancelled` is set when the client leaves,
+    so it can stop generating. Admission happens here: a full gate is a 503, before the stream.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def push(kind: str, data: dict) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, data))
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            cancelled.set()
+
+    def job() -> None:
+        # The stream has begun, so every outcome, failure too, is an event.
+        try:
+            push("done", work(lambda piece: push("piece", {"text": piece}), cancelled))
+        except Exception as error:
+            log.exception("streamed generation failed")
+            push("error", {"error": str(error) if isinstance(error, ValueError) else "generation failed"})
+
+    running = asyncio.ensure_future(gated(gate, job))
+    _streams.add(running)
+    running.add_done_callback(_streams.discard)
+
+    async def events_as_text():
+        try:
+            while True:
+                kind, data = await events.get()
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                if kind != "piece":
+                    return
+        finally:
+            cancelled.set()  # the client left early: stop generating for it
+
+    return StreamingResponse(events_as_text(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---------------------------------------------------------------- which model answers which route
+
+def task_mismatch(description: dict, allowed: tuple[str, ...]) -> str | None:
+    """Why a model described by `description` (GET /api/model) cannot answer a route open to the
+    `allowed` tasks, in words that name the route to use instead; None when it can."""
+    task = description["task"]
+    if task in allowed:
+        return None
+    if task == "classify":
+        return (f"the served model is a classifier (classes: {', '.join(description['classes'])}): it scores "
+                "texts and has no next tokens to generate or show; use POST /classify")
+    if allowed == ("classify",):
+        other = " or POST /instruct" if task == "instruct" else ""
+        return f"the served model is not a classifier: it is a language model; use POST /generate{other}"
+    return ("the served model is not instruction-tuned (its checkpoint holds no instruction template, "
+            "which glassgpt finetune instruct saves): use POST /generate to continue a prompt")
+
+
+async def require_task(host: ModelHost, *allowed: str) -> None:
+    """409 unless the served model does one of the `allowed` tasks (loading it first if lazy)."""
+    if not host.ready:
+        await run_in_threadpool(host.get)
+    problem = task_mismatch(host.description, allowed)
+    if problem:
+        raise HTTPException(409, problem)
+
+
+LANGUAGE_MODEL = ("generate", "instruct")
+STREAM_RESPONSES = {**BUSY_OR_WRONG, 200: {"content": {"text/event-stream": {}}}}
+
+
 # ---------------------------------------------------------------- the routes, group by group
 
 def install_errors(app: FastAPI) -> None:
@@ -213,11 +386,12 @@ def install_errors(app: FastAPI) -> None:
 def install_generation_api(app: FastAPI, host: ModelHost, gate: Gate, settings: ServeSettings) -> None:
     """POST /generate and POST /generate/stream."""
     GenerateRequest = generate_request_model(settings)
-    streams: set[asyncio.Task] = set()  # running stream jobs, held until they end
 
-    @app.post("/generate", response_model=GenerateResponse, responses=BUSY, tags=["generate"])
+    @app.post("/generate", response_model=GenerateResponse, responses=BUSY_OR_WRONG, tags=["generate"])
     async def generate(request: GenerateRequest):
         """Continue the prompt; answer the whole continuation with its token counts and timing."""
+        await require_task(host, *LANGUAGE_MODEL)
+
         def work():
             model, tokenizer = host.get()
             return run_generation(model, tokenizer, request.prompt, request.max_tokens, request.sampling(),
@@ -225,50 +399,63 @@ def install_generation_api(app: FastAPI, host: ModelHost, gate: Gate, settings: 
 
         return {**await answer(gate, work), "model": host.name}
 
-    stream_responses = {**BUSY, 200: {"content": {"text/event-stream": {}}}}
-
-    @app.post("/generate/stream", responses=stream_responses, tags=["generate"])
+    @app.post("/generate/stream", responses=STREAM_RESPONSES, tags=["generate"])
     async def generate_stream(request: GenerateRequest):
         """Server-sent events: `piece` {text} as each piece is made, then `done` (the /generate
         answer) or `error` {error}."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
+        await require_task(host, *LANGUAGE_MODEL)
 
-        def push(kind: str, data: dict) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (kind, data))
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
-                cancelled.set()
+        def work(on_piece, cancelled) -> dict:
+            model, tokenizer = host.get()
+            result = run_generation(model, tokenizer, request.prompt, request.max_tokens, request.sampling(),
+                                    on_piece=on_piece, cancelled=cancelled, compile=host.compile)
+            return {**result, "model": host.name}
 
-        def work() -> None:
-            # The stream has begun, so every outcome, failure too, is an event.
-            try:
-                model, tokenizer = host.get()
-                sampling, on_piece = request.sampling(), lambda piece: push("piece", {"text": piece})
-                result = run_generation(model, tokenizer, request.prompt, request.max_tokens, sampling,
-                                        on_piece=on_piece, cancelled=cancelled, compile=host.compile)
-                push("done", {**result, "model": host.name})
-            except Exception as error:
-                log.exception("streamed generation failed")
-                push("error", {"error": str(error) if isinstance(error, ValueError) else "generation failed"})
+        return event_stream(gate, work)
 
-        job = asyncio.ensure_future(gated(gate, work))  # a full gate is a 503 here, before the stream
-        streams.add(job)
-        job.add_done_callback(streams.discard)
 
-        async def event_stream():
-            try:
-                while True:
-                    kind, data = await events.get()
-                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-                    if kind != "piece":
-                        return
-            finally:
-                cancelled.set()  # the client left early: stop generating for it
+def install_classify_api(app: FastAPI, host: ModelHost, gate: Gate, settings: ServeSettings) -> None:
+    """POST /classify (a classifier only)."""
+    ClassifyRequest = classify_request_model(settings)
 
-        return StreamingResponse(event_stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    @app.post("/classify", response_model=list[Prediction], responses=BUSY_OR_WRONG, tags=["classify"])
+    async def classify(request: ClassifyRequest):
+        """Each text's label and class probabilities, in the order given: a list of {text, label,
+        probabilities}, as `glassgpt classify --json` prints (a list for one "text" too). Texts longer
+        than the classifier was trained on keep their first tokens, as in training."""
+        await require_task(host, "classify")
+
+        def work():
+            model, tokenizer = host.get()
+            return run_classification(model, tokenizer, request.all_texts(), host.finetune.get("max_length"))
+
+        return await answer(gate, work)
+
+
+def install_instruct_api(app: FastAPI, host: ModelHost, gate: Gate, settings: ServeSettings) -> None:
+    """POST /instruct and POST /instruct/stream (an instruction-tuned model only)."""
+    InstructRequest = instruct_request_model(settings)
+
+    def respond(request, on_piece=None, cancelled=None) -> dict:
+        model, tokenizer = host.get()
+        result = run_instruction(model, tokenizer, host.template, request.instruction, request.input,
+                                 request.max_tokens, request.sampling(), on_piece=on_piece,
+                                 cancelled=cancelled, compile=host.compile)
+        return {**result, "template": host.template.name, "model": host.name}
+
+    @app.post("/instruct", response_model=InstructResponse, responses=BUSY_OR_WRONG, tags=["instruct"])
+    async def instruct(request: InstructRequest):
+        """The model's response to the instruction (and input), formatted with the template saved
+        with the checkpoint, as it was trained; generation stops at the end-of-text token."""
+        await require_task(host, "instruct")
+        return await answer(gate, lambda: respond(request))
+
+    @app.post("/instruct/stream", responses=STREAM_RESPONSES, tags=["instruct"])
+    async def instruct_stream(request: InstructRequest):
+        """Server-sent events: `piece` {text} of the response as it is made, then `done` (the
+        /instruct answer) or `error` {error}."""
+        await require_task(host, "instruct")
+        return event_stream(gate, lambda on_piece, cancelled: respond(request, on_piece, cancelled))
 
 
 def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: ServeSettings) -> None:
@@ -280,15 +467,21 @@ def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Ser
 
     @app.get("/api/model", responses=BUSY, tags=["inspect"])
     async def model_info():
-        """The live model: config, parameter breakdown (as `glassgpt info`), size, device, dtype."""
+        """The live model: config, parameter breakdown (as `glassgpt info`), size, device, dtype, and
+        what it does: "task" is "classify" (POST /classify; "classes" in the head's order),
+        "instruct" (POST /instruct; "template" names the instruction template) or "generate"."""
         model, _ = await run_in_threadpool(host.get)
         limits = {"max_tokens": settings.max_tokens_cap, "inspect_max_tokens": inspect_limit(model),
                   "max_prompt_chars": settings.max_prompt_chars}
+        if host.task == "classify":
+            limits.update(max_texts=settings.max_classify_texts, max_text_chars=settings.max_prompt_chars)
         return {**host.description, "load_time_s": host.load_time_s, "limits": limits}
 
-    @app.post("/api/inspect", responses=BUSY, tags=["inspect"])
+    @app.post("/api/inspect", responses=BUSY_OR_WRONG, tags=["inspect"])
     async def inspect(request: InspectRequest):
         """Tokens of the text, the 10 likeliest next tokens, and attention weights[layer][head][i][j]."""
+        await require_task(host, *LANGUAGE_MODEL)
+
         def work():
             model, tokenizer = host.get()
             n_tokens = len(tokenizer.encode(request.text))
@@ -304,12 +497,13 @@ def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Ser
         """The walk-through's topics: [{name, title}]."""
         return [{"name": name, "title": title} for name, title in explain.list_topics()]
 
-    @app.get("/api/explain/{topic}", responses=BUSY, tags=["learn"])
+    @app.get("/api/explain/{topic}", responses=BUSY_OR_WRONG, tags=["learn"])
     async def explain_topic(topic: str):
         """One walk-through topic computed with the live model: {topic, title, steps: [...]}."""
         names = [name for name, _ in explain.list_topics()]
         if topic not in names:
             raise HTTPException(404, f"unknown topic {topic!r}; topics: {', '.join(names)}")
+        await require_task(host, *LANGUAGE_MODEL)
 
         def work():
             model, tokenizer = host.get()
@@ -350,18 +544,19 @@ def install_pages(app: FastAPI) -> None:
 
 # ---------------------------------------------------------------- the app
 
-def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings | None = None,
-               **overrides) -> FastAPI:
+def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings | None = None, *,
+               template: InstructionTemplate | None = None, **overrides) -> FastAPI:
     """A FastAPI app serving `model`: a GPT object (with its tokenizer), a checkpoint dir or a preset.
 
-    `settings` (or keyword overrides of its fields, e.g. max_running=2) set the limits.
+    `settings` (or keyword overrides of its fields, e.g. max_running=2) set the limits. `template`:
+    serve a GPT object as instruction-tuned (a checkpoint directory brings its own template).
     """
     unknown = sorted(set(overrides) - {f.name for f in fields(ServeSettings)})
     if unknown:
         known = ", ".join(f.name for f in fields(ServeSettings))
         raise ValueError(f"unknown serve settings: {', '.join(unknown)}; known: {known}")
     settings = replace(settings or ServeSettings(), **overrides)
-    host = ModelHost(model, tokenizer, dtype=settings.dtype, compile=settings.compile)
+    host = ModelHost(model, tokenizer, dtype=settings.dtype, compile=settings.compile, template=template)
     gate = Gate(settings.max_running, settings.max_waiting)
 
     @asynccontextmanager
@@ -375,6 +570,8 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     app.state.host, app.state.gate, app.state.settings = host, gate, settings
     install_errors(app)
     install_generation_api(app, host, gate, settings)
+    install_classify_api(app, host, gate, settings)
+    install_instruct_api(app, host, gate, settings)
     install_inspect_api(app, host, gate, settings)
     install_health(app, host)
     install_pages(app)

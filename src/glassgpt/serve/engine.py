@@ -1,4 +1,5 @@
-"""What the server does with the model, without any HTTP: load it, generate, look inside it.
+"""What the server does with the model, without any HTTP: load it, generate, classify, answer
+instructions, look inside it.
 
 Also the `Gate` that keeps a small CPU from being oversubscribed: a bounded number of jobs run at
 once, a bounded number wait for a turn, and anything past that is refused at once (the app turns
@@ -7,11 +8,12 @@ that into 503 + Retry-After) instead of piling up in a queue nobody will live to
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +21,9 @@ import torch
 from glassgpt.generate import Sampling, Timing, iter_tokens, stream_text
 from glassgpt.hub import check_model_spec, quantize_int8, resolve_model
 from glassgpt.inspect import record_attention
+from glassgpt.instruct import InstructionTemplate, load_template
 from glassgpt.model import GPT
+from glassgpt.weights import GLASSGPT_META
 
 log = logging.getLogger("glassgpt.serve")
 
@@ -34,14 +38,22 @@ class ModelHost:
     quarter of the bytes to read per token, the limit of decoding on a CPU). `compile=True`:
     decode through compiled matrix-vector kernels on a CPU (`glassgpt.generate`), compiled during
     the warm-up.
+
+    What the model does (`task_of`) comes from the checkpoint: a classification head makes it a
+    classifier; an instruction template in its glassgpt.json (or `template=` for a GPT object)
+    makes it instruction-tuned. Both files are read here, so a broken template fails at start-up.
     """
 
     def __init__(self, source, tokenizer=None, name: str | None = None, dtype: str = "float32",
-                 compile: bool = False):
+                 compile: bool = False, template: InstructionTemplate | None = None):
         if isinstance(source, GPT) and tokenizer is None:
             raise ValueError("serving a GPT object needs its tokenizer: pass tokenizer=...")
         if not isinstance(source, GPT):
             check_model_spec(source)  # fail at start-up, not on the first request
+        saved = _saved_metadata(source)
+        self.template = template or (load_template(source) if saved else None)
+        # A classifier's training run: "max_length" is the length its texts were cut to.
+        self.finetune: dict = saved.get("finetune", {})
         self.source = source
         self.dtype = dtype
         self.compile = compile
@@ -54,7 +66,7 @@ class ModelHost:
         self.description: dict | None = None  # GET /api/model's answer, made once at load
         if self._model is not None:
             self._check(self._model, self._tokenizer)
-            self.description = describe_model(self._model, self._tokenizer, self.name)
+            self.description = describe_model(self._model, self._tokenizer, self.name, self.template)
 
     @property
     def ready(self) -> bool:
@@ -70,7 +82,7 @@ class ModelHost:
                     model, tokenizer, _ = resolve_model(self.source, dtype="float32" if int8 else self.dtype)
                     self._check(model, tokenizer)
                     # Described before quantising: int8 Linear layers hold no parameters to count.
-                    self.description = describe_model(model, tokenizer, self.name)
+                    self.description = describe_model(model, tokenizer, self.name, self.template)
                     if int8:
                         model = quantize_int8(model)
                         self.description["dtype"] = "int8 (Linear layers; embeddings and norms float32)"
@@ -89,16 +101,44 @@ class ModelHost:
         # compile=True, compile them); pay for that at start-up, through the very path requests
         # take (a prefill and a cached decode step), not in the first user's request.
         prefill = max(1, min(8, model.config.context_length - 1))
+        if model.config.n_classes:  # a classifier runs one forward pass per batch, no decoding
+            with torch.inference_mode():
+                model(torch.zeros((1, prefill), dtype=torch.long, device=model.tok_emb.weight.device))
+            return
         for _ in iter_tokens(model, [0] * prefill, 2, compile=self.compile):
             pass
+
+    @property
+    def task(self) -> str | None:
+        """"classify", "instruct" or "generate" (`task_of`); None until the model is loaded."""
+        return self.description["task"] if self.description else None
 
     @staticmethod
     def _check(model: GPT, tokenizer) -> None:
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"the {tokenizer.name} tokenizer makes ids up to {tokenizer.vocab_size - 1:,} but the model "
-                f"only has {model.config.vocab_size:,} token embeddings; serve a model with a matching vocabulary"
+                f"only has {model.config.vocab_size:,} token embeddings; "
+                "serve a model with a matching vocabulary"
             )
+
+
+def _saved_metadata(source) -> dict:
+    """The glassgpt.json of a checkpoint directory (empty for anything else: a GPT, a preset, HF)."""
+    if isinstance(source, GPT):
+        return {}
+    meta_file = Path(str(source)) / GLASSGPT_META
+    if not meta_file.is_file():
+        return {}
+    return json.loads(meta_file.read_text(encoding="utf-8"))
+
+
+def task_of(config, template: InstructionTemplate | None) -> str:
+    """"classify" (a classification head), "instruct" (a language model with an instruction
+    template) or "generate" (a plain language model)."""
+    if config.n_classes:
+        return "classify"
+    return "instruct" if template is not None else "generate"
 
 
 # ---------------------------------------------------------------- bounded concurrency
@@ -220,6 +260,43 @@ def run_generation(model: GPT, tokenizer, prompt: str, max_tokens: int, sampling
     }
 
 
+# ---------------------------------------------------------------- fine-tuned models
+
+def run_classification(model: GPT, tokenizer, texts: Sequence[str], max_length: int | None = None
+                       ) -> list[dict]:
+    """Each text's label and class probabilities: `glassgpt.classify.predict`, as `glassgpt classify`
+    runs it (texts cut to `max_length` tokens, the length the classifier was trained with)."""
+    from glassgpt.classify import predict
+
+    return predict(model, tokenizer, list(texts), max_length=max_length)
+
+
+def run_instruction(model: GPT, tokenizer, template: InstructionTemplate, instruction: str, input: str,  # noqa: A002
+                    max_tokens: int, sampling: Sampling | None = None,
+                    on_piece: Callable[[str], None] | None = None,
+                    cancelled: threading.Event | None = None, compile: bool = False) -> dict:
+    """The response to `instruction` (and `input`), put into `template`'s prompt as training did.
+
+    The model continues the prompt until its end-of-text token (or `max_tokens`, or a stop string);
+    the answer is the response alone, stripped, as `glassgpt.instruct.respond` gives it, plus the
+    prompt the model saw and run_generation's counts. A prompt that does not fit the context is
+    refused (ValueError), not cut: cutting would drop the template's start, which the model needs.
+    """
+    prompt = template.format_prompt(instruction, input)
+    context = model.config.context_length
+    _, _, dropped = fit_prompt(tokenizer, prompt, context, max_tokens)
+    if dropped:
+        n_tokens, room = len(tokenizer.encode(prompt)), context - min(max_tokens, context // 2)
+        raise ValueError(f"the prompt (the instruction in the {template.name} template) is {n_tokens} "
+                         f"tokens; with max_tokens {max_tokens} at most {room} fit the model's context of "
+                         f"{context}. Shorten the instruction or input, or ask for fewer tokens")
+    result = run_generation(model, tokenizer, prompt, max_tokens, sampling, on_piece=on_piece,
+                            cancelled=cancelled, compile=compile)
+    return {"instruction": instruction, "input": input, "prompt": prompt,
+            "response": result["completion"].strip(), "completion": result["completion"],
+            **{key: result[key] for key in ("prompt_tokens", "completion_tokens", "time_s", "tokens_per_s")}}
+
+
 # ---------------------------------------------------------------- looking inside
 
 def inspect_text(model: GPT, tokenizer, text: str, top: int = 10) -> dict:
@@ -247,8 +324,11 @@ def inspect_text(model: GPT, tokenizer, text: str, top: int = 10) -> dict:
     }
 
 
-def describe_model(model: GPT, tokenizer, name: str) -> dict:
-    """What GET /api/model answers: config, parameter breakdown, size, device and dtype."""
+def describe_model(model: GPT, tokenizer, name: str, template: InstructionTemplate | None = None) -> dict:
+    """What GET /api/model answers: config, parameter breakdown, size, device and dtype; the task
+    (`task_of`), a classifier's classes and an instruction-tuned model's template name."""
+    from glassgpt.classify import class_names
+
     parameters = list(model.parameters())
     size_bytes = sum(p.numel() * p.element_size() for p in parameters)
     first = parameters[0]
@@ -262,4 +342,7 @@ def describe_model(model: GPT, tokenizer, name: str) -> dict:
         "device": str(first.device),
         "dtype": str(first.dtype).removeprefix("torch."),
         "tokenizer": tokenizer.name,
+        "task": task_of(model.config, template),
+        "classes": class_names(model.config) if model.config.n_classes else None,
+        "template": template.name if template is not None and not model.config.n_classes else None,
     }

@@ -4,9 +4,10 @@ Each page file in static/ holds only its own part (its <title>, scripts and <mai
 holds the head and the header with the nav that every page shares, so they are written once.
 `render_page` puts the two together; the server answers with it and the static copy is the same.
 
-`glassgpt site DIR --api URL`: our reference deploys the page on a static host and the API
-elsewhere. The pages read the API's address from static/config.js (empty: same origin), so the
-static copy only rewrites that file. The API must list the site's origin:
+`glassgpt site DIR --api URL` is for a deployment with the page on a static host and the API
+elsewhere (as the project's specification deploys it). The pages read the API's address from
+static/config.js (empty: same origin), so the static copy only rewrites that file. The API must
+list the site's origin:
 `glassgpt serve --cors-origin https://site.example`.
 """
 

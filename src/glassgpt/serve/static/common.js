@@ -75,6 +75,28 @@ const glassgpt = {
     return node;
   },
 
+  // Server-sent events arrive as "event: NAME\ndata: JSON\n\n" blocks, possibly split across chunks.
+  async* serverEvents(response) {
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffered = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffered += value;
+      let end;
+      while ((end = buffered.indexOf("\n\n")) >= 0) {
+        const block = buffered.slice(0, end);
+        buffered = buffered.slice(end + 2);
+        let name = "message", data = "";
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) name = line.slice(6).trim();
+          else if (line.startsWith("data:")) data += line.slice(5).trim();
+        }
+        yield { name, data: JSON.parse(data) };
+      }
+    }
+  },
+
   modelPromise: null,
   model() {  // GET /api/model once per page
     glassgpt.modelPromise = glassgpt.modelPromise || glassgpt.json("/api/model");
@@ -91,7 +113,12 @@ document.addEventListener("DOMContentLoaded", () => {
   const badge = document.querySelector(".model-badge");
   if (badge) {
     glassgpt.model().then((info) => {
-      badge.textContent = `${info.name} · ${glassgpt.compact(info.parameters)} parameters · ${info.device}`;
+      const kind = { classify: " · classifier", instruct: " · instruction-tuned" }[info.task] || "";
+      badge.textContent = `${info.name} · ${glassgpt.compact(info.parameters)} parameters · ${info.device}${kind}`;
+      // The page at / offers what the model does (tasks.js): name its link after that.
+      const home = document.querySelector('.top nav a[href="./"]');
+      if (home && info.task === "classify") home.textContent = "Classify";
+      if (home && info.task === "instruct") home.textContent = "Instruct";
     }).catch(() => { badge.textContent = "model not reachable"; });
   }
 });

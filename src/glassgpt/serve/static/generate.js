@@ -1,5 +1,6 @@
-// The generate page: send the prompt to POST /generate/stream, show each piece as it arrives,
-// then the timing line from the final event.
+// The generate box of the page at /: send the prompt to POST /generate/stream, show each piece as
+// it arrives, then the timing line from the final event. (tasks.js swaps in the classify or
+// instruct box when the served model is a classifier or instruction-tuned.)
 "use strict";
 
 const form = document.getElementById("generate-form");
@@ -41,28 +42,6 @@ function requestBody() {
   return body;
 }
 
-// Server-sent events arrive as "event: NAME\ndata: JSON\n\n" blocks, possibly split across chunks.
-async function* serverEvents(response) {
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffered = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffered += value;
-    let end;
-    while ((end = buffered.indexOf("\n\n")) >= 0) {
-      const block = buffered.slice(0, end);
-      buffered = buffered.slice(end + 2);
-      let name = "message", data = "";
-      for (const line of block.split("\n")) {
-        if (line.startsWith("event:")) name = line.slice(6).trim();
-        else if (line.startsWith("data:")) data += line.slice(5).trim();
-      }
-      yield { name, data: JSON.parse(data) };
-    }
-  }
-}
-
 function showTiming(result) {
   timing.textContent = `Generated in ${result.time_s.toFixed(2)} s (${result.tokens_per_s.toFixed(1)} tokens/s)`;
   const details = [`${result.completion_tokens} new tokens`, `prompt ${result.prompt_tokens} tokens`];
@@ -86,7 +65,7 @@ async function send() {
   output.classList.add("streaming");
   try {
     const response = await glassgpt.request("/generate/stream", body);
-    for await (const event of serverEvents(response)) {
+    for await (const event of glassgpt.serverEvents(response)) {
       if (event.name === "piece") completionSpan.textContent += event.data.text;
       else if (event.name === "done") {
         completionSpan.textContent = event.data.completion;
