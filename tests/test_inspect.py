@@ -8,6 +8,7 @@ processing (folded, centred LayerNorms) gives the logit lens along a different p
 """
 
 import copy
+import importlib.metadata
 import json
 
 import numpy as np
@@ -231,7 +232,9 @@ def toy_hf_tokenizer(vocab_size: int):
 def bridges(pair):
     """TransformerLens over copies of the transformers model: as loaded, and with HookedTransformer's
     weight processing (LayerNorm folded into the next layer, writing weights and unembedding centred)."""
-    pytest.importorskip("transformer_lens", minversion="4")  # 4.0 replaced HookedTransformer with the bridge
+    pytest.importorskip("transformer_lens")
+    if int(importlib.metadata.version("transformer-lens").split(".")[0]) < 4:
+        pytest.skip("TransformerLens 4 or later (its TransformerBridge) is needed")
     from transformer_lens import TransformerBridge
 
     _, hf = pair
@@ -341,7 +344,7 @@ def test_a_classifier_reads_through_its_class_head():
     lens = logit_lens(model, ids)
     assert lens.shape == (3, 4, 3)
     assert torch.equal(lens[-1], torch.log_softmax(model(torch.tensor([ids])), dim=-1)[0])
-    assert ablate_heads(model, ids, 2).shape == (2, 4)
+    assert ablate_heads(model, ids, np.int64(2)).shape == (2, 4)  # any integer type
     with pytest.raises(ValueError, match=r"not a class of this classifier: 0\.\.2 \(a, b, c\)"):
         patch_residual(model, ids, ids, 3)
 
@@ -360,6 +363,8 @@ def test_bad_input_is_refused_before_any_work():
         (lambda: logit_lens(model, [1, 99]), r"token id 99 is outside the vocabulary"),
         (lambda: logit_lens(model, torch.ones(2, 3, dtype=torch.long)), "one text"),
         (lambda: logit_lens(model, torch.ones(3)), "integers"),
+        (lambda: logit_lens(model, [1, True]), "integers"),
+        (lambda: ablate_heads(model, [1, 2], True), "must be an integer"),
         (lambda: residual_contributions(model, [-1]), "outside the vocabulary"),
         (lambda: top_neurons(model, [1, 2], 2), r"block must be 0\.\.1"),
         (lambda: top_neurons(model, "text", 0), "needs its tokenizer"),
@@ -434,6 +439,9 @@ def test_cli_json_numbers_equal_the_library(char_model, capsys):
     np.testing.assert_allclose(embeddings["token_map"]["xy"], expected["tokens"]["xy"], atol=1e-6)
     assert embeddings["token_map"]["texts"] == tokenizer.token_strings(expected["tokens"]["ids"])
     assert len(embeddings["position_map"]["xy"]) == 32
+    no_text = inspect_json(capsys, "", "--model", directory, "--view", "embeddings", "--top", "2")
+    assert no_text["tokens"] == [] and no_text["token_map"]["ids"] == list(range(tokenizer.vocab_size))
+    assert len(no_text["token_map"]["neighbours"][0]) == 2
 
 
 def test_cli_tables_and_refusals(char_model, capsys):
@@ -448,6 +456,8 @@ def test_cli_tables_and_refusals(char_model, capsys):
         (["--view", "patch", "--corrupt", "the"], "equal token counts"),
         (["--view", "heads", "--target", "at"], "one token"),
         (["--view", "neurons", "--block", "5"], "block must be 0..1"),
+        (["--view", "heads", "--top", "0"], "top must be a positive integer"),
+        (["--model", directory + "/missing"], "no model at"),
     ]
     for extra, message in refusals:
         assert main(["inspect", "the cat", "--model", directory, *extra]) == 2

@@ -27,6 +27,7 @@ Results are float32 tensors on the CPU or plain Python data.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -80,6 +81,16 @@ def head_size(model: GPT) -> int:
     return model.config.n_classes or model.config.vocab_size
 
 
+def _integer(value, message: str) -> int:
+    """Python, NumPy and one-element tensor integers as an int (not True, not 1.0); else ValueError."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(message)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(message) from None
+
+
 def as_ids(model: GPT, ids: IdsLike) -> torch.Tensor:
     """One text's ids as a (1, T) long tensor on the model's device, or a ValueError saying what is wrong."""
     if not isinstance(model, GPT):
@@ -96,8 +107,7 @@ def as_ids(model: GPT, ids: IdsLike) -> torch.Tensor:
     ids = list(ids)
     if not ids:
         raise ValueError("ids are empty: the views need at least one token")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ValueError("ids must be integers")
+    ids = [_integer(i, "ids must be integers") for i in ids]
     context, vocab = model.config.context_length, model.config.vocab_size
     if len(ids) > context:
         raise ValueError(f"{len(ids)} tokens exceed the model's context length of {context}; "
@@ -110,10 +120,7 @@ def as_ids(model: GPT, ids: IdsLike) -> torch.Tensor:
 
 def check_target(model: GPT, target_id: int) -> int:
     """`target_id` as an int, or a ValueError: a token id for a language model, a class for a classifier."""
-    if isinstance(target_id, torch.Tensor) and target_id.numel() == 1:
-        target_id = target_id.item()  # a float tensor gives a float, refused below
-    if not isinstance(target_id, int) or isinstance(target_id, bool):
-        raise ValueError(f"target_id must be an integer, got {target_id!r}")
+    target_id = _integer(target_id, f"target_id must be an integer, got {target_id!r}")
     size = head_size(model)
     if not 0 <= target_id < size:
         if model.config.n_classes:

@@ -28,7 +28,8 @@ def pick_target(model: GPT, tokenizer, ids: list[int], target: str | None) -> in
     """The head output a view follows: `target` (one token's text, or a classifier's label), or, when
     it is None, the model's own top choice at the last position."""
     if target is None:
-        return int(views.logit_lens_top(model, ids, 1)[1][-1, -1, 0])
+        with views.looking(model):
+            return int(model(views.as_ids(model, ids))[0, -1].argmax())
     if model.config.n_classes:
         names = output_names(model, tokenizer, list(range(model.config.n_classes)))
         if target not in names:
@@ -63,9 +64,7 @@ def report(model: GPT, tokenizer, text: str, view: str, corrupt: str | None = No
     if not isinstance(top, int) or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")
     ids = tokenizer.encode(text)
-    if view == "embeddings" and not ids:  # no text: the map of the most frequent tokens
-        found = views.embedding_map(model, None, k=top)
-    else:
+    if ids or view != "embeddings":  # (no text for the embedding map: the most frequent tokens)
         views.as_ids(model, ids)  # empty, too long or unknown ids: refused before any view runs
     result = {"view": view, "tokens": _tokens(tokenizer, ids)}
     if view == "logit-lens":
@@ -103,9 +102,7 @@ def report(model: GPT, tokenizer, text: str, view: str, corrupt: str | None = No
             neuron["tokens"] = tokenizer.token_strings(neuron["token_ids"])
         result.update(block=found["block"], neurons=found["neurons"])
     else:
-        if ids:
-            found = views.embedding_map(model, ids, k=top)
-        for name, part in found.items():
+        for name, part in views.embedding_map(model, ids or None, k=top).items():
             shown = {"ids": part["ids"], "xy": part["xy"].tolist(), "explained": part["explained"].tolist(),
                      "neighbours": part["neighbours"].tolist(), "similarity": part["similarity"].tolist()}
             if name == "tokens":
