@@ -132,9 +132,12 @@ def check_target(model: GPT, target_id: int) -> int:
 
 
 def check_block(model: GPT, block: int) -> int:
+    """`block` as an int, or a ValueError unless it numbers one of the model's blocks (from 0)."""
     n_layers = model.config.n_layers
-    if not isinstance(block, int) or isinstance(block, bool) or not 0 <= block < n_layers:
-        raise ValueError(f"block must be 0..{n_layers - 1} (the model has {n_layers} blocks), got {block!r}")
+    message = f"block must be 0..{n_layers - 1} (the model has {n_layers} blocks), got {block!r}"
+    block = _integer(block, message)
+    if not 0 <= block < n_layers:
+        raise ValueError(message)
     return block
 
 
