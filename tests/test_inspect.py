@@ -448,7 +448,7 @@ def test_cli_tables_and_refusals(char_model, capsys):
     directory, _, _ = char_model
     for view in ("logit-lens", "heads", "embeddings", "neurons", "residual"):
         assert main(["inspect", "the cat", "--model", directory, "--view", view]) == 0
-        assert "block 1" in capsys.readouterr().out or view == "embeddings"
+        assert "block 1" in capsys.readouterr().out or view == "embeddings"  # a row or column name
     assert main(["inspect", "the cat", "--model", directory, "--view", "patch", "--corrupt", "the mat"]) == 0
     assert "patch" in capsys.readouterr().out.lower()
     refusals = [

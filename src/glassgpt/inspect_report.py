@@ -178,13 +178,12 @@ def print_report(result: dict, console=None) -> None:
                 Text(f"{v - baseline:+.3f}", style=("red" if v < baseline else "green")
                      if abs(v - baseline) > 0.25 * scale else "dim") for v in row])
     elif view == "residual":
-        names = [n.replace(" attention", "\nattention").replace(" feed-forward", "\nfeed-forward")
-                 for n in result["names"]]
-        grid = table("what writes into the residual stream: the norm of each part's vector", "token", names,
-                     "Compare along a row: the longest vectors write most at that token.")
-        for position, token in enumerate(tokens):
-            row = [norms[position] for norms in result["norms"]]
-            grid.add_row(Text(token), *[Text(f"{v:.2f}", style=heat(v, min(row), max(row))) for v in row])
+        grid = table("what writes into the residual stream: the norm of each part's vector", "part", tokens,
+                     "Compare down a column: the longest vectors write most at that token.")
+        columns = list(zip(*result["norms"], strict=True))
+        for name, row in zip(result["names"], result["norms"], strict=True):
+            grid.add_row(name, *[Text(f"{v:.2f}", style=heat(v, min(column), max(column)))
+                                 for v, column in zip(row, columns, strict=True)])
     elif view == "neurons":
         grid = table(f"block {result['block']}: the feed-forward units that fire most", "unit",
                      ["peak", "fires on (activation)"],
