@@ -511,6 +511,25 @@ def add_finetune_verbs(verbs) -> None:
         sub.set_defaults(run=cmd_finetune, task=task)
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from glassgpt.hub import check_model_spec, resolve_model
+    from glassgpt.inspect_report import print_report, report
+
+    if args.view == "patch" and args.corrupt is None:  # refused before the weights load
+        raise ValueError("--view patch needs --corrupt TEXT: a text of as many tokens whose answer differs")
+    check_model_spec(args.model)
+    model, tokenizer, _ = resolve_model(args.model, device=args.device, dtype=args.dtype)
+    result = report(model, tokenizer, args.text, args.view, corrupt=args.corrupt, target=args.target,
+                    block=args.block, top=args.top)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_report(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glassgpt.config import PRESETS
     from glassgpt.hub import DTYPES, GPT2_NAMES
@@ -667,6 +686,32 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("dir", help="output directory")
     site.add_argument("--api", required=True, metavar="URL", help="the API's address, e.g. https://api.example")
     site.set_defaults(run=cmd_site)
+
+    inspect = verbs.add_parser("inspect", help="look inside a model on a text: logit lens, patching, ...",
+                               description="One view of the model's inside on TEXT (docs/INSIDE.md "
+                               "explains each): tables in the terminal, or JSON with --json.")
+    inspect.add_argument("text", help="the text to look at (for --view embeddings, \"\" shows the most "
+                         "frequent tokens)")
+    inspect.add_argument("--model", default="runs/demo",
+                         help="checkpoint directory (default runs/demo), GPT-2 name found locally, or preset")
+    inspect.add_argument("--view", default="logit-lens",
+                         choices=["logit-lens", "patch", "heads", "embeddings", "neurons", "residual"],
+                         help="logit-lens (default): the top next token after each block; patch: "
+                              "activation patching of --corrupt into TEXT; heads: each head silenced; "
+                              "embeddings: map and neighbours; neurons: the feed-forward units that fire "
+                              "most; residual: what each layer writes")
+    inspect.add_argument("--corrupt", metavar="TEXT",
+                         help="patch: the corrupted text, as many tokens as TEXT")
+    inspect.add_argument("--target", metavar="TOKEN",
+                         help="patch, heads: the one token (a classifier: the label) whose logit is "
+                              "followed; default: the model's top prediction for TEXT")
+    inspect.add_argument("--block", type=int, default=None, help="neurons: which block (default: the last)")
+    inspect.add_argument("--top", type=int, default=None, metavar="K",
+                         help="top tokens (logit-lens, 5), units (neurons, 10) or neighbours (embeddings, 5)")
+    inspect.add_argument("--json", action="store_true", help="print the view as JSON")
+    inspect.add_argument("--device", default="cpu")
+    inspect.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    inspect.set_defaults(run=cmd_inspect)
 
     return parser
 
