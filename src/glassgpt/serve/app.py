@@ -8,6 +8,7 @@
     GET  /api/model         config, parameter breakdown, size, device, dtype, task
     POST /api/inspect       tokens, top-10 next tokens, attention of every layer and head
     GET  /api/explain[/{t}] the walk-through topics (glassgpt.explain), run on the live model
+    POST /v1/completions, /v1/chat/completions, GET /v1/models   OpenAI's API (serve/openai_api.py)
     GET  /healthz, /readyz  process up; model loaded
     GET  /, /architecture, /inside, /learn   the pages (static/, see site.py), also as /NAME.html
 
@@ -573,6 +574,9 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     install_classify_api(app, host, gate, settings)
     install_instruct_api(app, host, gate, settings)
     install_inspect_api(app, host, gate, settings)
+    # Imported here: openai_api builds on this module's helpers (gated, require_task).
+    from glassgpt.serve.openai_api import install_openai_api
+    install_openai_api(app, host, gate, settings)
     install_health(app, host)
     install_pages(app)
     # Outermost last: the access log sees everything; CORS headers reach even a 413.
