@@ -264,3 +264,50 @@ def test_a_full_gate_is_a_rate_limit_with_retry_after(model, tokenizer):
                                                messages=[{"role": "user", "content": "Hi"}])
         finally:
             ticket.cancel()
+
+
+# ---------------------------------------------------------------- GET /metrics
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of a /metrics scrape: 'name{labels}' -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def test_metrics_move_with_requests(model, tokenizer):
+    app = create_app(model, tokenizer, max_running=1, max_waiting=0)
+    with BackgroundServer(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        before = scrape(server.url)
+        assert before["glassgpt_model_load_seconds{}"] >= 0
+        assert before["glassgpt_gate_running{}"] == 0 and before["glassgpt_gate_waiting{}"] == 0
+        client.completions.create(model="tiny-openai", prompt=PROMPT, max_tokens=5, temperature=0)
+        list(client.completions.create(model="tiny-openai", prompt=PROMPT, max_tokens=4, temperature=0,
+                                       stream=True))
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="nope", prompt=PROMPT)
+        ticket = app.state.gate.admit()
+        try:
+            held = scrape(server.url)
+            assert held["glassgpt_gate_running{}"] == 1
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model="tiny-openai", prompt=PROMPT, max_tokens=2)
+        finally:
+            ticket.cancel()
+        after = scrape(server.url)
+    ok = 'glassgpt_requests_total{method="POST",route="/v1/completions",status="200"}'
+    assert after[ok] - before.get(ok, 0) == 2
+    assert after['glassgpt_requests_total{method="POST",route="/v1/completions",status="404"}'] == 1
+    assert after['glassgpt_refused_total{status="429"}'] == 1
+    assert after["glassgpt_generated_tokens_total{}"] - before["glassgpt_generated_tokens_total{}"] == 9
+    assert after["glassgpt_time_to_first_token_seconds_count{}"] == 2
+    latency = 'glassgpt_request_seconds_count{route="/v1/completions"}'
+    assert after[latency] == 4
+    assert after['glassgpt_requests_total{method="GET",route="/metrics",status="200"}'] >= 2

@@ -9,6 +9,7 @@
     POST /api/inspect       tokens, top-10 next tokens, attention of every layer and head
     GET  /api/explain[/{t}] the walk-through topics (glassgpt.explain), run on the live model
     POST /v1/completions, /v1/chat/completions, GET /v1/models   OpenAI's API (serve/openai_api.py)
+    GET  /metrics           Prometheus metrics (serve/metrics.py)
     GET  /healthz, /readyz  process up; model loaded
     GET  /, /architecture, /inside, /learn   the pages (static/, see site.py), also as /NAME.html
 
@@ -55,6 +56,7 @@ from glassgpt.serve.engine import (
     run_generation,
     run_instruction,
 )
+from glassgpt.serve.metrics import install_metrics
 from glassgpt.serve.middleware import AccessLog, BodySizeLimit
 from glassgpt.serve.site import PAGES, STATIC_DIR, render_page
 
@@ -584,5 +586,6 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Content-Type"], max_age=600)
+    install_metrics(app, host, gate)  # GET /metrics; its middleware counts even a 413
     app.add_middleware(AccessLog)
     return app

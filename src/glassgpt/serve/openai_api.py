@@ -176,9 +176,10 @@ def prompt_logprobs(model, tokenizer, ids: list[int], k: int) -> list[Token]:
 
 def generate_choice(model, tokenizer, ids: list[int], max_tokens: int, sampling: Sampling,
                     stops: tuple[str, ...], top_k: int, on_piece: Callable[[str, list[Token]], None],
-                    cancelled: threading.Event | None, compile: bool) -> str:
+                    cancelled: threading.Event | None, compile: bool, metrics=None) -> str:
     """Continue `ids`; call `on_piece(text, tokens)` with each text piece and the tokens that made it
-    (the end-of-text token left out); return the finish reason, "stop" or "length"."""
+    (the end-of-text token left out); return the finish reason, "stop" or "length". `metrics`
+    (serve.metrics.Metrics) counts the tokens and the time to the first piece."""
     steps: list[Token] = []
     eos_id = tokenizer.eos_id
 
@@ -192,9 +193,10 @@ def generate_choice(model, tokenizer, ids: list[int], max_tokens: int, sampling:
                                                          top_p=sampling.top_p, seed=sampling.seed,
                                                          eos_id=eos_id), compile=compile, observe=observe)
     stream = detokenize_stream(tokenizer, tokens, stops)
-    reported = 0
+    reported, started, first_at = 0, time.perf_counter(), None
     try:
         for piece in stream:
+            first_at = first_at or time.perf_counter()
             made = [token for token in steps[reported:] if token.id != eos_id]
             reported = len(steps)
             on_piece(piece, made)
@@ -204,6 +206,8 @@ def generate_choice(model, tokenizer, ids: list[int], max_tokens: int, sampling:
         stream.close()
         tokens.close()
     generated = [token.id for token in steps if token.id != eos_id]
+    if metrics is not None:
+        metrics.generated(started, first_at, len(generated))
     if len(generated) < len(steps) or (stops and _first_stop(tokenizer.decode(generated), stops) >= 0):
         return "stop"
     return "length" if len(steps) >= max_tokens else "stop"
@@ -242,6 +246,11 @@ def render_chat(messages: list[ChatMessage], template) -> tuple[str, tuple[str, 
 
 
 # ---------------------------------------------------------------- the routes
+
+def metrics_of(app: FastAPI):
+    """The app's serve.metrics.Metrics, if it has them."""
+    return getattr(app.state, "metrics", None)
+
 
 def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: ServeSettings) -> None:
     """POST /v1/completions, POST /v1/chat/completions, GET /v1/models and /v1/models/{id}."""
@@ -341,7 +350,8 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
                 finish = "length"
                 if max_tokens > 0:
                     finish = generate_choice(model, tokenizer, ids or [tokenizer.eos_id], max_tokens,
-                                             request.sampling(c), stops, k, on_piece, cancelled, host.compile)
+                                             request.sampling(c), stops, k, on_piece, cancelled, host.compile,
+                                             metrics_of(app))
                 generated = len(tokens) - len(echoed)
                 usage["completion_tokens"] += generated
                 emit(index, "", [], finish, 0)
@@ -405,7 +415,7 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
                 emit(c, {"content": piece}, made, None)
 
             finish = generate_choice(model, tokenizer, ids, max_tokens, request.sampling(c), stops, k,
-                                     on_piece, cancelled, host.compile)
+                                     on_piece, cancelled, host.compile, metrics_of(app))
             completion_tokens += len(tokens)
             emit(c, {}, None, finish)
             choices.append({"index": c, "message": {"role": "assistant", "content": "".join(pieces)},
