@@ -3,6 +3,7 @@ the official `openai` client: completions, chat, streams, n > 1, stop strings, e
 scoring a text as `glassgpt eval` does, log-probabilities against transformers, errors as the
 client's exception types. Tiny random GPT-2-vocabulary model."""
 
+import copy
 import math
 
 import httpx
@@ -141,6 +142,31 @@ def test_echo_with_generation_puts_the_prompt_in_front(client, model, tokenizer)
     choice = answer.choices[0]
     assert choice.text == PROMPT + generate_text(model, tokenizer, PROMPT, 3)
     assert len(choice.logprobs.tokens) == 4 + 3 and choice.logprobs.token_logprobs[0] is None
+
+
+def test_end_of_text_ends_a_choice_and_is_reported_among_its_tokens(model, tokenizer):
+    """A model that always says <|endoftext|>: the text stops (finish "stop"), the token still appears
+    in the logprobs (lm-eval slices echoed tokens by position) and in the usage."""
+    ending = copy.deepcopy(model)
+    with torch.no_grad():  # every position's final state is v, and the eos row of the head is 100 v
+        v = torch.randn(TINY.emb_dim)
+        ending.final_norm.scale.zero_()
+        ending.final_norm.shift.copy_(v)
+        ending.out_head.weight[tokenizer.eos_id] = 100 * v
+    with BackgroundServer(create_app(ending, tokenizer)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        answer = client.completions.create(model="tiny-openai", prompt=PROMPT, max_tokens=5, temperature=0,
+                                           echo=True, logprobs=1)
+        chunks = list(client.completions.create(model="tiny-openai", prompt=PROMPT, max_tokens=5,
+                                                temperature=0, logprobs=1, stream=True))
+    choice = answer.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "stop"
+    prompt_tokens = [tokenizer.decode([i]) for i in tokenizer.encode(PROMPT)]
+    assert choice.logprobs.tokens == [*prompt_tokens, "<|endoftext|>"]
+    assert choice.logprobs.token_logprobs[-1] == pytest.approx(0.0, abs=1e-4)
+    assert answer.usage.completion_tokens == 1
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == ["<|endoftext|>"] and chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_stop_string_ends_the_text_before_it(client, model, tokenizer):

@@ -178,7 +178,7 @@ def generate_choice(model, tokenizer, ids: list[int], max_tokens: int, sampling:
                     stops: tuple[str, ...], top_k: int, on_piece: Callable[[str, list[Token]], None],
                     cancelled: threading.Event | None, compile: bool, metrics=None) -> str:
     """Continue `ids`; call `on_piece(text, tokens)` with each text piece and the tokens that made it
-    (the end-of-text token left out); return the finish reason, "stop" or "length". `metrics`
+    (an end-of-text token too, with no text); return the finish reason, "stop" or "length". `metrics`
     (serve.metrics.Metrics) counts the tokens and the time to the first piece."""
     steps: list[Token] = []
     eos_id = tokenizer.eos_id
@@ -197,11 +197,15 @@ def generate_choice(model, tokenizer, ids: list[int], max_tokens: int, sampling:
     try:
         for piece in stream:
             first_at = first_at or time.perf_counter()
-            made = [token for token in steps[reported:] if token.id != eos_id]
-            reported = len(steps)
+            made, reported = steps[reported:], len(steps)
             on_piece(piece, made)
             if cancelled is not None and cancelled.is_set():
                 break
+        else:
+            # The end-of-text token shows no text but is reported, as OpenAI does: harnesses that
+            # slice the echoed token list by position (lm-eval) rely on every token being there.
+            if steps[reported:] and steps[-1].id == eos_id:
+                on_piece("", steps[reported:])
     finally:
         stream.close()
         tokens.close()
