@@ -11,7 +11,7 @@ log-probabilities reported are their log-softmax (the model's own distribution, 
 and top-p, as OpenAI documents), so a greedy token is always the top alternative.
 
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for an invalid
-request (bodies are validated here, not by FastAPI, so a bad field is a 400 and not a 422), 404 for
+request (FastAPI's validation, answered under /v1 as OpenAI does: 400, not 422), 404 for
 a model other than the served one, 429 + Retry-After when the gate is full.
 
 Chat on a plain language model (no instruction template) renders the messages as plain text, one
@@ -33,9 +33,10 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from glassgpt.generate import Sampling, _first_stop, detokenize_stream, iter_tokens
 from glassgpt.serve.app import LANGUAGE_MODEL, ServeSettings, gated, require_task
@@ -131,15 +132,14 @@ class ChatRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
 
 
-def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
-    try:
-        return model.model_validate_json(body or b"{}")
-    except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(part) for part in first.get("loc", ())) or None
-        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}"
-                            for e in error.errors()[:5])
-        raise OpenAIError(400, message, param=param) from None
+def invalid_body(errors: list[dict]) -> OpenAIError:
+    """A 400 naming the first bad field (`param`) and saying what is wrong with up to five."""
+    def where(error: dict) -> str:
+        return ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+
+    message = "; ".join(f"{where(e) or 'body'}: {e.get('msg')}".replace("Value error, ", "")
+                        for e in errors[:5])
+    return OpenAIError(400, message or "invalid request body", param=where(errors[0]) if errors else None)
 
 
 # ---------------------------------------------------------------- one choice, generated
@@ -263,6 +263,15 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
     async def openai_error(request, exc: OpenAIError):
         return exc.response()
 
+    # FastAPI validates the bodies (so /docs shows them); under /v1 a bad one is OpenAI's 400.
+    elsewhere = app.exception_handlers.get(RequestValidationError)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_failed(request, exc: RequestValidationError):
+        if request.url.path.startswith("/v1/") or elsewhere is None:
+            return invalid_body(list(exc.errors())).response()
+        return await elsewhere(request, exc)
+
     def model_card() -> dict:
         return {"id": host.name, "object": "model", "created": 0, "owned_by": "glassgpt"}
 
@@ -366,11 +375,10 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
         return choices, usage
 
     @app.post("/v1/completions", tags=["openai"])
-    async def completions(raw: Request):
+    async def completions(request: CompletionRequest):
         """OpenAI's legacy completions: continue each prompt `n` times; `logprobs` k gives each token's
         log-probability and the k likeliest alternatives; `echo` puts the prompt (and, with logprobs,
         its tokens' log-probabilities) in front: with max_tokens 0 that scores a text."""
-        request = _parse(CompletionRequest, await raw.body())
         await check(request)
         if request.best_of not in (None, request.n) or request.suffix:
             raise OpenAIError(400, "best_of (other than n) and suffix are not supported", param="best_of")
@@ -430,10 +438,9 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
         return choices, usage
 
     @app.post("/v1/chat/completions", tags=["openai"])
-    async def chat_completions(raw: Request):
+    async def chat_completions(request: ChatRequest):
         """OpenAI's chat completions: the messages rendered as the module's docstring says, answered
         `n` times; `logprobs` (+ `top_logprobs`) as OpenAI gives them."""
-        request = _parse(ChatRequest, await raw.body())
         await check(request)
         prompt, extra_stops = render_chat(request.messages, host.template)
         if len(prompt) > settings.max_prompt_chars:
