@@ -4,6 +4,7 @@ scoring a text as `glassgpt eval` does, log-probabilities against transformers, 
 client's exception types. Tiny random GPT-2-vocabulary model."""
 
 import copy
+import json
 import math
 
 import httpx
@@ -337,3 +338,57 @@ def test_metrics_move_with_requests(model, tokenizer):
     latency = 'glassgpt_request_seconds_count{route="/v1/completions"}'
     assert after[latency] == 4
     assert after['glassgpt_requests_total{method="GET",route="/metrics",status="200"}'] >= 2
+
+
+# ---------------------------------------------------------------- the shapes are the openai package's
+
+def fields_are_known(body, model_type) -> None:
+    """Every key of `body` is a field of the openai type (recursively for nested models), and the
+    type validates it: the wire shape cannot drift from the SDK's."""
+    import pydantic
+
+    model_type.model_validate(body)
+    unknown = set(body) - set(model_type.model_fields)
+    assert not unknown, (model_type.__name__, unknown)
+    for name, value in body.items():
+        annotation = model_type.model_fields[name].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        for candidate in candidates:
+            inner = getattr(candidate, "__args__", ())
+            for kind in [candidate, *inner]:
+                if isinstance(kind, type) and issubclass(kind, pydantic.BaseModel):
+                    items = value if isinstance(value, list) else [value]
+                    for item in items:
+                        if isinstance(item, dict):
+                            fields_are_known(item, kind)
+
+
+def test_responses_and_chunks_have_the_openai_types_fields(server):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    # Not echo: the first echoed token has no log-probability, null on OpenAI's wire (and vLLM's,
+    # which lm-eval reads past), though the package's type says float.
+    completion = httpx.post(server.url + "/v1/completions", json={
+        "model": "tiny-openai", "prompt": PROMPT, "max_tokens": 3, "logprobs": 2}).json()
+    fields_are_known(completion, Completion)
+    chat = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": "tiny-openai", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+        "logprobs": True, "top_logprobs": 2}).json()
+    fields_are_known(chat, ChatCompletion)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={
+            "model": "tiny-openai", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+            "stream": True, "logprobs": True}) as response:
+        blocks = [b[len("data: "):] for b in response.read().decode().split("\n\n") if b]
+    for block in blocks[:-1]:
+        fields_are_known(json.loads(block), ChatCompletionChunk)
+
+
+def test_a_classifier_refuses_completions_with_a_400_naming_classify(tokenizer):
+    torch.manual_seed(0)
+    classifier = GPT(GPTConfig(name="tiny-cls", vocab_size=50257, context_length=32, emb_dim=32, n_heads=2,
+                               n_layers=2, n_classes=2, tie_weights=False)).eval()
+    with BackgroundServer(create_app(classifier, tokenizer)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="/classify"):
+            client.completions.create(model="tiny-cls", prompt="Hi", max_tokens=2)
