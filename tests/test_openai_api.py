@@ -335,6 +335,8 @@ def test_metrics_move_with_requests(model, tokenizer):
     assert after['glassgpt_refused_total{status="429"}'] == 1
     assert after["glassgpt_generated_tokens_total{}"] - before["glassgpt_generated_tokens_total{}"] == 9
     assert after["glassgpt_time_to_first_token_seconds_count{}"] == 2
+    assert after["glassgpt_tokens_per_second_count{}"] == 2
+    assert after["glassgpt_tokens_per_second_sum{}"] > 0
     latency = 'glassgpt_request_seconds_count{route="/v1/completions"}'
     assert after[latency] == 4
     assert after['glassgpt_requests_total{method="GET",route="/metrics",status="200"}'] >= 2

@@ -6,6 +6,7 @@
     glassgpt_gate_running / glassgpt_gate_waiting      jobs in the gate now
     glassgpt_generated_tokens_total                    tokens generated for /v1 completions and chat
     glassgpt_time_to_first_token_seconds               from a /v1 choice's start to its first token
+    glassgpt_tokens_per_second                         each /v1 choice's decoding speed after that
     glassgpt_model_load_seconds                        how long loading the model took
 
 `route` is the route's template (/v1/models/{model_id:path}, not the id asked for) and "unmatched"
@@ -50,6 +51,9 @@ class Metrics:
                                      "from a /v1 choice's start to its first generated token",
                                      registry=registry,
                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.speed = Histogram("glassgpt_tokens_per_second", "a /v1 choice's tokens after the first, per "
+                               "second after its first", registry=registry,
+                               buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000))
         # The gate counts admitted jobs; those past max_running are the ones waiting for a turn.
         running = Gauge("glassgpt_gate_running", "jobs holding a turn in the gate", registry=registry)
         running.set_function(lambda: min(gate.admitted, gate.max_running))
@@ -60,10 +64,14 @@ class Metrics:
         load.set_function(lambda: host.load_time_s or 0.0)
 
     def generated(self, started: float, first_token_at: float | None, tokens: int) -> None:
-        """Record one generated choice: its token count and, if any came, its time to first token."""
+        """Record one generated choice (now ended): its token count and, if any came, its time to first
+        token and its decoding speed (the first token comes with the prompt's prefill, so it is left out)."""
         self.tokens.inc(tokens)
         if first_token_at is not None:
             self.first_token.observe(first_token_at - started)
+            decoding = time.perf_counter() - first_token_at
+            if tokens > 1 and decoding > 0:
+                self.speed.observe((tokens - 1) / decoding)
 
 
 class MetricsMiddleware:
