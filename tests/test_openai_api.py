@@ -192,6 +192,21 @@ def test_n_choices_and_a_list_of_prompts(client):
     assert answer.usage.completion_tokens == 30
 
 
+def test_a_prompt_filling_the_context_is_scored_and_continued_past_it(client, model, tokenizer):
+    """lm-eval sends context-length prompts with echo and max_tokens 1: scored in one pass, then one
+    token decoded past the context (the last window recomputed, as glassgpt generate does)."""
+    ids = (tokenizer.encode(PROMPT) * 20)[:TINY.context_length]
+    answer = client.completions.create(model="tiny-openai", prompt=ids, max_tokens=2, temperature=0,
+                                       echo=True, logprobs=1)
+    lp = answer.choices[0].logprobs
+    assert len(lp.tokens) == TINY.context_length + 2
+    expected = list(iter_tokens(model, ids, 2))
+    assert lp.tokens[-2:] == [tokenizer.decode([i]) for i in expected]
+    with torch.no_grad():
+        window = torch.log_softmax(model(torch.tensor([ids[1:] + expected[:1]]))[0, -1], dim=-1)
+    assert lp.token_logprobs[-1] == pytest.approx(float(window[expected[1]]), abs=1e-4)
+
+
 def test_token_id_prompts_as_lm_eval_sends_them(client, model, tokenizer):
     ids = tokenizer.encode(PROMPT)
     answer = client.completions.create(model="tiny-openai", prompt=[ids], max_tokens=4, temperature=0)
@@ -267,7 +282,7 @@ def test_errors_are_the_clients_exception_types_in_openais_shape(client, server)
         client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Hi")
     assert missing.value.code == "model_not_found"
     for bad in (dict(max_tokens=10_000), dict(temperature=3.0), dict(logprobs=9), dict(n=0),
-                dict(max_tokens=60, prompt="word " * 20)):
+                dict(max_tokens=1, prompt="word " * 80)):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(**{"model": "tiny-openai", "prompt": "Hi", **bad})
     with pytest.raises(openai.BadRequestError):

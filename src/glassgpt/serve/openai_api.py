@@ -298,11 +298,13 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
         except HTTPException as error:
             raise OpenAIError(400, str(error.detail), param="model") from None
 
-    def fit(ids: list[int], max_tokens: int, context: int) -> None:
-        if len(ids) + max_tokens > context:
-            raise OpenAIError(400, f"the prompt is {len(ids)} tokens and max_tokens {max_tokens}: more than "
-                              f"the model's context of {context} tokens", param="prompt",
-                              code="context_length_exceeded")
+    def fit(ids: list[int], context: int) -> None:
+        # The prompt must fit the context (echo scores it in one forward pass; nothing is cut, so
+        # a harness's numbers are never silently those of a shorter text); the reply may go past
+        # it: decoding then recomputes the last context-length window, as /generate does.
+        if len(ids) > context:
+            raise OpenAIError(400, f"the prompt is {len(ids)} tokens: more than the model's context of "
+                              f"{context}", param="prompt", code="context_length_exceeded")
 
     def check_max_tokens(max_tokens: int) -> None:
         if max_tokens > settings.max_tokens_cap:
@@ -340,7 +342,7 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
             if not ids and (request.echo or max_tokens == 0):
                 raise OpenAIError(400, "the prompt is empty: there is nothing to score", param="prompt")
-            fit(ids or [tokenizer.eos_id], max_tokens, model.config.context_length)
+            fit(ids, model.config.context_length)
             prepared.append((ids, text))
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         choices = []
@@ -414,7 +416,7 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
         max_tokens = request.max_completion_tokens or request.max_tokens or max(1, min(
             settings.max_tokens_cap, model.config.context_length - len(ids)))
         check_max_tokens(max_tokens)
-        fit(ids, max_tokens, model.config.context_length)
+        fit(ids, model.config.context_length)
         k = (request.top_logprobs or 0) if request.logprobs else 0
         choices, completion_tokens = [], 0
         for c in range(request.n):
