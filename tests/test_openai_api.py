@@ -287,6 +287,11 @@ def test_errors_are_the_clients_exception_types_in_openais_shape(client, server)
             client.completions.create(**{"model": "tiny-openai", "prompt": "Hi", **bad})
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny-openai", messages=[])
+    with pytest.raises(openai.BadRequestError, match="context"):  # refused before the stream starts
+        client.completions.create(model="tiny-openai", prompt="word " * 80, stream=True)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="tiny-openai", stream=True,
+                                       messages=[{"role": "user", "content": "word " * 80}])
     body = httpx.post(server.url + "/v1/completions", content=b"{not json").json()
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["type"] == "invalid_request_error"

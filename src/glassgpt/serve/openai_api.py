@@ -37,6 +37,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from glassgpt.generate import Sampling, _first_stop, detokenize_stream, iter_tokens
 from glassgpt.serve.app import LANGUAGE_MODEL, ServeSettings, gated, require_task
@@ -329,21 +330,26 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
                                   param="prompt")
         return prompts
 
-    def completions_work(request: CompletionRequest, prompts, stops, emit, cancelled) -> list[dict]:
-        """Every choice of a completion request, in a worker thread; `emit(index, text, tokens, finish)`
-        for each piece (finish None) and once at each choice's end (text "")."""
-        model, tokenizer = host.get()
-        max_tokens, k = request.max_tokens, request.logprobs or 0
+    def prepare(request: CompletionRequest, prompts, model, tokenizer) -> list[tuple[list[int], str]]:
+        """(ids, text) of every prompt, each checked: refusals come before any work, and before a
+        stream begins. Tokenizing is cheap next to a forward pass, so it runs here, outside the gate."""
         prepared = []
-        for prompt in prompts:  # every prompt checked before any generates
+        for prompt in prompts:
             ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
             if any(not 0 <= i < model.config.vocab_size for i in ids):
                 raise OpenAIError(400, "prompt token ids must lie in the model's vocabulary", param="prompt")
             text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
-            if not ids and (request.echo or max_tokens == 0):
+            if not ids and (request.echo or request.max_tokens == 0):
                 raise OpenAIError(400, "the prompt is empty: there is nothing to score", param="prompt")
             fit(ids, model.config.context_length)
             prepared.append((ids, text))
+        return prepared
+
+    def completions_work(request: CompletionRequest, prepared, stops, emit, cancelled) -> tuple[list, dict]:
+        """Every choice of a completion request, in a worker thread; `emit(index, text, tokens, finish,
+        offset)` for each piece (finish None) and once at each choice's end (text ""). (choices, usage)"""
+        model, tokenizer = host.get()
+        max_tokens, k = request.max_tokens, request.logprobs or 0
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         choices = []
         for p, (ids, text) in enumerate(prepared):
@@ -388,6 +394,8 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
         request.max_tokens = max_tokens
         check_max_tokens(max_tokens)
         prompts, stops = prompts_of(request), request.stops()
+        # In a worker thread: a lazily loaded model may still be warming up under its lock.
+        prepared = prepare(request, prompts, *await run_in_threadpool(host.get))
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def shape(choices, usage=None) -> dict:
@@ -399,7 +407,7 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
 
         if not request.stream:
             choices, usage = await run_gated(
-                lambda: completions_work(request, prompts, stops, lambda *a: None, None))
+                lambda: completions_work(request, prepared, stops, lambda *a: None, None))
             return shape(choices, usage)
 
         def chunk(index, text, tokens, finish, offset) -> dict:
@@ -408,15 +416,12 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             return shape([{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}])
 
         return sse(lambda emit, cancelled: completions_work(
-            request, prompts, stops, lambda *a: emit(chunk(*a)), cancelled))
+            request, prepared, stops, lambda *a: emit(chunk(*a)), cancelled))
 
-    def chat_work(request: ChatRequest, prompt: str, stops, emit, cancelled):
+    def chat_work(request: ChatRequest, ids: list[int], max_tokens: int, stops, emit, cancelled
+                  ) -> tuple[list, dict]:
+        """Every choice of a chat request, in a worker thread, `emit`ting each delta as it is made."""
         model, tokenizer = host.get()
-        ids = tokenizer.encode(prompt)
-        max_tokens = request.max_completion_tokens or request.max_tokens or max(1, min(
-            settings.max_tokens_cap, model.config.context_length - len(ids)))
-        check_max_tokens(max_tokens)
-        fit(ids, model.config.context_length)
         k = (request.top_logprobs or 0) if request.logprobs else 0
         choices, completion_tokens = [], 0
         for c in range(request.n):
@@ -449,6 +454,12 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             raise OpenAIError(400, f"the messages may have at most {settings.max_prompt_chars} characters",
                               param="messages")
         stops = tuple(dict.fromkeys(request.stops() + extra_stops))
+        model, tokenizer = await run_in_threadpool(host.get)  # it may still be warming up (lazy)
+        ids = tokenizer.encode(prompt)
+        fit(ids, model.config.context_length)
+        max_tokens = request.max_completion_tokens or request.max_tokens or max(1, min(
+            settings.max_tokens_cap, model.config.context_length - len(ids)))
+        check_max_tokens(max_tokens)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def shape(kind, choices, usage=None) -> dict:
@@ -458,7 +469,8 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             return body
 
         if not request.stream:
-            choices, usage = await run_gated(lambda: chat_work(request, prompt, stops, lambda *a: None, None))
+            choices, usage = await run_gated(
+                lambda: chat_work(request, ids, max_tokens, stops, lambda *a: None, None))
             return shape("chat.completion", choices, usage)
 
         def chunk(index, delta, tokens, finish) -> dict:
@@ -466,7 +478,7 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             return shape("chat.completion.chunk",
                          [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
-        return sse(lambda emit, cancelled: chat_work(request, prompt, stops,
+        return sse(lambda emit, cancelled: chat_work(request, ids, max_tokens, stops,
                                                      lambda *a: emit(chunk(*a)), cancelled))
 
     def admit(work):
