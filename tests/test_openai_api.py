@@ -225,6 +225,17 @@ def test_streamed_completion_joins_to_the_whole_answer(client, model, tokenizer)
     assert streamed == pytest.approx(whole.choices[0].logprobs.token_logprobs, abs=1e-6)
 
 
+def test_streams_end_with_the_usage_when_asked(client, tokenizer):
+    chunks = list(client.completions.create(model="tiny-openai", prompt=PROMPT, max_tokens=4, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert chunks[-1].usage.prompt_tokens == 4 and all(c.usage is None for c in chunks[:-1])
+    chat = list(client.chat.completions.create(model="tiny-openai", max_tokens=3, temperature=0, stream=True,
+                                               messages=[{"role": "user", "content": "Hi"}],
+                                               stream_options={"include_usage": True}))
+    assert chat[-1].choices == [] and chat[-1].usage.total_tokens == chat[-1].usage.prompt_tokens + 3
+
+
 def test_raw_stream_is_server_sent_data_lines_ending_in_done(server):
     with httpx.stream("POST", server.url + "/v1/completions", json={
             "model": "tiny-openai", "prompt": PROMPT, "max_tokens": 3, "stream": True}) as response:

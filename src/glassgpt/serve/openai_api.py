@@ -70,6 +70,10 @@ class OpenAIError(Exception):
 Stop = str | list[str] | None
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with no choices and the usage
+
+
 class _Common(BaseModel):
     # Fields OpenAI defines that do not change glassgpt's answer (user, ...) are accepted and ignored.
     model_config = ConfigDict(extra="ignore")
@@ -81,6 +85,7 @@ class _Common(BaseModel):
     stop: Stop = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     user: str | None = None
@@ -415,8 +420,12 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             logprobs = completion_logprobs(tokens, offset) if wanted else None
             return shape([{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}])
 
-        return sse(lambda emit, cancelled: completions_work(
-            request, prepared, stops, lambda *a: emit(chunk(*a)), cancelled))
+        def streamed(emit, cancelled) -> None:
+            _, usage = completions_work(request, prepared, stops, lambda *a: emit(chunk(*a)), cancelled)
+            if request.stream_options and request.stream_options.include_usage:
+                emit(shape([], usage))
+
+        return sse(streamed)
 
     def chat_work(request: ChatRequest, ids: list[int], max_tokens: int, stops, emit, cancelled
                   ) -> tuple[list, dict]:
@@ -478,8 +487,12 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             return shape("chat.completion.chunk",
                          [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
-        return sse(lambda emit, cancelled: chat_work(request, ids, max_tokens, stops,
-                                                     lambda *a: emit(chunk(*a)), cancelled))
+        def streamed(emit, cancelled) -> None:
+            _, usage = chat_work(request, ids, max_tokens, stops, lambda *a: emit(chunk(*a)), cancelled)
+            if request.stream_options and request.stream_options.include_usage:
+                emit(shape("chat.completion.chunk", [], usage))
+
+        return sse(streamed)
 
     def admit(work):
         try:
