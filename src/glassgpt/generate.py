@@ -168,13 +168,15 @@ def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
 
 def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.Tensor,
                   attention_mask: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
-                  use_cache: bool) -> Iterator[torch.Tensor]:
+                  use_cache: bool, observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+                  ) -> Iterator[torch.Tensor]:
     """The decoding loop on a checked (B, T) batch: yields each step's next ids (B,).
 
     `forward` is the model call (`_model_call`). Tokens live in one pre-allocated buffer (no growing
     concatenation); rows that produced `eos_id` keep yielding it, and the loop ends once every row
     has. Inference mode is entered per step, never held across a `yield`, so the caller's own code
-    between steps is unaffected.
+    between steps is unaffected. `observe(logits, next_ids)`, if given, sees each step's
+    last-position logits (B, vocab), the very ones the sampler picked from, before the step yields.
     """
     batch, prompt_length = ids.shape
     device = ids.device
@@ -204,6 +206,8 @@ def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.T
                     next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
                     finished |= next_ids == eos_id
                 tokens[:, length] = next_ids
+                if observe is not None:
+                    observe(logits, next_ids)
             length += 1
             yield next_ids
             if eos_id is not None and bool(finished.all()):
@@ -248,7 +252,7 @@ def _model_device(model: GPT) -> torch.device:
 
 def iter_tokens(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None = None, *,
                 attention_mask: torch.Tensor | None = None, use_cache: bool = True, compile: bool = False,
-                **settings) -> Iterator:
+                observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None, **settings) -> Iterator:
     """Yield the next token ids one step at a time, up to `max_new_tokens` of them.
 
     `ids`: one prompt (a list of ids or a 1-D tensor) -> yields ints; a batch (B, T) tensor ->
@@ -260,6 +264,9 @@ def iter_tokens(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None 
     `compile=True`: on a CPU in fp32 or bf16, one-token steps use compiled matrix-vector kernels
     (`glassgpt.fast.compiled_matvec`: faster decoding on AMD processors after a first-use compile
     of seconds); elsewhere it changes nothing.
+    `observe(logits, next_ids)`: called at each step with the logits the token was picked from
+    (B, vocab) and the picked ids (B,), before they are yielded (how the server reports
+    log-probabilities without a decoding loop of its own).
     """
     sampling = Sampling.of(sampling, **settings)
     if sampling.stop:
@@ -273,7 +280,7 @@ def iter_tokens(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None 
         attention_mask = attention_mask.to(device)
     _check_prompt(model, batch_ids, attention_mask)
     steps = _decode_steps(model, _model_call(model, compile), batch_ids, attention_mask, max_new_tokens,
-                          sampling, use_cache)
+                          sampling, use_cache, observe)
     return (int(next_ids[0]) for next_ids in steps) if single else steps
 
 

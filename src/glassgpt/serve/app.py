@@ -8,6 +8,8 @@
     GET  /api/model         config, parameter breakdown, size, device, dtype, task
     POST /api/inspect       tokens, top-10 next tokens, attention of every layer and head
     GET  /api/explain[/{t}] the walk-through topics (glassgpt.explain), run on the live model
+    POST /v1/completions, /v1/chat/completions, GET /v1/models   OpenAI's API (serve/openai_api.py)
+    GET  /metrics           Prometheus metrics (serve/metrics.py)
     GET  /healthz, /readyz  process up; model loaded
     GET  /, /architecture, /inside, /learn   the pages (static/, see site.py), also as /NAME.html
 
@@ -54,6 +56,7 @@ from glassgpt.serve.engine import (
     run_generation,
     run_instruction,
 )
+from glassgpt.serve.metrics import install_metrics
 from glassgpt.serve.middleware import AccessLog, BodySizeLimit
 from glassgpt.serve.site import PAGES, STATIC_DIR, render_page
 
@@ -573,6 +576,9 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     install_classify_api(app, host, gate, settings)
     install_instruct_api(app, host, gate, settings)
     install_inspect_api(app, host, gate, settings)
+    # Imported here: openai_api builds on this module's helpers (gated, require_task).
+    from glassgpt.serve.openai_api import install_openai_api
+    install_openai_api(app, host, gate, settings)
     install_health(app, host)
     install_pages(app)
     # Outermost last: the access log sees everything; CORS headers reach even a 413.
@@ -580,5 +586,6 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Content-Type"], max_age=600)
+    install_metrics(app, host, gate)  # GET /metrics; its middleware counts even a 413
     app.add_middleware(AccessLog)
     return app
