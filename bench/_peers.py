@@ -8,7 +8,58 @@ exactly; the benches check that both give the same logits before timing anything
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+
 import torch
+
+# What the tutorial's chapters import at the top for their downloads, data frames, plots and
+# progress bars; the functions the benches call (the models, losses, collate, LoRA) use none of it.
+_CHAPTER_EXTRAS = ("matplotlib", "matplotlib.pyplot", "matplotlib.ticker", "pandas", "tqdm", "psutil")
+
+
+class _Absent:
+    """Stands in for a name of a package that is not installed; any use of it says so."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        return _Absent(f"{self._name}.{attribute}")
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self._name} is not installed (the bench imported the tutorial without it)")
+
+
+def tutorial(chapter: str) -> types.ModuleType:
+    """`llms_from_scratch.<chapter>` (ch05, ch06, ch07, appendix_e, ...), importable with only torch.
+
+    Where a package the chapter imports only for its plots, data frames or progress bars is not
+    installed, a placeholder module stands in while the chapter is imported, and is removed again;
+    using it raises. Installed packages are used as they are.
+    """
+    name = f"llms_from_scratch.{chapter}"
+    if name in sys.modules:
+        return sys.modules[name]
+    placed = []
+    for extra in _CHAPTER_EXTRAS:
+        if extra.partition(".")[0] not in placed:
+            try:
+                importlib.import_module(extra)  # the chapter imports it anyway
+                continue
+            except ImportError:
+                pass
+        module = types.ModuleType(extra)
+        module.__getattr__ = lambda attribute, _extra=extra: _Absent(f"{_extra}.{attribute}")
+        module.__path__ = []  # a package, so that its submodules can be imported from it
+        sys.modules[extra] = module
+        placed.append(extra)
+    try:
+        return importlib.import_module(name)
+    finally:
+        for extra in placed:
+            del sys.modules[extra]
 
 
 def check_representable(config) -> None:
