@@ -82,6 +82,7 @@ class Contender:
     step: Callable[[tuple], float]  # one optimisation step on a batch; returns the loss (syncs the device)
     trainable: int = 0
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # this process's CPU seconds, all threads
     losses: list[float] = field(default_factory=list)
 
 
@@ -319,33 +320,45 @@ def race(builders: dict[str, Callable[[], Contender]], batches: list, args, devi
         for name in names[shift:] + names[:shift]:
             contender = contenders[name]
             sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for step in range(args.steps):
                 index = 1 + (round_index * args.steps + step) % (len(batches) - 1)
                 contender.losses.append(contender.step(batches[index]))
             contender.times.append((time.perf_counter() - start) / args.steps)
+            contender.cpu_times.append((time.process_time() - cpu_start) / args.steps)
     return contenders, checked
 
 
-def report(task: str, contenders: dict[str, Contender], peaks: dict | None, lines: list[str]) -> dict:
+def report(task: str, contenders: dict[str, Contender], peaks: dict | None, lines: list[str],
+           on_cpu: bool) -> dict:
+    """The table: one row per contender; "tutorial / it" compares each row with the tutorial's row of
+    the same kind (full or LoRA). On a CPU, the process's CPU time per step too: on a machine shared
+    with other jobs it moves less than the wall-clock time."""
     for line in lines:
         print(f"  {line}")
     medians = {name: statistics.median(c.times) for name, c in contenders.items()}
-    peer = {GLASSGPT: TUTORIAL, GLASSGPT_LORA: TUTORIAL_LORA}  # each row against the tutorial's same kind
-    memory_head = " peak MiB |" if peaks else ""
+    cpu = {name: statistics.median(c.cpu_times) for name, c in contenders.items()}
+    peer = {GLASSGPT: TUTORIAL, GLASSGPT_LORA: TUTORIAL_LORA}
+    cpu_head, cpu_rule = (f" {'CPU s/step':>10} | {'tutorial / it':>13} |", "-" * 12 + ":|" + "-" * 14 + ":|")
+    if not on_cpu:  # the host's CPU time says little about a GPU's step
+        cpu_head = cpu_rule = ""
+    memory_head, memory_rule = (" peak MiB |", "-" * 10 + ":|") if peaks else ("", "")
     print(f"  | {'contender':<24} | {'trainable':>12} | {'s/step median':>13} | {'fastest':>8} | "
-          f"{'tutorial / it':>13} |{memory_head} first losses")
-    memory_rule = "-" * 10 + ":|" if peaks else ""
-    print(f"  |{'-' * 26}|{'-' * 13}:|{'-' * 14}:|{'-' * 9}:|{'-' * 14}:|{memory_rule}---")
+          f"{'tutorial / it':>13} |{cpu_head}{memory_head} first losses")
+    print(f"  |{'-' * 26}|{'-' * 13}:|{'-' * 14}:|{'-' * 9}:|{'-' * 14}:|{cpu_rule}{memory_rule}---")
     for name, contender in contenders.items():
-        speedup = medians[peer.get(name, name)] / medians[name]
+        other = peer.get(name, name)
+        cpu_cells = f" {cpu[name]:10.3f} | {cpu[other] / cpu[name]:12.2f}x |" if on_cpu else ""
         memory = f" {peaks[name] / 2**20:8,.0f} |" if peaks else ""
         losses = " ".join(f"{v:.4f}" for v in contender.losses[:3])
         print(f"  | {name:<24} | {contender.trainable:>12,} | {medians[name]:13.4f} | "
-              f"{min(contender.times):8.4f} | {speedup:12.2f}x |{memory} {losses}")
-    summary = {"task": task, "median_s": medians, "peak_bytes": peaks,
+              f"{min(contender.times):8.4f} | {medians[other] / medians[name]:12.2f}x |{cpu_cells}{memory} "
+              f"{losses}")
+    summary = {"task": task, "median_s": medians, "median_cpu_s": cpu if on_cpu else None,
+               "peak_bytes": peaks,
                "trainable": {n: c.trainable for n, c in contenders.items()},
                "times": {n: c.times for n, c in contenders.items()},
+               "cpu_times": {n: c.cpu_times for n, c in contenders.items()},
                "losses": {n: c.losses for n, c in contenders.items()}}
     print(f"  -> glassgpt is {medians[TUTORIAL] / medians[GLASSGPT]:.2f}x the tutorial's speed"
           + (f"; with LoRA {medians[TUTORIAL_LORA] / medians[GLASSGPT_LORA]:.2f}x the tutorial's LoRA, "
@@ -382,7 +395,7 @@ def run_task(task: str, base: GPT, tokenizer, args, device, autocast) -> dict:
     contenders, checked = race(builders, batches, args, device, same_start)
     lines.insert(0, checked)
     print(f"\n{task}:")
-    result = report(task, contenders, peaks, lines)
+    result = report(task, contenders, peaks, lines, device.type == "cpu")
     del contenders
     gc.collect()
     return result
