@@ -32,6 +32,7 @@ import time
 from functools import partial
 
 import torch
+from _peers import their_model  # bench/ is on the path when a bench runs as a script
 
 from glassgpt.fast import cpu_inference_kernels
 from glassgpt.generate import generate
@@ -53,39 +54,7 @@ def build_models(quick: bool):
 
 def tutorial_model(ours):
     """llms-from-scratch's GPTModel (the tutorial's) holding glassgpt's weights, biases included."""
-    from llms_from_scratch.ch04 import GPTModel
-
-    c = ours.config
-    theirs = GPTModel({"vocab_size": c.vocab_size, "context_length": c.context_length, "emb_dim": c.emb_dim,
-                       "n_heads": c.n_heads, "n_layers": c.n_layers, "drop_rate": 0.0,
-                       "qkv_bias": c.qkv_bias})
-
-    def copy(target, source):
-        target.weight.copy_(source.weight)
-        if getattr(target, "bias", None) is not None:
-            target.bias.copy_(source.bias)
-
-    with torch.no_grad():
-        theirs.tok_emb.weight.copy_(ours.tok_emb.weight)
-        theirs.pos_emb.weight.copy_(ours.pos_emb.weight)
-        for block, their_block in zip(ours.blocks, theirs.trf_blocks, strict=True):
-            att = their_block.att
-            weights = block.attn.qkv.weight.split(c.emb_dim)
-            biases = block.attn.qkv.bias.split(c.emb_dim)
-            for part, weight, bias in zip((att.W_query, att.W_key, att.W_value), weights, biases,
-                                          strict=True):
-                part.weight.copy_(weight)
-                part.bias.copy_(bias)
-            copy(att.out_proj, block.attn.out_proj)
-            copy(their_block.ff.layers[0], block.ff.expand)
-            copy(their_block.ff.layers[2], block.ff.contract)
-            for their_norm, our_norm in ((their_block.norm1, block.norm1), (their_block.norm2, block.norm2)):
-                their_norm.scale.copy_(our_norm.scale)
-                their_norm.shift.copy_(our_norm.shift)
-        theirs.final_norm.scale.copy_(ours.final_norm.scale)
-        theirs.final_norm.shift.copy_(ours.final_norm.shift)
-        theirs.out_head.weight.copy_(ours.out_head.weight)
-    return theirs.eval()
+    return their_model(ours, drop_rate=0.0).eval()
 
 
 def seconds(fn) -> float:

@@ -22,40 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _peers import their_model  # bench/ is on the path when a bench runs as a script
 
 from glassgpt.train import Trainer, recipe
-
-
-def their_model(ours):
-    """llms-from-scratch's GPTModel holding our weights."""
-    from llms_from_scratch.ch04 import GPTModel
-
-    c = ours.config
-    theirs = GPTModel({"vocab_size": c.vocab_size, "context_length": c.context_length, "emb_dim": c.emb_dim,
-                       "n_heads": c.n_heads, "n_layers": c.n_layers, "drop_rate": c.drop_rate,
-                       "qkv_bias": c.qkv_bias})
-    with torch.no_grad():
-        theirs.tok_emb.weight.copy_(ours.tok_emb.weight)
-        theirs.pos_emb.weight.copy_(ours.pos_emb.weight)
-        for block, their_block in zip(ours.blocks, theirs.trf_blocks, strict=True):
-            att = their_block.att
-            for part, weight in zip((att.W_query, att.W_key, att.W_value),
-                                    block.attn.qkv.weight.split(c.emb_dim), strict=True):
-                part.weight.copy_(weight)
-            att.out_proj.weight.copy_(block.attn.out_proj.weight)
-            att.out_proj.bias.copy_(block.attn.out_proj.bias)
-            expand, contract = their_block.ff.layers[0], their_block.ff.layers[2]
-            for theirs_linear, ours_linear in ((expand, block.ff.expand), (contract, block.ff.contract)):
-                theirs_linear.weight.copy_(ours_linear.weight)
-                theirs_linear.bias.copy_(ours_linear.bias)
-            for theirs_norm, ours_norm in ((their_block.norm1, block.norm1),
-                                           (their_block.norm2, block.norm2)):
-                theirs_norm.scale.copy_(ours_norm.scale)
-                theirs_norm.shift.copy_(ours_norm.shift)
-        theirs.final_norm.scale.copy_(ours.final_norm.scale)
-        theirs.final_norm.shift.copy_(ours.final_norm.shift)
-        theirs.out_head.weight.copy_(ours.out_head.weight)
-    return theirs
 
 
 def their_step(model, optimizer, inputs, targets) -> float:
