@@ -52,7 +52,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from _peers import their_model, tutorial  # bench/ is on the path when a bench runs as a script
+
+# bench/ is on the path when a bench runs as a script
+from _peers import check_representable, their_model, tutorial
 
 from glassgpt.classify import class_logits, set_trainable, to_classifier
 from glassgpt.classify_data import collate as classify_collate
@@ -442,6 +444,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     base = GPT.from_preset(args.preset, drop_rate=0.0, tie_weights=args.tied, **overrides).eval()
     args.max_length = args.max_length or base.config.context_length
+    try:
+        check_representable(base.config)
+    except ValueError as error:
+        parser.error(f"--preset {args.preset}: {error}")
     if args.seq > base.config.context_length or args.max_length > base.config.context_length:
         parser.error(f"--seq and --max-length must fit the model's context of {base.config.context_length}")
     tokenizer = get_tokenizer("gpt2")
