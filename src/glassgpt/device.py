@@ -108,15 +108,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_times(cores: set[int]) -> tuple[float, float] | None:
-    """(idle, total) clock ticks of `cores` so far, from /proc/stat; None where it cannot be read."""
-    try:
-        lines = Path("/proc/stat").read_text().splitlines()
-    except OSError:
-        return None
+def cpu_times(stat: str, cores: set[int]) -> tuple[float, float] | None:
+    """(idle, total) clock ticks of `cores` so far in `stat`, the text of /proc/stat; None if none."""
     idle = total = 0.0
-    for line in lines:
-        name, *fields = line.split()
+    for line in stat.splitlines():
+        name, *fields = line.split() or [""]
         if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cores:
             continue
         # user nice system idle iowait irq softirq steal (guest time is already inside user);
@@ -134,9 +130,12 @@ def busy_cores(seconds: float = PROBE_SECONDS) -> float | None:
         cores = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         cores = set(range(os.cpu_count() or 1))
-    before = _cpu_times(cores)
-    time.sleep(seconds)
-    after = _cpu_times(cores)
+    try:
+        before = cpu_times(Path("/proc/stat").read_text(), cores)
+        time.sleep(seconds)
+        after = cpu_times(Path("/proc/stat").read_text(), cores)
+    except OSError:  # not Linux
+        return None
     if before is None or after is None or after[1] <= before[1]:
         return None
     idle_share = (after[0] - before[0]) / (after[1] - before[1])
