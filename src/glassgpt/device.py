@@ -92,10 +92,13 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 # holds one of the cores, the thread that was switched out stalls every region, and 2 threads on a
 # 2-core machine beside one busy process decoded at 4 tok/s where 1 thread gave 54. So the default
 # leaves out the cores other processes are using now, measured by a short look at /proc/stat.
+# OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning) also ends the collapse, but it cost
+# ~30% of the 2-thread speed on a less busy machine, and libgomp reads it only when torch is loaded,
+# which `import glassgpt` already does: a user who wants it sets it in the shell.
 
-# A core busier than this (fraction of its time, summed over the usable cores) counts as taken:
-# spinning threads lose 80-90% beside a competitor, where one thread fewer on a quiet machine loses
-# far less (docs/PERFORMANCE.md, "Busy CPU"), so a partly busy core is better left alone.
+# The busy cores measured (a sum of fractions over the usable cores) are rounded up from this
+# fraction: spinning threads lose 80-90% beside a competitor, where one thread fewer on a quiet
+# machine loses far less (docs/PERFORMANCE.md, "Busy CPU"), so a partly busy core is left alone.
 BUSY_CORE = 0.25
 PROBE_SECONDS = 0.1
 
@@ -171,7 +174,10 @@ def inference_threads(requested: int | None = None) -> int | None:
 
 
 def configure_cpu_threads(requested: int | None = None) -> int:
-    """Set torch's intra-op thread count for inference (see inference_threads); returns the count."""
+    """Set torch's intra-op thread count for inference (see inference_threads); returns the count.
+
+    Once per process, before the work: torch's default, which caps the choice, is what it was set to.
+    """
     threads = inference_threads(requested)
     if threads is not None:
         torch.set_num_threads(threads)
