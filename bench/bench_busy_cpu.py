@@ -108,7 +108,7 @@ def main() -> None:
                         speeds[condition, name].append(speed)
                         threads_used[condition, name].add(used)
                         print(f"  round {round_ + 1} {condition:<5} {name:<12} {speed:7.1f} tok/s "
-                              f"({used} threads)", flush=True)
+                              f"({used} threads; load average {os.getloadavg()[0]:.1f})", flush=True)
                 finally:
                     stop(competitors)
     print(f"\nmedian decode tokens/s over {args.rounds} rounds")
