@@ -337,6 +337,7 @@ def _instruction_prompt(args: argparse.Namespace) -> str | None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from glassgpt.device import configure_cpu_threads
     from glassgpt.generate import Sampling, Timing, stream_text
     from glassgpt.hub import check_model_spec, resolve_model
 
@@ -346,8 +347,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_model_spec(args.model)
     instruction_prompt = _instruction_prompt(args)
     max_tokens = args.max_tokens or (256 if instruction_prompt is not None else 50)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_cpu_threads(args.threads)  # --threads, else the cores other processes leave free now
     model, tokenizer, description = resolve_model(args.model, device=args.device, dtype=args.dtype)
     if model.config.n_classes:
         raise ValueError(f"{args.model} is a classifier: it scores classes, it does not generate text "
@@ -454,10 +454,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from glassgpt.device import has_native_bf16
 
         args.dtype = "bfloat16" if has_native_bf16(torch.device("cpu")) else "float32"
-    if args.threads:
-        import torch
+    from glassgpt.device import configure_cpu_threads
 
-        torch.set_num_threads(args.threads)
+    configure_cpu_threads(args.threads)  # --threads, else the cores other processes leave free now
     serve(args.model, host=args.host, port=args.port, lazy=args.lazy, max_tokens_cap=args.max_tokens_cap,
           max_running=args.max_running, max_waiting=args.max_waiting, cors_origins=args.cors_origin or (),
           dtype=args.dtype, compile=args.compile)
@@ -605,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--dtype", choices=list(DTYPES), default="float32",
                           help="int8: dynamic quantisation, about 2.5x faster decoding on CPU")
-    generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores "
+                          "less those other processes keep busy)")
     generate.add_argument("--compile", action="store_true",
                           help="CPU, float32/bfloat16: compiled matrix-vector kernels, faster decoding on "
                                "AMD CPUs after a first-use compile of seconds (needs a C++ compiler)")
@@ -676,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile", action="store_true",
                        help="CPU, float32/bfloat16: compiled matrix-vector kernels for decoding, compiled "
                             "at start-up (seconds to a minute; needs a C++ compiler)")
-    serve.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores "
+                       "less those other processes keep busy)")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                        help="a browser origin allowed to call the API, e.g. https://site.example "
                             "(repeatable)")
