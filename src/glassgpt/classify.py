@@ -49,7 +49,7 @@ from glassgpt.classify_data import (
 from glassgpt.hub import resolve_model
 from glassgpt.model import GPT
 from glassgpt.plots import plot_metric
-from glassgpt.train import TrainingDiverged, setting
+from glassgpt.train import setting
 from glassgpt.weights import GLASSGPT_META, config_to_hf, hf_names, load_model, save_model
 
 HF_PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, the padding id of our batches and of the HF export
@@ -204,8 +204,6 @@ def evaluate(model: GPT, loader, n_classes: int, device: torch.device, autocast=
 # ---------------------------------------------------------------- training
 
 
-# Kept for callers of the name: a classifier's run diverges as every training run does.
-ClassifierDiverged = TrainingDiverged
 CLASSIFIER = "a classifier"
 
 
@@ -451,7 +449,7 @@ def export_hf_classifier(model: GPT, directory: str | Path, pad_token_id: int = 
 
 
 __all__ = [
-    "ClassifySettings", "ClassifierDiverged", "EncodedTexts", "class_logits", "class_names", "evaluate",
+    "ClassifySettings", "EncodedTexts", "class_logits", "class_names", "evaluate",
     "export_hf_classifier", "finetune_classifier", "load_classifier", "predict", "run_finetune_classify",
     "set_trainable", "to_classifier",
 ]

@@ -51,7 +51,7 @@ from glassgpt.lora import (
 )
 from glassgpt.model import GPT
 from glassgpt.plots import plot_losses
-from glassgpt.tokenizer import CharTokenizer, Tokenizer
+from glassgpt.tokenizer import Tokenizer
 
 ADAPTERS_FILE = "adapters.safetensors"  # with --save-adapters, beside each checkpoint's model
 
@@ -863,12 +863,3 @@ def train(config: TrainConfig, resume: bool = False) -> Trainer:
     trainer = Trainer(config, resume=resume)
     trainer.fit()
     return trainer
-
-
-def train_tinygpt(epochs: int = 200, lr: float = 0.01,
-                  seed: int = 123) -> tuple[GPT, CharTokenizer, list[float]]:
-    """The `tinygpt` recipe in memory: (model, tokenizer, loss of each step)."""
-    trainer = Trainer(recipe("tinygpt", epochs=epochs, lr=lr, seed=seed, eval_every=epochs))
-    records = trainer.fit()
-    losses = [r["train_loss"] for r in records if r["event"] == "step"]
-    return trainer.model.eval(), trainer.tokenizer, losses
