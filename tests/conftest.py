@@ -2,6 +2,7 @@
 set-up (Debian's headless Chromium driven by Playwright). Test modules import the plain helpers
 with `from conftest import ...`; none imports another test module."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -65,3 +66,13 @@ def page(browser):
     page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
     yield page
     page.close()
+
+
+def sse_events(body: str) -> list[tuple[str, dict]]:
+    """The (event, data) pairs of a server-sent-events body (the serving tests' streams)."""
+    events = []
+    for block in body.split("\n\n"):
+        if block.strip():
+            lines = dict(line.split(": ", 1) for line in block.split("\n"))
+            events.append((lines["event"], json.loads(lines["data"])))
+    return events

@@ -9,6 +9,7 @@ import threading
 import httpx
 import pytest
 import torch
+from conftest import sse_events
 from fastapi.testclient import TestClient
 
 from glassgpt.cli import main
@@ -41,15 +42,6 @@ def model():
 def client(model, tokenizer):
     with TestClient(create_app(model, tokenizer, max_tokens_cap=CAP, inspect_max_tokens=10)) as client:
         yield client
-
-
-def sse_events(body: str) -> list[tuple[str, dict]]:
-    events = []
-    for block in body.split("\n\n"):
-        if block.strip():
-            lines = dict(line.split(": ", 1) for line in block.split("\n"))
-            events.append((lines["event"], json.loads(lines["data"])))
-    return events
 
 
 # ---------------------------------------------------------------- POST /generate

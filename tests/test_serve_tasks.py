@@ -2,10 +2,10 @@
 and /instruct/stream on an instruction-tuned checkpoint, GET /api/model's task, and the clear 409
 each route answers when the served model does not do what it asks. Tiny random models, in process."""
 
-import json
 
 import pytest
 import torch
+from conftest import sse_events
 from fastapi.testclient import TestClient
 
 from glassgpt.classify import predict
@@ -59,15 +59,6 @@ def language_model():
 def lm_client(language_model, tokenizer):
     with TestClient(create_app(language_model, tokenizer, max_tokens_cap=40)) as client:
         yield client
-
-
-def sse_events(body: str) -> list[tuple[str, dict]]:
-    events = []
-    for block in body.split("\n\n"):
-        if block.strip():
-            lines = dict(line.split(": ", 1) for line in block.split("\n"))
-            events.append((lines["event"], json.loads(lines["data"])))
-    return events
 
 
 # ---------------------------------------------------------------- POST /classify
