@@ -36,8 +36,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from glassgpt.classify import class_names, predict
+from glassgpt.classify_data import LabelledTexts, load_labelled
+from glassgpt.config import GPTConfig
+from glassgpt.data import is_prepared, load_prepared, read_corpus_text
+from glassgpt.device import pick_device
+from glassgpt.hub import check_model_spec, resolve_model
 from glassgpt.model import GPT
 from glassgpt.tokenizer import Tokenizer
+from glassgpt.weights import GLASSGPT_META
 
 DEFAULT_DATA = "bundled:the-verdict.txt"
 DEFAULT_BATCH_SIZE = 8
@@ -146,9 +153,6 @@ def evaluate_classifier(model: GPT, tokenizer: Tokenizer, labelled,
     `classify.predict` does, cut to `max_length` tokens (the length the classifier trained with;
     default the model's context).
     """
-    from glassgpt.classify import class_names, predict
-    from glassgpt.classify_data import LabelledTexts, load_labelled
-
     if not model.config.n_classes:
         raise ValueError("this model is a language model, not a classifier: evaluate it on a text")
     if batch_size < 1:
@@ -179,10 +183,6 @@ def saved_classifier(spec: str | Path) -> dict | None:
     metadata without loading weights; None when `spec` is not one (a language model, a name)."""
     import json
 
-    from glassgpt.classify import class_names
-    from glassgpt.config import GPTConfig
-    from glassgpt.weights import GLASSGPT_META
-
     meta_file = Path(spec) / GLASSGPT_META
     if not meta_file.is_file():
         return None
@@ -198,8 +198,6 @@ def saved_classifier(spec: str | Path) -> dict | None:
 def read_eval_data(data: str | Path) -> str | None:
     """The text of `data` (a text file or `bundled:NAME`), or None for a prepared directory (read
     later, memory-mapped); a missing or empty file fails here, before any model is loaded."""
-    from glassgpt.data import is_prepared, read_corpus_text
-
     if is_prepared(data):
         return None
     text = read_corpus_text(data)
@@ -211,8 +209,6 @@ def read_eval_data(data: str | Path) -> str | None:
 def eval_ids(data: str | Path, text: str | None, tokenizer: Tokenizer) -> np.ndarray:
     """The ids to evaluate: `text` in the model's `tokenizer`, or the prepared directory `data`,
     whose saved tokenizer must be the model's."""
-    from glassgpt.data import load_prepared
-
     if text is not None:
         return np.asarray(tokenizer.encode(text), dtype=np.int64)
     ids, saved = load_prepared(data)
@@ -231,9 +227,6 @@ def evaluate_model(model_spec: str | Path, data: str | Path | None = None, devic
     A language model is measured on a text (default `bundled:the-verdict.txt`): `evaluate_lm`'s
     numbers. A classifier needs a labelled file (`data` is then required): `evaluate_classifier`'s.
     """
-    from glassgpt.device import pick_device
-    from glassgpt.hub import check_model_spec, resolve_model
-
     check_model_spec(model_spec)
     if context_length is not None and context_length < 1:
         raise ValueError(f"context length must be positive, got {context_length}")
@@ -243,8 +236,6 @@ def evaluate_model(model_spec: str | Path, data: str | Path | None = None, devic
         device = "cpu"
     classifier = saved_classifier(model_spec)
     if classifier is not None:
-        from glassgpt.classify_data import load_labelled
-
         if data is None:
             classes = ", ".join(classifier["classes"])
             raise ValueError(f"{model_spec} is a classifier ({classes}): evaluate it on a labelled file, "
