@@ -7,6 +7,8 @@
     POST /instruct/stream   the same as server-sent events, like /generate/stream
     GET  /api/model         config, parameter breakdown, size, device, dtype, task
     POST /api/inspect       tokens, top-10 next tokens, attention of every layer and head
+                            (+ the inside views of glassgpt.inspect_report named in "views")
+    POST /api/patch         clean and corrupted texts -> the activation-patching grid
     GET  /api/explain[/{t}] the walk-through topics (glassgpt.explain), run on the live model
     POST /v1/completions, /v1/chat/completions, GET /v1/models   OpenAI's API (serve/openai_api.py)
     GET  /metrics           Prometheus metrics (serve/metrics.py)
@@ -32,7 +34,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -43,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glassgpt import explain
+from glassgpt import explain, inspect_report
 from glassgpt.generate import Sampling
 from glassgpt.instruct import InstructionTemplate
 from glassgpt.serve.engine import (
@@ -63,6 +65,10 @@ from glassgpt.serve.site import PAGES, STATIC_DIR, render_page
 log = logging.getLogger("glassgpt.serve")
 T = TypeVar("T")
 
+# The views /api/inspect adds: inspect_report's, less patching (two texts: POST /api/patch).
+INSPECT_VIEWS = tuple(view for view in inspect_report.VIEWS if view != "patch")
+InspectView = Literal[INSPECT_VIEWS]
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -72,6 +78,7 @@ class ServeSettings:
     max_prompt_chars: int = 20_000      # longer prompts, texts, instructions: 422 before tokenizing
     max_classify_texts: int = 64        # texts one POST /classify may send
     inspect_max_tokens: int = 48        # /api/inspect returns layers x heads x T x T weights
+    patch_max_tokens: int = 32          # /api/patch and the heads view: layers (x heads) x T passes
     max_running: int = 1                # generations at once (one keeps a small CPU's cores busy)
     max_waiting: int = 8                # queued behind them; more get 503 + Retry-After
     max_body_bytes: int = 64 * 1024     # larger request bodies get 413
@@ -82,7 +89,7 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_chars", "max_classify_texts", "inspect_max_tokens",
-                     "max_running", "max_body_bytes"):
+                     "patch_max_tokens", "max_running", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
@@ -186,8 +193,34 @@ def inspect_request_model(settings: ServeSettings) -> type[BaseModel]:
 
         text: str = Field(min_length=1, max_length=20 * settings.inspect_max_tokens,
                           examples=["The painting was"])
+        views: list[InspectView] | None = Field(
+            default=None, min_length=1, max_length=len(INSPECT_VIEWS),
+            description="inside views to add under \"views\" (glassgpt.inspect_report); none: the "
+                        "answer is tokens, next tokens and attention alone")
+
+        @model_validator(mode="after")
+        def _distinct(self):
+            if self.views is not None and len(set(self.views)) != len(self.views):
+                raise ValueError("each view may be asked for once")
+            return self
 
     return InspectRequest
+
+
+def patch_request_model(settings: ServeSettings) -> type[BaseModel]:
+    """POST /api/patch's body: two texts of equal token counts and the token whose logit is followed."""
+
+    class PatchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        clean: str = Field(min_length=1, max_length=20 * settings.patch_max_tokens,
+                           examples=["The Eiffel Tower is in"])
+        corrupt: str = Field(min_length=1, max_length=20 * settings.patch_max_tokens,
+                             examples=["The Colosseum is in"])
+        target: str | None = Field(default=None, min_length=1, max_length=64,
+                                   description="one token; default: the model's top next token for clean")
+
+    return PatchRequest
 
 
 class GenerateResponse(BaseModel):
@@ -465,8 +498,13 @@ def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Ser
     """GET /api/model, POST /api/inspect and the walk-through, GET /api/explain[/{topic}]."""
     InspectRequest = inspect_request_model(settings)
 
+    PatchRequest = patch_request_model(settings)
+
     def inspect_limit(model) -> int:
         return min(settings.inspect_max_tokens, model.config.context_length)
+
+    def patch_limit(model) -> int:
+        return min(settings.patch_max_tokens, model.config.context_length)
 
     @app.get("/api/model", responses=BUSY, tags=["inspect"])
     async def model_info():
@@ -482,7 +520,8 @@ def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Ser
 
     @app.post("/api/inspect", responses=BUSY_OR_WRONG, tags=["inspect"])
     async def inspect(request: InspectRequest):
-        """Tokens of the text, the 10 likeliest next tokens, and attention weights[layer][head][i][j]."""
+        """Tokens of the text, the 10 likeliest next tokens, and attention weights[layer][head][i][j];
+        with "views", also {"views": {name: glassgpt inspect --json's answer for that view}}."""
         await require_task(host, *LANGUAGE_MODEL)
 
         def work():
@@ -491,7 +530,35 @@ def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Ser
             if n_tokens > inspect_limit(model):
                 raise ValueError(f"text is {n_tokens} tokens; /api/inspect takes at most "
                                  f"{inspect_limit(model)} (attention grows with the square of the length)")
-            return inspect_text(model, tokenizer, request.text)
+            # Silencing each head costs one forward pass per head: the same tight bound as patching.
+            if "heads" in (request.views or ()) and n_tokens > patch_limit(model):
+                raise ValueError(f"text is {n_tokens} tokens; the heads view takes at most "
+                                 f"{patch_limit(model)} (one forward pass per head)")
+            result = inspect_text(model, tokenizer, request.text)
+            if request.views is not None:
+                result["views"] = {view: inspect_report.report(model, tokenizer, request.text, view)
+                                   for view in request.views}
+            return result
+
+        return await answer(gate, work)
+
+    @app.post("/api/patch", responses=BUSY_OR_WRONG, tags=["inspect"])
+    async def patch(request: PatchRequest):
+        """Activation patching (glassgpt inspect --view patch --json): logits[layer][position] of the
+        target when the clean residual stream replaces the corrupted one there, with both texts' logits."""
+        await require_task(host, *LANGUAGE_MODEL)
+
+        def work():
+            model, tokenizer = host.get()
+            counts = [len(tokenizer.encode(text)) for text in (request.clean, request.corrupt)]
+            if max(counts) > patch_limit(model):
+                raise ValueError(f"the texts are {counts[0]} and {counts[1]} tokens; /api/patch takes at "
+                                 f"most {patch_limit(model)} (one forward pass per layer and position)")
+            if counts[0] != counts[1]:
+                raise ValueError(f"the clean and corrupted texts must have equal token counts: "
+                                 f"{counts[0]} and {counts[1]}")
+            return inspect_report.report(model, tokenizer, request.clean, "patch", corrupt=request.corrupt,
+                                         target=request.target)
 
         return await answer(gate, work)
 
