@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from glassgpt import GPT, GPTConfig
+from glassgpt.tokenizer import get_tokenizer
 
 
 def random_model(config: GPTConfig, seed: int = 0, spread: float = 0.05, device: str = "cpu",
@@ -76,3 +77,20 @@ def sse_events(body: str) -> list[tuple[str, dict]]:
             lines = dict(line.split(": ", 1) for line in block.split("\n"))
             events.append((lines["event"], json.loads(lines["data"])))
     return events
+
+
+# The serving tests' model: GPT-2's vocabulary on a 2-block, 32-wide body, fast on any CPU.
+TINY = GPTConfig(name="tiny", vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """GPT-2's tokenizer; a test module that needs another defines its own `tokenizer` fixture."""
+    return get_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A `TINY` model with seeded random weights; a module may define its own `model` instead."""
+    torch.manual_seed(0)
+    return GPT(TINY).eval()

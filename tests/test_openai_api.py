@@ -19,15 +19,9 @@ from glassgpt.instruct import InstructionTemplate
 from glassgpt.model import GPT
 from glassgpt.serve import create_app
 from glassgpt.serve.background import BackgroundServer
-from glassgpt.tokenizer import get_tokenizer
 
 TINY = GPTConfig(name="tiny-openai", vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
 PROMPT = "Every effort moves you"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")

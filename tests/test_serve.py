@@ -9,11 +9,10 @@ import threading
 import httpx
 import pytest
 import torch
-from conftest import sse_events
+from conftest import TINY, sse_events
 from fastapi.testclient import TestClient
 
 from glassgpt.cli import main
-from glassgpt.config import GPTConfig
 from glassgpt.generate import Sampling, generate_text
 from glassgpt.inspect import record_attention
 from glassgpt.model import GPT
@@ -24,18 +23,6 @@ from glassgpt.tokenizer import get_tokenizer
 from glassgpt.weights import save_model
 
 CAP = 12
-TINY = GPTConfig(name="tiny", vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_tokenizer("gpt2")
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return GPT(TINY).eval()
 
 
 @pytest.fixture(scope="module")

@@ -6,25 +6,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from glassgpt import inspect_report
-from glassgpt.config import GPTConfig
-from glassgpt.model import GPT
 from glassgpt.serve import create_app
 from glassgpt.serve.app import INSPECT_VIEWS
-from glassgpt.tokenizer import get_tokenizer
 
-TINY = GPTConfig(name="tiny", vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2)
 TEXT = "The painting was"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_tokenizer("gpt2")
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return GPT(TINY).eval()
 
 
 @pytest.fixture(scope="module")
