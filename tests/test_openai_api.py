@@ -6,6 +6,7 @@ client's exception types. Tiny random GPT-2-vocabulary model."""
 import copy
 import json
 import math
+import time
 
 import httpx
 import openai
@@ -345,6 +346,10 @@ def test_metrics_move_with_requests(model, tokenizer):
                                        stream=True))
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="nope", prompt=PROMPT)
+        # The streamed request's worker gives its place back just after its last chunk: wait for it.
+        deadline = time.monotonic() + 10
+        while app.state.gate.admitted and time.monotonic() < deadline:
+            time.sleep(0.01)
         ticket = app.state.gate.admit()
         try:
             held = scrape(server.url)
