@@ -104,9 +104,10 @@ class Server:
         self.process.wait(timeout=60)
 
 
-def batch_one(server: Server, model, ids: torch.Tensor, tokens: int, requests: int) -> dict[str, float]:
+def batch_one(server: Server, model, ids: torch.Tensor, tokens: int, requests: int,
+              compile: bool) -> dict[str, float]:
     """Median tokens/s of each way to decode one sequence, alternating HTTP and in-process rounds."""
-    decoder = GraphedDecoder(model, batch_size=1)
+    decoder = GraphedDecoder(model, batch_size=1, compile=compile)  # as the server's (compiled or not)
     rates: dict[str, list[float]] = {}
 
     def record(name: str, seconds: float, produced: int) -> None:
@@ -116,22 +117,22 @@ def batch_one(server: Server, model, ids: torch.Tensor, tokens: int, requests: i
         original = generate_module._graphed
         generate_module._graphed = lambda *args: False
         try:
-            return generate(model, ids, tokens, **sampling)
+            return generate(model, ids, tokens, **sampling)  # nothing to compile on CUDA eagerly
         finally:
             generate_module._graphed = original
 
     with httpx.Client() as client:
         for _ in range(2):                               # warm-up: captures, allocator, connections
             server.complete(client, tokens)
-            generate(model, ids, tokens)
+            generate(model, ids, tokens, compile=compile)
             decoder.generate(ids, tokens)
         for _ in range(requests):
             record("HTTP /v1/completions, greedy", *server.complete(client, tokens))
             record("HTTP /v1/completions, sampled", *server.complete(client, tokens, **SAMPLED))
             record("in-process generate (graphed), greedy",
-                   timed(lambda: generate(model, ids, tokens)), tokens)
+                   timed(lambda: generate(model, ids, tokens, compile=compile)), tokens)
             record("in-process generate (graphed), sampled",
-                   timed(lambda: generate(model, ids, tokens, **SAMPLED)), tokens)
+                   timed(lambda: generate(model, ids, tokens, compile=compile, **SAMPLED)), tokens)
             record("in-process generate (eager), greedy", timed(lambda: eager()), tokens)
             record("GraphedDecoder loop alone, greedy", timed(lambda: decoder.generate(ids, tokens)), tokens)
     return {name: statistics.median(values) for name, values in rates.items()}
@@ -160,8 +161,8 @@ def concurrent(server: Server, concurrency: int, tokens: int, per_client: int) -
     return sum(produced) / (time.perf_counter() - started)
 
 
-def batched_decoder_rate(model, ids: torch.Tensor, batch: int, tokens: int) -> float:
-    decoder = GraphedDecoder(model, batch_size=batch)
+def batched_decoder_rate(model, ids: torch.Tensor, batch: int, tokens: int, compile: bool) -> float:
+    decoder = GraphedDecoder(model, batch_size=batch, compile=compile)
     rows = ids.expand(batch, -1).contiguous()
     decoder.generate(rows, tokens)
     seconds = statistics.median(timed(lambda: decoder.generate(rows, tokens)) for _ in range(3))
@@ -195,7 +196,7 @@ def main() -> None:
         server = Server(checkpoint, args.device, args.dtype, 1, args.tokens, args.compile)
         try:
             print(f"server ready in {server.ready_s:.1f} s (load, warm-up, graph capture)")
-            rates = batch_one(server, model, ids, args.tokens, args.requests)
+            rates = batch_one(server, model, ids, args.tokens, args.requests, args.compile)
         finally:
             server.stop()
         alone = rates["GraphedDecoder loop alone, greedy"]
@@ -212,7 +213,7 @@ def main() -> None:
                 served = concurrent(server, concurrency, args.tokens, 3)
             finally:
                 server.stop()
-            batched = batched_decoder_rate(model, ids, concurrency, args.tokens)
+            batched = batched_decoder_rate(model, ids, concurrency, args.tokens, args.compile)
             print(f"  {concurrency} clients, --max-running {concurrency}: served {served:8.1f}   "
                   f"one decoder batching {concurrency} rows: {batched:8.1f}   "
                   f"(batching would give {batched / served:.2f}x)")
