@@ -428,9 +428,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from glassgpt.hub import resolve_model
-    from glassgpt.weights import export_hf
+    from glassgpt.weights import HF_TOKENIZER_FILE, export_hf
 
-    model, _, _ = resolve_model(args.checkpoint, presets=False)
+    model, tokenizer, _ = resolve_model(args.checkpoint, presets=False)
     if model.config.n_classes:  # a classifier: its head scores classes, Hugging Face's `score` layer
         from glassgpt.classify import export_hf_classifier
 
@@ -438,9 +438,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {directory}/config.json and model.safetensors (load with "
               f"transformers.GPT2ForSequenceClassification.from_pretrained({str(directory)!r}))")
         return 0
-    directory = export_hf(model, args.to_hf)
+    directory = export_hf(model, args.to_hf, tokenizer=tokenizer)
     print(f"wrote {directory}/config.json and model.safetensors "
           f"(load with transformers.GPT2LMHeadModel.from_pretrained({str(directory)!r}))")
+    if (directory / HF_TOKENIZER_FILE).exists():
+        print(f"its tokenizer is not GPT-2's: {HF_TOKENIZER_FILE} holds it (glassgpt reads it back; "
+              "transformers' GPT2Tokenizer does not apply)")
     return 0
 
 
