@@ -20,7 +20,7 @@ from glassgpt.generate import generate, generate_text, left_pad
 from glassgpt.hub import find_gpt2, quantize_int8, resolve_model
 from glassgpt.model import GPT
 from glassgpt.tokenizer import get_tokenizer
-from glassgpt.weights import config_to_hf, export_hf, load_model, load_openai_tf, save_model
+from glassgpt.weights import config_to_hf, load_model, load_openai_tf, save_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
