@@ -35,3 +35,23 @@ def test_python_m_glassgpt_is_the_command_with_its_error_policy():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "glassgpt: error: say where the run goes: --out DIR"
+
+
+def test_generate_defaults_to_the_demo_model_as_serve_does(tmp_path, capsys, monkeypatch):
+    """After `make demo`, `glassgpt generate "hi"` runs the model the demo trained (runs/demo)."""
+    from conftest import random_model
+
+    from glassgpt import GPTConfig
+    from glassgpt.tokenizer import CharTokenizer
+    from glassgpt.weights import save_model
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "hi"]) == 2  # no demo model yet: say how to get one
+    error = capsys.readouterr().err
+    assert "runs/demo" in error and "make demo" in error
+    tokenizer = CharTokenizer.from_text("hi there")
+    config = GPTConfig(vocab_size=len(tokenizer.chars), context_length=16, emb_dim=16, n_heads=2, n_layers=1)
+    save_model(random_model(config), tmp_path / "runs" / "demo", tokenizer=tokenizer)
+    assert main(["generate", "hi", "--max-tokens", "5"]) == 0
+    out = capsys.readouterr().out.rstrip("\n")
+    assert out.startswith("hi") and len(out) == 2 + 5 and set(out) <= set("hi there")

@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from glassgpt.train import TrainConfig
 
+# Where `make demo` (`glassgpt demo`) puts its model, and so the model the verbs use by default: a
+# newcomer's first `glassgpt generate "hi"` after `make demo` runs the model it just trained.
+DEMO_MODEL = "runs/demo"
+
 
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
@@ -229,7 +233,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo(out: str | Path = "runs/demo", recipe_name: str = "demo", serve: bool = True,
+def demo(out: str | Path = DEMO_MODEL, recipe_name: str = "demo", serve: bool = True,
          host: str = "127.0.0.1", port: int = 8000) -> int:
     """The README's main job: train `recipe_name` into `out` unless a model is there, print samples,
     then serve the model in the browser (when `glassgpt.serve` is available). Returns an exit status."""
@@ -551,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_verb = verbs.add_parser("demo",
                                  help="the main job: train the demo model if needed, sample it, serve it")
-    demo_verb.add_argument("--out", default="runs/demo",
+    demo_verb.add_argument("--out", default=DEMO_MODEL,
                            help="where the demo model lives (trained there if missing)")
     demo_verb.add_argument("--recipe", default="demo", help="the recipe trained when no model is there")
     demo_verb.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
@@ -592,9 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--instruction", default=None,
                           help="an instruction for an instruction-tuned model: prints only its response")
     generate.add_argument("--input", default=None, help="the instruction's input, if it has one")
-    generate.add_argument("--model", default="gpt2",
-                          help=f"checkpoint directory, GPT-2 name ({', '.join(GPT2_NAMES)}; found locally, "
-                               "never downloaded) or preset (random weights)")
+    generate.add_argument("--model", default=DEMO_MODEL,
+                          help=f"checkpoint directory (default {DEMO_MODEL}, written by `make demo`, as for "
+                               f"serve), GPT-2 name ({', '.join(GPT2_NAMES)}; found locally, never "
+                               "downloaded) or preset (random weights)")
     generate.add_argument("--max-tokens", type=int, default=None,
                           help="new tokens at most (default 50; 256 for an --instruction's response)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
