@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from glassgpt.cli import main
 
 
@@ -55,3 +57,18 @@ def test_generate_defaults_to_the_demo_model_as_serve_does(tmp_path, capsys, mon
     assert main(["generate", "hi", "--max-tokens", "5"]) == 0
     out = capsys.readouterr().out.rstrip("\n")
     assert out.startswith("hi") and len(out) == 2 + 5 and set(out) <= set("hi there")
+
+
+@pytest.mark.parametrize("argv", [["explain"], ["info", "gpt2"],
+                                  ["tokenize", "a " * 20_000]])
+def test_a_reader_that_closes_early_ends_the_command_quietly(argv):
+    """`glassgpt explain | head`: the reader goes away, the command stops without a traceback (for
+    every verb: the entry point handles it). Here the reader reads one line (or none) and closes."""
+    process = subprocess.Popen([sys.executable, "-m", "glassgpt", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    if argv[0] == "tokenize":  # 20,000 lines: the command is still writing when the reader leaves
+        process.stdout.readline()
+    process.stdout.close()  # the others write after the reader has gone
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 1
+    assert error == ""

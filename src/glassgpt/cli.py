@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -725,11 +726,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reader_gone() -> int:
+    """The exit of a verb whose reader closed the pipe (`glassgpt explain | head`): quiet, status 1
+    (what Python's documentation advises and rich's Console does for the same case). Later writes,
+    the interpreter's final flush included, go to /dev/null instead of raising again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout that is no real file (a test's capture): nothing to redirect
+        pass
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as error:
         print(f"glassgpt: error: {error}", file=sys.stderr)
         return 2
