@@ -72,3 +72,29 @@ def test_a_reader_that_closes_early_ends_the_command_quietly(argv):
     error = process.stderr.read().decode()
     assert process.wait(timeout=120) == 1
     assert error == ""
+
+
+def test_the_demo_estimates_its_time_from_the_steps_it_measured():
+    """Not a constant ("about 3 minutes"): 2.5 s per step measured here, 100 steps and 4 evaluations
+    of 2 + 2 forward passes left -> (100 + 4 x 4/3) x 2.5 s = 263 s, "4 minutes"."""
+    from types import SimpleNamespace
+
+    from glassgpt.cli import StepTimer, about
+
+    said = []
+    now = [0.0]
+    trainer = SimpleNamespace(step=1, total_steps=104, eval_every=27, config=SimpleNamespace(eval_batches=2),
+                              say=said.append)
+    timer = StepTimer(steps=3, clock=lambda: now[0])
+    timer(trainer)  # step 1: warm-up, not timed
+    for step in (2, 3, 4):
+        now[0] += 2.5
+        trainer.step = step
+        timer(trainer)
+    assert len(said) == 1
+    assert "2.50 s per step (steps 2-4" in said[0]
+    assert "the 100 steps left and 4 evaluations take about 4 minutes" in said[0]
+    trainer.step = 5
+    timer(trainer)
+    assert len(said) == 1  # said once
+    assert [about(s) for s in (4, 44, 263, 5400)] == ["4 seconds", "40 seconds", "4 minutes", "1 h 30 min"]

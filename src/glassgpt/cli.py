@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 import types
 import typing
 from pathlib import Path
@@ -234,6 +235,45 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def about(seconds: float) -> str:
+    """A duration as a person reads an estimate: "40 seconds", "3 minutes", "1 h 25 min"."""
+    if seconds < 90:
+        return f"{max(1, round(seconds / 10) * 10 if seconds >= 20 else round(seconds))} seconds"
+    minutes = round(seconds / 60)
+    return f"{minutes} minutes" if minutes < 90 else f"{minutes // 60} h {minutes % 60} min"
+
+
+class StepTimer:
+    """A `Trainer.step_hooks` entry that times a run's first steps and says how long the rest will
+    take on this machine: the first step after a (re)start is left out (allocation, first-touch
+    warm-up), the next `steps` are timed, and the estimate covers the steps left, with evaluations
+    counted as their forward passes (each batch's forward is about a third of a training step)."""
+
+    def __init__(self, steps: int = 3, clock=time.perf_counter):
+        self.steps, self.clock = steps, clock
+        self.first: int | None = None
+        self.start = 0.0
+
+    def __call__(self, trainer) -> None:
+        import torch
+
+        if self.first is None:
+            self.first, self.start = trainer.step, self.clock()
+            return
+        if trainer.step != self.first + self.steps:
+            return
+        per_step = (self.clock() - self.start) / self.steps
+        left = trainer.total_steps - trainer.step
+        evaluations = sum(1 for s in range(trainer.step + 1, trainer.total_steps + 1)
+                          if s % trainer.eval_every == 0 or s == trainer.total_steps)
+        # Each evaluation: eval_batches forward passes on the training and on the validation set.
+        equivalent = left + evaluations * 2 * trainer.config.eval_batches / 3
+        threads = torch.get_num_threads()
+        trainer.say(f"this machine: {per_step:.2f} s per step (steps {self.first + 1}-{trainer.step}, "
+                    f"{threads} CPU thread{'s' * (threads != 1)}): the {left} steps left and {evaluations} "
+                    f"evaluations take about {about(per_step * equivalent)}")
+
+
 def demo(out: str | Path = DEMO_MODEL, recipe_name: str = "demo", serve: bool = True,
          host: str = "127.0.0.1", port: int = 8000) -> int:
     """The README's main job: train `recipe_name` into `out` unless a model is there, print samples,
@@ -243,7 +283,7 @@ def demo(out: str | Path = DEMO_MODEL, recipe_name: str = "demo", serve: bool = 
     import torch
 
     from glassgpt.checkpoint import has_checkpoint
-    from glassgpt.train import recipe, saved_config, train
+    from glassgpt.train import Trainer, recipe, saved_config
     from glassgpt.weights import GLASSGPT_META, load_model
 
     out = Path(out)
@@ -253,10 +293,12 @@ def demo(out: str | Path = DEMO_MODEL, recipe_name: str = "demo", serve: bool = 
     else:
         resume = has_checkpoint(out)  # an earlier demo was interrupted: continue it
         print(f"{'resuming' if resume else 'training'} the '{recipe_name}' recipe into {out} "
-              "(about 3 minutes on a 2-core CPU; Ctrl-C stops, running again resumes)")
+              "(Ctrl-C stops, running again resumes; how long it takes here follows from its first steps)")
         out.mkdir(parents=True, exist_ok=True)
         (out / ".demo-training").touch()  # marks a model file written by an unfinished run
-        train(saved_config(out) if resume else settings, resume=resume)
+        trainer = Trainer(saved_config(out) if resume else settings, resume=resume)
+        trainer.step_hooks.append(StepTimer())
+        trainer.fit()
         (out / ".demo-training").unlink()
     model, tokenizer = load_model(out)
     prompt = torch.tensor([tokenizer.encode(settings.sample_prompt)])

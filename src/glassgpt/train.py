@@ -24,7 +24,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
@@ -438,6 +438,9 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             torch.distributed.init_process_group(backend)
         self.out = Path(config.out) if config.out else None
+        # Called with the trainer after each optimizer step and its metric record (before any
+        # evaluation): how `glassgpt demo` times its first steps to say how long the run will take.
+        self.step_hooks: list[Callable[[Trainer], None]] = []
         if self.out and not resume and has_checkpoint(self.out):
             raise ValueError(f"{self.out} already holds a training checkpoint: pass --resume to continue it, "
                              "or choose another --out")
@@ -678,6 +681,8 @@ class Trainer:
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
+                for hook in self.step_hooks:
+                    hook(self)
                 evaluation = self.evaluate_and_log() if evaluate else None
                 if self.step % self.checkpoint_every == 0 or last:
                     self.save(val_loss=evaluation["val_loss"] if evaluation else None)
