@@ -275,6 +275,8 @@ def export_hf(model: GPT, directory: str | Path, tokenizer=None) -> Path:
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
     if tokenizer is not None and tokenizer.to_dict().get("type") != "gpt2":
         (directory / HF_TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()), encoding="utf-8")
+    else:  # GPT-2's, what load_model assumes: an earlier export's file here would now be wrong
+        (directory / HF_TOKENIZER_FILE).unlink(missing_ok=True)
     return directory
 
 
