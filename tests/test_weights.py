@@ -246,6 +246,9 @@ def test_export_of_a_norm_without_shift_and_a_character_model_round_trips(tmp_pa
     assert (hf_logits(hf, ids) - our_logits(model, ids)).abs().max() <= 1e-5
     back, back_tokenizer = load_model(tmp_path / "hf")  # the character tokenizer travels with it
     assert back_tokenizer.to_dict() == tokenizer.to_dict()
+    save_model(model, tmp_path / "gpt2-ckpt", tokenizer=get_tokenizer("gpt2"))  # over the same directory
+    assert main(["export", str(tmp_path / "gpt2-ckpt"), "--to-hf", str(tmp_path / "hf")]) == 0
+    assert load_model(tmp_path / "hf")[1].to_dict() == {"type": "gpt2"}
 
 
 @pytest.mark.parametrize("overrides, named", [
