@@ -206,6 +206,7 @@ def test_demo_verb_trains_once_then_reuses_the_model(tmp_path, capsys):
     assert main(["demo", "--recipe", "tinygpt", "--out", str(out), "--no-serve"]) == 0
     first = capsys.readouterr().out
     assert "training the 'tinygpt' recipe" in first and "hello hello hello" in first
+    assert "this machine: " in first and " s per step (steps 2-4" in first  # measured, not promised
     assert main(["demo", "--recipe", "tinygpt", "--out", str(out), "--no-serve"]) == 0
     second = capsys.readouterr().out
     assert "using the model already trained" in second and "hello hello hello" in second

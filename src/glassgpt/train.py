@@ -24,7 +24,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from glassgpt.checkpoint import checkpoint_model, has_checkpoint, load_checkpoint, load_state, save_checkpoint
 from glassgpt.config import PRESETS, GPTConfig, Settings, get_preset
 from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
-from glassgpt.device import peak_flops, pick_device, resolve_precision
+from glassgpt.device import configure_cpu_threads, peak_flops, pick_device, resolve_precision
 from glassgpt.hub import GPT2_NAMES, resolve_model
 from glassgpt.lora import (
     apply_lora,
@@ -122,7 +122,8 @@ class TrainConfig(Settings):
                                      "the GPU or CPU computes it natively, else fp32")
     compile: bool = setting(False, "torch.compile the model")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
-    threads: int | None = setting(None, "CPU threads for torch (None: torch's default)")
+    threads: int | None = setting(None, "CPU threads for torch (None: the usable cores less those other "
+                                        "processes keep busy, as for generate and serve)")
     seed: int = 123
     # evaluation, logging, checkpoints
     eval_every: int = setting(0, "steps between evaluations (0: at the end of each epoch)")
@@ -425,8 +426,11 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
         self.dist = Distributed.from_env()
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        # The same thread policy as decoding (device.configure_cpu_threads, issue 16): --threads, else
+        # the cores other processes leave free now. Training's many short parallel regions stall as
+        # decoding's do when a core is busy: the demo took 5.44 s/step with 2 threads beside a busy
+        # process, 2.34 with 1.
+        configure_cpu_threads(config.threads)
         self.device = pick_device(config.device, self.dist.local_rank)
         if self.dist.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -434,6 +438,9 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             torch.distributed.init_process_group(backend)
         self.out = Path(config.out) if config.out else None
+        # Called with the trainer after each optimizer step and its metric record (before any
+        # evaluation): how `glassgpt demo` times its first steps to say how long the run will take.
+        self.step_hooks: list[Callable[[Trainer], None]] = []
         if self.out and not resume and has_checkpoint(self.out):
             raise ValueError(f"{self.out} already holds a training checkpoint: pass --resume to continue it, "
                              "or choose another --out")
@@ -674,6 +681,8 @@ class Trainer:
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
+                for hook in self.step_hooks:
+                    hook(self)
                 evaluation = self.evaluate_and_log() if evaluate else None
                 if self.step % self.checkpoint_every == 0 or last:
                     self.save(val_loss=evaluation["val_loss"] if evaluation else None)
