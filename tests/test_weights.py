@@ -20,7 +20,7 @@ from glassgpt.generate import generate, generate_text, left_pad
 from glassgpt.hub import find_gpt2, quantize_int8, resolve_model
 from glassgpt.model import GPT
 from glassgpt.tokenizer import get_tokenizer
-from glassgpt.weights import config_to_hf, load_model, load_openai_tf, save_model
+from glassgpt.weights import config_to_hf, export_hf, load_model, load_openai_tf, save_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -205,6 +205,20 @@ def test_export_cli_writes_what_transformers_loads_with_equal_logits(tmp_path, c
     assert (hf_logits(hf, ids) - our_logits(model, ids)).abs().max() <= 1e-4
     back, _ = load_model(tmp_path / "hf")  # and round trip into glassgpt
     assert torch.equal(back(ids), model(ids))
+
+
+def test_export_writes_gpt2s_tokenizer_for_autotokenizer(tmp_path):
+    """The export is a complete Hugging Face model directory: AutoTokenizer reads GPT-2's tokenizer
+    files written beside the weights and gives tiktoken's ids, up to the model's context."""
+    from transformers import AutoTokenizer
+
+    model = random_glassgpt()
+    export_hf(model, tmp_path / "hf", tokenizer=get_tokenizer("gpt2"))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "It had always been his fate to have women say such things of him: 'Rickham wanted it.'"
+    assert tokenizer(text)["input_ids"] == get_tokenizer("gpt2").encode(text)
+    assert tokenizer.model_max_length == model.config.context_length
+    assert tokenizer.eos_token_id == 50256
 
 
 def shrunk(preset: str, **overrides) -> GPTConfig:

@@ -84,6 +84,7 @@ class BPETokenizer:
         self.special_of_id = {token_id: text for text, token_id in special_tokens.items()}
         self.special_regex = _special_splitter(special_tokens)
         self.cache: dict[str, list[int]] = {}
+        self._merges: list[tuple[tuple[int, int], int]] | None = None  # merges(), found once
 
     # ---- the common tokenizer interface --------------------------------------------------------
 
@@ -214,6 +215,8 @@ class BPETokenizer:
     def merges(self) -> list[tuple[tuple[int, int], int]]:
         """Each merged token as ((left id, right id), its id), in rank order: the pair of earlier
         tokens it is built from, found by merging its own bytes with only the tokens before it."""
+        if self._merges is not None:
+            return self._merges
         merges = []
         for rank, token in enumerate(self.tokens):
             if len(token) < 2:
@@ -223,6 +226,7 @@ class BPETokenizer:
                 raise ValueError(
                     f"token {rank} {_show(token)} cannot be built from one pair of earlier tokens")
             merges.append(((self.rank_of[parts[0]], self.rank_of[parts[1]]), rank))
+        self._merges = merges
         return merges
 
     # ---- files -----------------------------------------------------------------------------------

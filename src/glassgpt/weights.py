@@ -19,6 +19,7 @@ Finding a model by name (GPT-2 sizes, presets) and downloading are `glassgpt.hub
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from glassgpt.bpe import BPETokenizer
 from glassgpt.config import GPTConfig
 from glassgpt.model import GPT
 from glassgpt.tokenizer import get_tokenizer, tokenizer_from_dict
@@ -266,7 +268,8 @@ def export_hf(model: GPT, directory: str | Path, tokenizer=None) -> Path:
     logits equal to `model`'s; ValueError (before writing anything) if GPT-2 cannot express it.
 
     A tokenizer other than GPT-2's (a character model, ...) is written beside them as
-    `glassgpt_tokenizer.json`, which `load_model` reads back (transformers ignores it)."""
+    `glassgpt_tokenizer.json`, which `load_model` reads back (transformers ignores it); GPT-2's as
+    Hugging Face's tokenizer files (`AutoTokenizer.from_pretrained(directory)` reads them)."""
     hf_config = config_to_hf(model.config)
     tensors = hf_tensors(model)
     directory = Path(directory)
@@ -277,7 +280,15 @@ def export_hf(model: GPT, directory: str | Path, tokenizer=None) -> Path:
         (directory / HF_TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()), encoding="utf-8")
     else:  # GPT-2's, what load_model assumes: an earlier export's file here would now be wrong
         (directory / HF_TOKENIZER_FILE).unlink(missing_ok=True)
+        # ... and the files transformers' AutoTokenizer (and lm-eval, ...) read for it
+        _gpt2_bpe().save_hf(directory, model_max_length=model.config.context_length)
     return directory
+
+
+@functools.cache
+def _gpt2_bpe() -> BPETokenizer:
+    """GPT-2's table as a from-scratch BPE, kept: its merge list takes seconds to recover."""
+    return BPETokenizer.from_tiktoken_ranks()
 
 
 def _build(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
