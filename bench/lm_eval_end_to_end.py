@@ -54,7 +54,7 @@ dataset_kwargs:
 test_split: test
 output_type: multiple_choice
 doc_to_text: "Message: {{text}}\\nSpam or ham?"
-doc_to_choice: [" ham", " spam"]
+doc_to_choice: ["ham", "spam"]  # lm-eval puts its target_delimiter, " ", before each
 doc_to_target: label
 metric_list:
   - metric: acc
