@@ -318,6 +318,15 @@ async def _run_admitted(ticket: Ticket, work: Callable[[], T]) -> T:
         raise
 
 
+async def stream_job(admitted: Awaitable) -> None:
+    """Run a stream's admitted job (what `gated` returned) to its end, in a task nobody awaits: a job
+    whose client left before its turn came (Cancelled) simply ends; the stream has nobody to tell."""
+    try:
+        await admitted
+    except Cancelled:
+        pass
+
+
 CLIENT_LEFT = "the client closed the request before its answer was ready"
 
 
@@ -366,13 +375,11 @@ def event_stream(gate: Gate, work: Callable[[Callable[[str], None], threading.Ev
         # The stream has begun, so every outcome, failure too, is an event.
         try:
             push("done", work(lambda piece: push("piece", {"text": piece}), cancelled))
-        except Cancelled:  # the client left while the job waited: nobody to tell
-            pass
         except Exception as error:
             log.exception("streamed generation failed")
             push("error", {"error": str(error) if isinstance(error, ValueError) else "generation failed"})
 
-    running = asyncio.ensure_future(gated(gate, job, tokens))
+    running = asyncio.ensure_future(stream_job(gated(gate, job, tokens)))
     _streams.add(running)
     running.add_done_callback(_streams.discard)
 

@@ -11,6 +11,7 @@ waiting for a turn then gives its place back, a running one stops before its nex
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -192,8 +193,12 @@ class Gate:
             raise ValueError("max_running must be >= 1 and max_waiting >= 0")
         self.max_running = max_running
         self.capacity = max_running + max_waiting
-        self._turns = threading.Semaphore(max_running)
         self._lock = threading.Lock()
+        # Turns are given in the order jobs asked for them (a plain semaphore lets late jobs overtake
+        # early ones, and Retry-After would be no promise at all).
+        self._turns = threading.Condition(threading.Lock())
+        self._queue: collections.deque[Ticket] = collections.deque()
+        self.running = 0
         self._jobs: set[Ticket] = set()
         self.mean_job_s = 1.0  # jobs not counted in tokens (classify, inspect); the first guess for all
         self._tokens_sum = 0.0  # decayed sums of finished jobs' generated tokens and seconds
@@ -271,20 +276,32 @@ class Ticket:
         self._context = None
 
     def __enter__(self) -> Ticket:
-        # A release wakes a waiter at once; the timeout only bounds how long a job whose client left
-        # keeps its place in the queue.
-        while not self.gate._turns.acquire(timeout=self.POLL_S):
-            if self.cancelled.is_set():
-                self.gate._finished(self, None)
-                raise Cancelled("the client went away while its request waited for a turn")
+        gate = self.gate
+        with gate._turns:
+            gate._queue.append(self)
+            # A finished job wakes the waiters at once; the timeout only bounds how long a job whose
+            # client left keeps its place in the queue.
+            while gate._queue[0] is not self or gate.running >= gate.max_running:
+                if self.cancelled.is_set():
+                    gate._queue.remove(self)
+                    gate._turns.notify_all()  # the job behind it may be first now
+                    gate._finished(self, None)
+                    raise Cancelled("the client went away while its request waited for a turn")
+                gate._turns.wait(timeout=self.POLL_S)
+            gate._queue.popleft()
+            gate.running += 1
+            gate._turns.notify_all()  # with several turns, the next in the queue may take one too
         self.started_at = time.perf_counter()
         self._context = _current_job.set(self)
         return self
 
     def __exit__(self, *exc) -> None:
         _current_job.reset(self._context)
-        self.gate._turns.release()
-        self.gate._finished(self, time.perf_counter() - self.started_at)
+        gate = self.gate
+        with gate._turns:
+            gate.running -= 1
+            gate._turns.notify_all()
+        gate._finished(self, time.perf_counter() - self.started_at)
 
     def cancel(self) -> None:
         """Give the place back for a job that will never run."""

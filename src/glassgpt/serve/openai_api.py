@@ -40,7 +40,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from glassgpt.generate import Sampling, _first_stop, detokenize_stream, iter_tokens
-from glassgpt.serve.app import CLIENT_LEFT, LANGUAGE_MODEL, ServeSettings, gated, left_early, require_task
+from glassgpt.serve.app import (
+    CLIENT_LEFT,
+    LANGUAGE_MODEL,
+    ServeSettings,
+    gated,
+    left_early,
+    require_task,
+    stream_job,
+)
 from glassgpt.serve.engine import Cancelled, Gate, ModelHost, current_job, window_slide
 from glassgpt.serve.middleware import CLIENT_CLOSED, client_gone
 
@@ -541,8 +549,6 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
         def job() -> None:
             try:
                 work(push, cancelled)
-            except Cancelled:  # the client left while the job waited: nobody to tell
-                pass
             except OpenAIError as error:
                 push({"error": json.loads(error.response().body)["error"]})
             except Exception as error:
@@ -552,7 +558,7 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             finally:
                 push(None)
 
-        running = asyncio.ensure_future(admit(job, tokens))  # a full gate is a 429 before the stream starts
+        running = asyncio.ensure_future(stream_job(admit(job, tokens)))  # a full gate: 429 before the stream
         _streams.add(running)
         running.add_done_callback(_streams.discard)
 
