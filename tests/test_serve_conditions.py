@@ -220,6 +220,30 @@ def test_retry_after_counts_admitted_tokens_at_the_measured_speed():
         ticket.cancel()
 
 
+def test_after_long_requests_a_queue_of_short_ones_is_estimated_by_its_tokens():
+    """The issue's case: long jobs made the old estimate (queued jobs x the mean job's seconds) 8x
+    the real drain of a queue of short jobs. Counting tokens, it stays within a factor 2."""
+    gate = Gate(max_running=1, max_waiting=3)
+
+    def run(ticket, tokens: int) -> None:
+        with ticket:
+            time.sleep(tokens * 0.005)  # 200 tokens/s
+            ticket.generated = tokens
+
+    for _ in range(2):
+        run(gate.admit(tokens=100), 100)  # 0.5 s each
+    tickets = [gate.admit(tokens=20) for _ in range(4)]
+    estimate = gate.drain_s()
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(ticket, 20)) for ticket in tickets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    drain = time.perf_counter() - started
+    assert 0.5 <= estimate / drain <= 2.0, (estimate, drain)
+
+
 def test_retry_after_is_within_a_factor_2_of_the_real_drain_under_a_steady_load(tokenizer):
     """Six clients keep a 1 + 4 gate full for 6 s with requests of 10 to 30 tokens (20 ms a step),
     so some of them are refused all along. For each refusal, the jobs admitted at that moment are
