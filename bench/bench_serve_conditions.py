@@ -10,9 +10,9 @@ It uses only what every version of the server has (create_app, the gate's `admit
   are dropped after 1 s; measured: seconds until the gate is empty, forward passes after the drop,
   and how long a 2-token request sent right after the drop takes. Waits at most --wait seconds.
 - cost: one request with a prompt of the whole context and max_tokens = the context, against a
-  short prompt: forward passes, tokens processed and seconds per generated token (this part calls
-  iter_tokens directly, with slide=1, the recomputation every step past the context, and with the
-  window_slide the server now uses).
+  short prompt whose reply fills the context: forward passes, tokens processed and seconds per
+  generated token (this part calls iter_tokens directly, with slide=1, the recomputation every
+  step past the context, and with the window_slide the server now uses).
 - retry: 3 requests of 64 tokens one at a time (the gate learns from them), then a queue of 5
   requests of 8 tokens, and one more: its Retry-After against the time the queue takes to drain.
 """
@@ -89,7 +89,7 @@ def cancel(model, tokenizer, counter, wait_s: float, only: list[str] | None) -> 
                 time.sleep(0.1)
 
 
-def cost(model, tokenizer, counter) -> None:
+def cost(model, tokenizer, counter, before: bool) -> None:
     from glassgpt.serve.engine import window_slide
 
     context = model.config.context_length
@@ -98,12 +98,12 @@ def cost(model, tokenizer, counter) -> None:
     short_ids = tokenizer.encode("Every effort moves you")
     print("| request | forward passes / token | tokens processed / token | s / token |")
     print("| --- | --- | --- | --- |")
-    for label, ids, slide in (("short prompt (4 tokens), 64 new", short_ids, 1),
-                              (f"whole-context prompt, {context} new, recompute every step (before)",
-                               long_ids, 1),
-                              (f"whole-context prompt, {context} new, window slides by half (after)",
-                               long_ids, window_slide(context))):
-        n = 64 if ids is short_ids else context
+    runs = [(f"short prompt (4 tokens), {context - len(short_ids)} new (up to the context)", short_ids, 1),
+            (f"whole-context prompt, {context} new, recompute every step (before)", long_ids, 1),
+            (f"whole-context prompt, {context} new, window slides by half (after)", long_ids,
+             window_slide(context))]
+    for label, ids, slide in runs if before else runs[::2]:
+        n = context - len(short_ids) if ids is short_ids else context
         counter.calls = counter.tokens = 0
         started = time.perf_counter()
         list(iter_tokens(model, ids, n, slide=slide))
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--part", default="all", choices=("all", "cancel", "cost", "retry"))
     parser.add_argument("--wait", type=float, default=60.0, help="longest wait for a dropped request's work")
+    parser.add_argument("--no-before", action="store_true", help="cost: skip the slow recomputing run")
     parser.add_argument("--routes", nargs="*", help="the routes the cancel part drops (default: all four)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,7 +155,7 @@ def main() -> None:
     if args.part in ("all", "cancel"):
         cancel(model, tokenizer, counter, args.wait, args.routes)
     if args.part in ("all", "cost"):
-        cost(model, tokenizer, counter)
+        cost(model, tokenizer, counter, not args.no_before)
     if args.part in ("all", "retry"):
         retry(model, tokenizer)
 
