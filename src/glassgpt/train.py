@@ -21,24 +21,35 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from glassgpt.checkpoint import checkpoint_model, has_checkpoint, load_checkpoint, load_state, save_checkpoint
 from glassgpt.config import PRESETS, GPTConfig, Settings, get_preset
 from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
 from glassgpt.device import peak_flops, pick_device, resolve_precision
+from glassgpt.distributed import (
+    DEFAULT_BUCKET_MB,
+    Distributed,
+    PeerLost,
+    check_parallel_settings,
+    full_model_state,
+    gradient_sync,
+    load_shards,
+    lost_peer_error,
+    prune_shards,
+    save_shards,
+    shard,
+    wrap_ddp,
+)
 from glassgpt.hub import GPT2_NAMES, resolve_model
 from glassgpt.lora import (
     apply_lora,
@@ -123,6 +134,10 @@ class TrainConfig(Settings):
     compile: bool = setting(False, "torch.compile the model")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     threads: int | None = setting(None, "CPU threads for torch (None: torch's default)")
+    # several processes (torchrun; glassgpt.distributed)
+    fsdp: bool = setting(False, "under torchrun: shard weights, gradients and optimizer state across the "
+                                "processes (FSDP2, per block) instead of replicating them (DDP)")
+    ddp_bucket_mb: float = setting(DEFAULT_BUCKET_MB, "DDP: megabytes of gradients per all-reduce bucket")
     seed: int = 123
     # evaluation, logging, checkpoints
     eval_every: int = setting(0, "steps between evaluations (0: at the end of each epoch)")
@@ -155,6 +170,7 @@ class TrainConfig(Settings):
             self.corpus = [self.corpus]
         preset = get_preset(self.model)
         self._check_lora()
+        check_parallel_settings(self.fsdp, self.lora_rank, self.precision, self.ddp_bucket_mb)
         if self.init_from is not None:
             self._check_init_from()
         elif self.context_length is not None and self.context_length > preset.context_length:
@@ -396,24 +412,6 @@ def flops_per_token(model_config: GPTConfig, n_parameters: int, n_trainable: int
 # ---------------------------------------------------------------- the trainer
 
 
-@dataclass
-class Distributed:
-    """Where this process sits in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("WORLD_SIZE", 1)))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 class Trainer:
     """Runs one `TrainConfig`: `Trainer(config).fit()`; `Trainer(config, resume=True)` continues `config.out`.
 
@@ -428,11 +426,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = pick_device(config.device, self.dist.local_rank)
-        if self.dist.world_size > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group(backend)
+        self.dist.start(self.device)
         self.out = Path(config.out) if config.out else None
         if self.out and not resume and has_checkpoint(self.out):
             raise ValueError(f"{self.out} already holds a training checkpoint: pass --resume to continue it, "
@@ -449,10 +443,14 @@ class Trainer:
         self.trainable_parameters = trainable_parameters(self.model)
         if self.dist.rank:  # but different dropout masks
             torch.manual_seed(config.seed + self.dist.rank)
-        self.train_model = torch.compile(self.model) if config.compile else self.model
-        if self.dist.world_size > 1:
-            self.train_model = DistributedDataParallel(
-                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.train_model = self.model
+        if self.dist.world_size > 1 and config.fsdp:
+            shard(self.model, self.precision)  # in place, before the optimizer sees its parameters
+        elif self.dist.world_size > 1:
+            self.train_model = wrap_ddp(self.model, self.device, config.ddp_bucket_mb,
+                                        static_graph=not config.compile and config.grad_accum == 1)
+        if config.compile:  # around DDP, not inside it (glassgpt.distributed says why)
+            self.train_model = torch.compile(self.train_model)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(
             step, self.total_steps, config.warmup_steps, config.schedule, config.min_lr_fraction))
@@ -621,7 +619,7 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             # Averaging gradients across processes is needed once per step, on the last micro-batch.
             syncing = index == accum - 1 or self.dist.world_size == 1
-            with (nullcontext() if syncing else self.train_model.no_sync()), self.autocast():
+            with gradient_sync(self.train_model, syncing), self.autocast():
                 # The model computes the loss itself (on a GPU through a vocabulary-padded head).
                 loss = self.train_model(inputs, targets=targets) / accum
             self.scaler.scale(loss).backward()
@@ -681,14 +679,26 @@ class Trainer:
                     # Evaluating and saving are not training speed.
                     window_start, window_steps = time.perf_counter(), 0
         except KeyboardInterrupt:
-            where = (f"the checkpoint of step {self.last_checkpoint_step} is in {self.out / 'last'}; "
-                     f"--resume {self.out} continues from it") if self.out and self.last_checkpoint_step \
-                else "no checkpoint was written yet"
-            self.say(f"interrupted at step {self.step}: {where}")
+            self.say(f"interrupted at step {self.step}: {self._where_to_resume()}")
             raise
+        except RuntimeError as error:
+            if self.dist.world_size == 1 or not lost_peer_error(error):
+                raise
+            # Another process died (or its machine): every collective now fails. What was saved stays.
+            message = (f"rank {self.dist.rank}: another process of this {self.dist.world_size}-process job "
+                       f"stopped answering at step {self.step} ({type(error).__name__}: "
+                       f"{str(error).splitlines()[0][:200]}); {self._where_to_resume()}")
+            tqdm.write(message)
+            raise PeerLost(message) from error
         finally:
             bar.close()
         return self.records
+
+    def _where_to_resume(self) -> str:
+        if self.out and self.last_checkpoint_step:
+            return (f"the checkpoint of step {self.last_checkpoint_step} is in {self.out / 'last'}; "
+                    f"--resume {self.out} continues from it")
+        return "no checkpoint was written yet"
 
     def _announce(self) -> None:
         c, m = self.config, self.model.config
@@ -768,7 +778,8 @@ class Trainer:
 
     def evaluate_and_log(self) -> dict:
         losses = self.evaluate()
-        text = self.sample() if self.dist.is_main else ""
+        # Sharded, the model runs only with every process taking part.
+        text = self.sample() if self.dist.is_main or self.config.fsdp else ""
         record = self._record("eval", **losses, lr=self.optimizer.param_groups[0]["lr"], sample=text)
         self._log(record)
         val = f" | val {losses['val_loss']:.3f}" if losses["val_loss"] is not None else ""
@@ -785,7 +796,8 @@ class Trainer:
 
         With --no-keep-best, or no validation set, every checkpoint is the best one.
         """
-        if not self.out or not self.dist.is_main:
+        sharded = self.config.fsdp and self.dist.world_size > 1
+        if not self.out or not (self.dist.is_main or sharded):
             return
         if self.config.keep_best and val_loss is not None:
             best = val_loss < self.best_val
@@ -797,7 +809,6 @@ class Trainer:
             "step": self.step,
             "best_val": self.best_val,
             "config": self.config.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -812,6 +823,17 @@ class Trainer:
         else:
             training["recipe_model"] = c.model
         model, more_files = self.model, {}
+        if sharded:
+            # Every process writes its shards of the weights and optimizer state; rank 0 then the whole
+            # model, as ordinary model files (generate, serve, export), and `last` naming the shards.
+            state["shards"] = save_shards(self.out, self.step, self.model, self.optimizer)
+            full = full_model_state(self.model)
+            if not self.dist.is_main:
+                self.last_checkpoint_step = self.step
+                return
+            model = gpt_from_state(self.model.config, full)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
         if c.lora_rank is not None:
             # Every saved model is an ordinary one, the adapters merged in. Resuming needs the unmerged
             # weights and adapters themselves (W + (alpha / r) B A cannot be split back exactly): the
@@ -826,11 +848,22 @@ class Trainer:
                                                                             directory / ADAPTERS_FILE)
         save_checkpoint(self.out, model, self.tokenizer, state=state, best=best, extra={"training": training},
                         more_files=more_files)
+        if sharded:
+            prune_shards(self.out, keep=state["shards"])
         self.last_checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
-        state = load_checkpoint(self.out, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "shards" in load_state(self.out):
+            if not (self.config.fsdp and self.dist.world_size > 1):
+                raise ValueError(f"{self.out} was trained sharded (--fsdp): resume it under torchrun with "
+                                 "--fsdp (any number of processes)")
+            state = load_state(self.out)
+            load_shards(self.out / state["shards"], self.model, self.optimizer)
+        else:
+            state = load_checkpoint(self.out, self.model)
+            if self.config.fsdp and self.dist.world_size > 1:
+                raise ValueError(f"{self.out} was trained without --fsdp: resume it without --fsdp")
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = self.last_checkpoint_step = state["step"]
