@@ -669,6 +669,9 @@ class Trainer:
                         # Per GPU: the step's FLOPs are spread over world_size devices of this peak.
                         flops_per_s = window_steps * self.flops_per_step / elapsed / self.dist.world_size
                         record["mfu"] = round(flops_per_s / self.peak_flops, 4)
+                    if self.device.type == "cuda":  # per GPU: what --fsdp saves (a counter: no sync)
+                        peak = torch.cuda.max_memory_allocated(self.device)
+                        record["peak_memory_gb"] = round(peak / 2**30, 2)
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
