@@ -14,7 +14,9 @@ torchrun it trains data-parallel:
 
 Each process reads its own shard of every epoch's windows, gradients are averaged across
 processes only on the last micro-batch of an accumulation (`no_sync` before it), and only rank 0
-logs and writes. The global batch is batch_size x grad_accum x number of processes.
+logs and writes. The global batch is batch_size x grad_accum x number of processes. With `--fsdp`
+the weights, gradients and optimizer state are sharded instead, and each process writes its
+shards of every checkpoint; `glassgpt.distributed` holds all of that.
 """
 
 from __future__ import annotations
@@ -716,7 +718,9 @@ class Trainer:
         self.say(f"data: {self.n_train_tokens:,} training tokens -> {len(self.train_set):,} windows; "
                  f"{self.n_val_tokens:,} validation tokens; {self.steps_per_epoch:,} steps per epoch of "
                  f"{self.tokens_per_step:,} tokens; {self.total_steps:,} steps")
-        self.say(f"device {self.device} x {self.dist.world_size}, {self.precision}, {c.optimizer} "
+        mode = ("" if self.dist.world_size == 1 else
+                " (FSDP: sharded)" if c.fsdp else f" (DDP, buckets of {c.ddp_bucket_mb:g} MB)")
+        self.say(f"device {self.device} x {self.dist.world_size}{mode}, {self.precision}, {c.optimizer} "
                  f"lr {c.lr:g} ({c.schedule}), out {self.out or '(nothing kept)'}")
 
     def _mean_across_processes(self, value: torch.Tensor) -> float:
@@ -856,16 +860,16 @@ class Trainer:
         self.last_checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
-        if "shards" in load_state(self.out):
-            if not (self.config.fsdp and self.dist.world_size > 1):
-                raise ValueError(f"{self.out} was trained sharded (--fsdp): resume it under torchrun with "
-                                 "--fsdp (any number of processes)")
-            state = load_state(self.out)
+        sharded, state = self.config.fsdp and self.dist.world_size > 1, load_state(self.out)
+        if "shards" in state and not sharded:
+            raise ValueError(f"{self.out} was trained sharded (--fsdp): resume it under torchrun with --fsdp "
+                             "(any number of processes)")
+        if sharded and "shards" not in state:
+            raise ValueError(f"{self.out} was trained without --fsdp: resume it without --fsdp")
+        if sharded:
             load_shards(self.out / state["shards"], self.model, self.optimizer)
         else:
             state = load_checkpoint(self.out, self.model)
-            if self.config.fsdp and self.dist.world_size > 1:
-                raise ValueError(f"{self.out} was trained without --fsdp: resume it without --fsdp")
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
