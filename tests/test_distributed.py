@@ -27,7 +27,7 @@ COMMON = ["--text", TEXT, "--tokenizer", "char", "--model", "nano", "--context-l
           "--n-layers", "2", "--n-heads", "2", "--emb-dim", "32", "--drop-rate", "0", "--stride", "4",
           "--val-fraction", "0.2", "--epochs", "1", "--lr", "3e-3", "--eval-every", "3", "--no-progress",
           "--threads", "1", "--sample-prompt", "hello", "--sample-tokens", "8", "--grad-accum", "2",
-          "--batch-size", "2"]
+          "--batch-size", "2", "--device", "cpu"]  # gloo, also on a machine with GPUs
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMEOUT = 180
 
