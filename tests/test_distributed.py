@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,14 +86,15 @@ def two_nodes(args: list[str], entry: list[str], env: dict) -> list[subprocess.C
                                "--nproc-per-node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
                                "--rdzv-endpoint", endpoint, "--rdzv-id", "glassgpt-test",
                                "--local-addr", "127.0.0.1", *entry, "train", *args],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)  # its own process group: a hung node is killed whole
              for rank in (0, 1)]
     results = []
     for node in nodes:
         try:
             output, _ = node.communicate(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
-            node.kill()
+            os.killpg(node.pid, signal.SIGKILL)  # the agent and its worker
             output, _ = node.communicate()
         results.append(subprocess.CompletedProcess(node.args, node.returncode, output, ""))
     return results

@@ -866,8 +866,8 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         sharded, state = self.config.fsdp and self.dist.world_size > 1, load_state(self.out)
         if "shards" in state and not sharded:
-            raise ValueError(f"{self.out} was trained sharded (--fsdp): resume it under torchrun with --fsdp "
-                             "(any number of processes)")
+            raise ValueError(f"{self.out} was trained sharded (--fsdp): resume it under torchrun, on 2 or "
+                             "more processes")
         if sharded and "shards" not in state:
             raise ValueError(f"{self.out} was trained without --fsdp: resume it without --fsdp")
         if sharded:
