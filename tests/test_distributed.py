@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from glassgpt.checkpoint import load_state
-from glassgpt.distributed import gradient_sync, load_shards_into_one, lost_peer_error, prune_shards
+from glassgpt.cli import main
+from glassgpt.distributed import (
+    gradient_sync,
+    load_shards_into_one,
+    lost_peer_error,
+    mixed_precision,
+    prune_shards,
+)
 from glassgpt.train import TrainConfig, Trainer
 from glassgpt.weights import load_model
 
@@ -100,7 +107,7 @@ def two_nodes(args: list[str], entry: list[str], env: dict) -> list[subprocess.C
     return results
 
 
-def test_fsdp_on_two_processes_matches_one_resumes_exactly_and_loads_into_one(tmp_path):
+def test_fsdp_on_two_processes_matches_one_resumes_exactly_and_loads_into_one(tmp_path, capsys):
     out = tmp_path / "fsdp"
     first = standalone(2, COMMON + ["--fsdp", "--max-steps", "3", "--out", str(out)])
     assert first.returncode == 0, first.stderr[-3000:]
@@ -128,6 +135,11 @@ def test_fsdp_on_two_processes_matches_one_resumes_exactly_and_loads_into_one(tm
     prompt = torch.tensor([tokenizer.encode("hello")])
     text = tokenizer.decode(model.generate(prompt, 8)[0].tolist())
     assert text == [r for r in records if r["event"] == "eval"][-1]["sample"]  # what the 2 processes sampled
+
+    # Training on from the shards needs processes to hold them: one alone is refused, nothing written.
+    assert main(["train", "--resume", str(out), "--max-steps", "7"]) == 2
+    assert "was trained sharded (--fsdp): resume it under torchrun" in capsys.readouterr().err
+    assert load_state(out)["step"] == 6 and len(metrics(out)) == len(records)
 
 
 def test_two_nodes_match_one_process_a_killed_rank_keeps_the_checkpoint_and_resume_goes_on(tmp_path):
@@ -190,3 +202,9 @@ def test_lost_peers_are_told_from_other_errors():
     gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29921")
     assert lost_peer_error(gloo)
     assert not lost_peer_error(RuntimeError("expect_autograd_hooks_ INTERNAL ASSERT FAILED at reducer.cpp"))
+
+
+def test_fsdp_computes_in_bf16_over_fp32_weights_and_reductions():
+    policy = mixed_precision("bf16")
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert mixed_precision("fp32").param_dtype is None  # the weights' own dtype
