@@ -41,7 +41,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,23 +118,21 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, bucket_mb: float = DE
 
 @contextmanager
 def gradient_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Average gradients across processes in this backward pass (`enabled`), or only accumulate them
-    locally: micro-batches before the last of an accumulation need no communication."""
-    module = getattr(module, "_orig_mod", module)  # a compiled DDP: the switch is on DDP itself
-    if enabled:
+    """Average gradients across processes in the coming backward pass (`enabled`), or only accumulate
+    them locally: micro-batches before the last of an accumulation need no communication.
+
+    Enter it around each micro-batch's forward pass. DDP reads its switch there; FSDP reads its own
+    in the backward pass that follows the block, so that one is left set until the next call.
+    """
+    module = getattr(module, "_orig_mod", module)  # compiled: the switch is on the module inside
+    if is_sharded(module):
+        module.set_requires_gradient_sync(enabled)
         yield
-    elif isinstance(module, DistributedDataParallel):
+    elif not enabled and isinstance(module, DistributedDataParallel):
         with module.no_sync():
             yield
-    elif is_sharded(module):
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
     else:
-        with nullcontext():
-            yield
+        yield
 
 
 # ---------------------------------------------------------------- sharded (FSDP2)
