@@ -144,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train as the arguments say (alone, or as one process of torchrun); print where the result is."""
     import torch
 
+    from glassgpt.distributed import PeerLost
     from glassgpt.train import TrainingDiverged, train
 
     config, resume = config_from_args(args)
@@ -153,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             # Every rank finishes its last collective and rank 0 its last write before any rank tears
             # the group down; tearing down early aborts the other rank's gloo threads (SIGABRT).
             torch.distributed.barrier()
-    except TrainingDiverged:
+    except (TrainingDiverged, PeerLost):  # the trainer said what happened and what was kept
         return 1
     except KeyboardInterrupt:
         return 130

@@ -14,31 +14,44 @@ torchrun it trains data-parallel:
 
 Each process reads its own shard of every epoch's windows, gradients are averaged across
 processes only on the last micro-batch of an accumulation (`no_sync` before it), and only rank 0
-logs and writes. The global batch is batch_size x grad_accum x number of processes.
+logs and writes. The global batch is batch_size x grad_accum x number of processes. With `--fsdp`
+the weights, gradients and optimizer state are sharded instead, and each process writes its
+shards of every checkpoint; `glassgpt.distributed` holds all of that.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from glassgpt.checkpoint import checkpoint_model, has_checkpoint, load_checkpoint, load_state, save_checkpoint
 from glassgpt.config import PRESETS, GPTConfig, Settings, get_preset
 from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
 from glassgpt.device import configure_cpu_threads, peak_flops, pick_device, resolve_precision
+from glassgpt.distributed import (
+    DEFAULT_BUCKET_MB,
+    Distributed,
+    PeerLost,
+    check_parallel_settings,
+    full_model_state,
+    gradient_sync,
+    load_shards,
+    lost_peer_error,
+    prune_shards,
+    save_shards,
+    shard,
+    wrap_ddp,
+)
 from glassgpt.hub import GPT2_NAMES, resolve_model
 from glassgpt.lora import (
     apply_lora,
@@ -124,6 +137,10 @@ class TrainConfig(Settings):
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     threads: int | None = setting(None, "CPU threads for torch (None: the usable cores less those other "
                                         "processes keep busy, as for generate and serve)")
+    # several processes (torchrun; glassgpt.distributed)
+    fsdp: bool = setting(False, "under torchrun: shard weights, gradients and optimizer state across the "
+                                "processes (FSDP2, per block) instead of replicating them (DDP)")
+    ddp_bucket_mb: float = setting(DEFAULT_BUCKET_MB, "DDP: megabytes of gradients per all-reduce bucket")
     seed: int = 123
     # evaluation, logging, checkpoints
     eval_every: int = setting(0, "steps between evaluations (0: at the end of each epoch)")
@@ -156,6 +173,7 @@ class TrainConfig(Settings):
             self.corpus = [self.corpus]
         preset = get_preset(self.model)
         self._check_lora()
+        check_parallel_settings(self.fsdp, self.lora_rank, self.precision, self.ddp_bucket_mb)
         if self.init_from is not None:
             self._check_init_from()
         elif self.context_length is not None and self.context_length > preset.context_length:
@@ -397,24 +415,6 @@ def flops_per_token(model_config: GPTConfig, n_parameters: int, n_trainable: int
 # ---------------------------------------------------------------- the trainer
 
 
-@dataclass
-class Distributed:
-    """Where this process sits in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("WORLD_SIZE", 1)))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 class Trainer:
     """Runs one `TrainConfig`: `Trainer(config).fit()`; `Trainer(config, resume=True)` continues `config.out`.
 
@@ -432,11 +432,7 @@ class Trainer:
         # process, 2.34 with 1.
         configure_cpu_threads(config.threads)
         self.device = pick_device(config.device, self.dist.local_rank)
-        if self.dist.world_size > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group(backend)
+        self.dist.start(self.device)
         self.out = Path(config.out) if config.out else None
         # Called with the trainer after each optimizer step and its metric record (before any
         # evaluation): how `glassgpt demo` times its first steps to say how long the run will take.
@@ -456,10 +452,14 @@ class Trainer:
         self.trainable_parameters = trainable_parameters(self.model)
         if self.dist.rank:  # but different dropout masks
             torch.manual_seed(config.seed + self.dist.rank)
-        self.train_model = torch.compile(self.model) if config.compile else self.model
-        if self.dist.world_size > 1:
-            self.train_model = DistributedDataParallel(
-                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.train_model = self.model
+        if self.dist.world_size > 1 and config.fsdp:
+            shard(self.model, self.precision)  # in place, before the optimizer sees its parameters
+        elif self.dist.world_size > 1:
+            self.train_model = wrap_ddp(self.model, self.device, config.ddp_bucket_mb,
+                                        static_graph=not config.compile and config.grad_accum == 1)
+        if config.compile:  # around DDP, not inside it (glassgpt.distributed says why)
+            self.train_model = torch.compile(self.train_model)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(
             step, self.total_steps, config.warmup_steps, config.schedule, config.min_lr_fraction))
@@ -624,11 +624,15 @@ class Trainer:
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for index, (inputs, targets) in enumerate(micro_batches):
+            if self.device.type == "cuda":
+                # A copy from pageable memory first waits for every kernel queued on the GPU: a host
+                # sync per micro-batch. From pinned memory it is queued like a kernel.
+                inputs, targets = inputs.pin_memory(), targets.pin_memory()
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             # Averaging gradients across processes is needed once per step, on the last micro-batch.
             syncing = index == accum - 1 or self.dist.world_size == 1
-            with (nullcontext() if syncing else self.train_model.no_sync()), self.autocast():
+            with gradient_sync(self.train_model, syncing), self.autocast():
                 # The model computes the loss itself (on a GPU through a vocabulary-padded head).
                 loss = self.train_model(inputs, targets=targets) / accum
             self.scaler.scale(loss).backward()
@@ -678,6 +682,9 @@ class Trainer:
                         # Per GPU: the step's FLOPs are spread over world_size devices of this peak.
                         flops_per_s = window_steps * self.flops_per_step / elapsed / self.dist.world_size
                         record["mfu"] = round(flops_per_s / self.peak_flops, 4)
+                    if self.device.type == "cuda":  # per GPU: what --fsdp saves (a counter: no sync)
+                        peak = torch.cuda.max_memory_allocated(self.device)
+                        record["peak_memory_gb"] = round(peak / 2**30, 2)
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
@@ -690,14 +697,26 @@ class Trainer:
                     # Evaluating and saving are not training speed.
                     window_start, window_steps = time.perf_counter(), 0
         except KeyboardInterrupt:
-            where = (f"the checkpoint of step {self.last_checkpoint_step} is in {self.out / 'last'}; "
-                     f"--resume {self.out} continues from it") if self.out and self.last_checkpoint_step \
-                else "no checkpoint was written yet"
-            self.say(f"interrupted at step {self.step}: {where}")
+            self.say(f"interrupted at step {self.step}: {self._where_to_resume()}")
             raise
+        except RuntimeError as error:
+            if self.dist.world_size == 1 or not lost_peer_error(error):
+                raise
+            # Another process died (or its machine): every collective now fails. What was saved stays.
+            message = (f"rank {self.dist.rank}: another process of this {self.dist.world_size}-process job "
+                       f"stopped answering at step {self.step} ({type(error).__name__}: "
+                       f"{str(error).splitlines()[0][:200]}); {self._where_to_resume()}")
+            tqdm.write(message)
+            raise PeerLost(message) from error
         finally:
             bar.close()
         return self.records
+
+    def _where_to_resume(self) -> str:
+        if self.out and self.last_checkpoint_step:
+            return (f"the checkpoint of step {self.last_checkpoint_step} is in {self.out / 'last'}; "
+                    f"--resume {self.out} continues from it")
+        return "no checkpoint was written yet"
 
     def _announce(self) -> None:
         c, m = self.config, self.model.config
@@ -712,7 +731,9 @@ class Trainer:
         self.say(f"data: {self.n_train_tokens:,} training tokens -> {len(self.train_set):,} windows; "
                  f"{self.n_val_tokens:,} validation tokens; {self.steps_per_epoch:,} steps per epoch of "
                  f"{self.tokens_per_step:,} tokens; {self.total_steps:,} steps")
-        self.say(f"device {self.device} x {self.dist.world_size}, {self.precision}, {c.optimizer} "
+        mode = ("" if self.dist.world_size == 1 else
+                " (FSDP: sharded)" if c.fsdp else f" (DDP, buckets of {c.ddp_bucket_mb:g} MB)")
+        self.say(f"device {self.device} x {self.dist.world_size}{mode}, {self.precision}, {c.optimizer} "
                  f"lr {c.lr:g} ({c.schedule}), out {self.out or '(nothing kept)'}")
 
     def _mean_across_processes(self, value: torch.Tensor) -> float:
@@ -777,7 +798,8 @@ class Trainer:
 
     def evaluate_and_log(self) -> dict:
         losses = self.evaluate()
-        text = self.sample() if self.dist.is_main else ""
+        # Sharded, the model runs only with every process taking part.
+        text = self.sample() if self.dist.is_main or self.config.fsdp else ""
         record = self._record("eval", **losses, lr=self.optimizer.param_groups[0]["lr"], sample=text)
         self._log(record)
         val = f" | val {losses['val_loss']:.3f}" if losses["val_loss"] is not None else ""
@@ -794,7 +816,8 @@ class Trainer:
 
         With --no-keep-best, or no validation set, every checkpoint is the best one.
         """
-        if not self.out or not self.dist.is_main:
+        sharded = self.config.fsdp and self.dist.world_size > 1
+        if not self.out or not (self.dist.is_main or sharded):
             return
         if self.config.keep_best and val_loss is not None:
             best = val_loss < self.best_val
@@ -806,7 +829,6 @@ class Trainer:
             "step": self.step,
             "best_val": self.best_val,
             "config": self.config.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -821,6 +843,17 @@ class Trainer:
         else:
             training["recipe_model"] = c.model
         model, more_files = self.model, {}
+        if sharded:
+            # Every process writes its shards of the weights and optimizer state; rank 0 then the whole
+            # model, as ordinary model files (generate, serve, export), and `last` naming the shards.
+            state["shards"] = save_shards(self.out, self.step, self.model, self.optimizer)
+            full = full_model_state(self.model)
+            if not self.dist.is_main:
+                self.last_checkpoint_step = self.step
+                return
+            model = gpt_from_state(self.model.config, full)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
         if c.lora_rank is not None:
             # Every saved model is an ordinary one, the adapters merged in. Resuming needs the unmerged
             # weights and adapters themselves (W + (alpha / r) B A cannot be split back exactly): the
@@ -835,11 +868,22 @@ class Trainer:
                                                                             directory / ADAPTERS_FILE)
         save_checkpoint(self.out, model, self.tokenizer, state=state, best=best, extra={"training": training},
                         more_files=more_files)
+        if sharded:
+            prune_shards(self.out, keep=state["shards"])
         self.last_checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
-        state = load_checkpoint(self.out, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharded, state = self.config.fsdp and self.dist.world_size > 1, load_state(self.out)
+        if "shards" in state and not sharded:
+            raise ValueError(f"{self.out} was trained sharded (--fsdp): resume it under torchrun, on 2 or "
+                             "more processes")
+        if sharded and "shards" not in state:
+            raise ValueError(f"{self.out} was trained without --fsdp: resume it without --fsdp")
+        if sharded:
+            load_shards(self.out / state["shards"], self.model, self.optimizer)
+        else:
+            state = load_checkpoint(self.out, self.model)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = self.last_checkpoint_step = state["step"]
