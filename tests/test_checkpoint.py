@@ -55,8 +55,10 @@ def test_layout_top_level_is_best_last_has_the_state(tmp_path):
 
     save_checkpoint(tmp_path, tiny_model(3.0), TOKENIZER, state={"step": 3}, best=True)
     assert stored_fill(tmp_path) == stored_fill(tmp_path / BEST) == stored_fill(tmp_path / LAST) == 3.0
-    # the top-level files are links to best's, not copies
-    assert os.path.samefile(tmp_path / "model.safetensors", tmp_path / BEST / "model.safetensors")
+    # the top-level files are copies of best's, not hard links: damage to one must not reach the other
+    for name in ("model.safetensors", "glassgpt.json"):
+        assert not os.path.samefile(tmp_path / name, tmp_path / BEST / name)
+        assert (tmp_path / name).read_bytes() == (tmp_path / BEST / name).read_bytes()
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):

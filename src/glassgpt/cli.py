@@ -138,6 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train as the arguments say (alone, or as one process of torchrun); print where the result is."""
     import torch
 
+    from glassgpt.checkpoint import NoSpaceLeft
     from glassgpt.train import TrainingDiverged, train
 
     config, resume = config_from_args(args)
@@ -148,6 +149,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             # the group down; tearing down early aborts the other rank's gloo threads (SIGABRT).
             torch.distributed.barrier()
     except TrainingDiverged:
+        return 1
+    except NoSpaceLeft as error:  # its message says which checkpoint is intact and how to go on
+        print(f"glassgpt: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
