@@ -622,7 +622,7 @@ class Trainer:
         kept = "".join(ch for ch in prompt if ch not in missing)
         lacks = f"the corpus has no {', '.join(map(repr, missing))}, which the sample prompt {prompt!r} needs"
         if prompt == DEFAULT_SAMPLE_PROMPT or not kept:
-            ids = [int(i) for i in train_ids[:len(prompt)]]
+            ids = [int(i) for i in train_ids[:min(len(prompt), self.context_length)]]
             self.say(f"note: {lacks}: sampling from the corpus's first characters, "
                      f"{self.tokenizer.decode(ids)!r}, instead (--sample-prompt sets another)")
             return ids
