@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from glassgpt.config import GPTConfig
 from glassgpt.integrity import read_json, read_pickle, read_tensors
@@ -197,10 +197,10 @@ def read_hf_state(directory: Path) -> dict[str, torch.Tensor]:
         return read_pickle(file)
 
     if (directory / "model.safetensors").exists():
-        return load_file(str(directory / "model.safetensors"))
+        return read_tensors(directory / "model.safetensors")
     if (directory / "model.safetensors.index.json").exists():
         return {k: v for shard in shards("model.safetensors.index.json")
-                for k, v in load_file(str(shard)).items()}
+                for k, v in read_tensors(shard).items()}
     if (directory / "pytorch_model.bin").exists():
         return read_bin(directory / "pytorch_model.bin")
     if (directory / "pytorch_model.bin.index.json").exists():
