@@ -110,8 +110,9 @@ def read_pickle(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise DamagedFile(f"{path} is corrupt, or holds Python objects other than tensors and plain data "
-                          "(a crafted file, or not one glassgpt wrote): refused, nothing in it ran") from None
+        raise DamagedFile(f"{path} is corrupt, or holds unsupported Python objects (only tensors and "
+                          "plain data are loaded: a crafted file, or not one glassgpt wrote): refused, "
+                          "nothing in it ran") from None
     except (OSError, RuntimeError, EOFError, ValueError, TypeError, KeyError, AttributeError,
             IndexError) as error:
         if isinstance(error, FileNotFoundError):
