@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +33,28 @@ class DamagedFile(ValueError):
 
 # Hashes already computed in this process, by the file's identity and stat: a resume reads a
 # checkpoint from several places (its settings, its model, its state) and a 2 GB one costs seconds to
-# hash. Any write changes the size, mtime or ctime, so a changed file is hashed again.
+# hash. A write changes the mtime and ctime, but only to the kernel's clock tick (milliseconds): a file
+# changed within a few seconds of hashing is never remembered ("racily clean", as git calls it).
 _digests: dict[tuple, str] = {}
+_RACY_NS = 3_000_000_000
 
 
 def sha256_of(path: str | Path) -> str:
     path = Path(path)
     info = path.stat()
     key = (str(path.resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-    if key not in _digests:
-        digest = hashlib.sha256()
-        with open(path, "rb") as file:
-            while chunk := file.read(_CHUNK):
-                digest.update(chunk)
+    if key in _digests:
+        return _digests[key]
+    started = time.time_ns()
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    if max(info.st_mtime_ns, info.st_ctime_ns) < started - _RACY_NS:
         if len(_digests) > 256:
             _digests.clear()
         _digests[key] = digest.hexdigest()
-    return _digests[key]
+    return digest.hexdigest()
 
 
 def write_checksums(directory: str | Path) -> None:
