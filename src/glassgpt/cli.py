@@ -144,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train as the arguments say (alone, or as one process of torchrun); print where the result is."""
     import torch
 
+    from glassgpt.checkpoint import NoSpaceLeft
     from glassgpt.distributed import PeerLost
     from glassgpt.train import TrainingDiverged, train
 
@@ -155,6 +156,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             # the group down; tearing down early aborts the other rank's gloo threads (SIGABRT).
             torch.distributed.barrier()
     except (TrainingDiverged, PeerLost):  # the trainer said what happened and what was kept
+        return 1
+    except NoSpaceLeft as error:  # its message says which checkpoint is intact and how to go on
+        print(f"glassgpt: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

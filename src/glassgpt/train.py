@@ -34,7 +34,17 @@ from typing import ClassVar
 import torch
 from tqdm import tqdm
 
-from glassgpt.checkpoint import checkpoint_model, has_checkpoint, load_checkpoint, load_state, save_checkpoint
+from glassgpt.checkpoint import (
+    NoSpaceLeft,
+    checkpoint_model,
+    has_checkpoint,
+    is_disk_full,
+    load_checkpoint,
+    load_state,
+    read_metrics,
+    resume_point,
+    save_checkpoint,
+)
 from glassgpt.config import PRESETS, GPTConfig, Settings, get_preset
 from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
 from glassgpt.device import configure_cpu_threads, peak_flops, pick_device, resolve_precision
@@ -67,6 +77,7 @@ from glassgpt.plots import plot_losses
 from glassgpt.tokenizer import Tokenizer
 
 ADAPTERS_FILE = "adapters.safetensors"  # with --save-adapters, beside each checkpoint's model
+DEFAULT_SAMPLE_PROMPT = "Every effort moves you"
 
 # ---------------------------------------------------------------- settings and recipes
 
@@ -145,7 +156,9 @@ class TrainConfig(Settings):
     # evaluation, logging, checkpoints
     eval_every: int = setting(0, "steps between evaluations (0: at the end of each epoch)")
     eval_batches: int = setting(5, "fixed batches averaged for the train and validation loss")
-    sample_prompt: str = setting("Every effort moves you", "prompt continued at each evaluation")
+    sample_prompt: str = setting(DEFAULT_SAMPLE_PROMPT, "prompt continued at each evaluation (a character "
+                                                        "model: its characters the corpus lacks are skipped; "
+                                                        "the default is then the corpus's first characters)")
     sample_tokens: int = 25
     sample_temperature: float = setting(0.0, "0: greedy; otherwise seeded sampling")
     log_every: int = setting(1, "steps between metric records (each one syncs with the device)")
@@ -593,8 +606,35 @@ class Trainer:
         self.eval_every = c.eval_every or self.steps_per_epoch
         self.checkpoint_every = c.checkpoint_every or self.eval_every
         self.tokens_per_step = c.batch_size * c.grad_accum * d.world_size * context
-        self.prompt_ids = self.tokenizer.encode(c.sample_prompt) if c.sample_prompt else []
+        self.prompt_ids = self._sample_prompt_ids(train_ids)
         self.n_train_tokens, self.n_val_tokens = len(train_ids), len(val_ids)
+
+    def _sample_prompt_ids(self, train_ids) -> list[int]:
+        """The sample prompt's ids. A character vocabulary holds only the corpus's characters, which may
+        lack some of the prompt's (the default "Every effort moves you" needs E, v, y...): the default
+        prompt is then the corpus's own first characters, another loses those it cannot encode."""
+        prompt = self.config.sample_prompt
+        if not prompt or self.tokenizer.name != "char":
+            return self.tokenizer.encode(prompt) if prompt else []
+
+        def encodable(ch: str) -> bool:
+            try:
+                return bool(self.tokenizer.encode(ch))
+            except ValueError:
+                return False
+
+        missing = sorted({ch for ch in prompt if not encodable(ch)})
+        if not missing:
+            return self.tokenizer.encode(prompt)
+        kept = "".join(ch for ch in prompt if ch not in missing)
+        lacks = f"the corpus has no {', '.join(map(repr, missing))}, which the sample prompt {prompt!r} needs"
+        if prompt == DEFAULT_SAMPLE_PROMPT or not kept:
+            ids = [int(i) for i in train_ids[:min(len(prompt), self.context_length)]]
+            self.say(f"note: {lacks}: sampling from the corpus's first characters, "
+                     f"{self.tokenizer.decode(ids)!r}, instead (--sample-prompt sets another)")
+            return ids
+        self.say(f"warning: {lacks}: sampling from {kept!r}, without them")
+        return self.tokenizer.encode(kept)
 
     # ------------------------------------------------------------ the loop
 
@@ -699,8 +739,14 @@ class Trainer:
         except KeyboardInterrupt:
             self.say(f"interrupted at step {self.step}: {self._where_to_resume()}")
             raise
-        except RuntimeError as error:
-            if self.dist.world_size == 1 or not lost_peer_error(error):
+        except Exception as error:
+            if self.out and is_disk_full(error):
+                # One line that says what happened and what is safe; the write cleaned up after itself.
+                where = (f"the checkpoint of step {self.last_checkpoint_step} is intact in "
+                         f"{self.out / 'last'}; free some space, then --resume {self.out} continues from it"
+                         if self.last_checkpoint_step else "no checkpoint had been written yet")
+                raise NoSpaceLeft(f"no space left on {self.out}: {where}") from error
+            if self.dist.world_size == 1 or not isinstance(error, RuntimeError) or not lost_peer_error(error):
                 raise
             # Another process died (or its machine): every collective now fails. What was saved stays.
             message = (f"rank {self.dist.rank}: another process of this {self.dist.world_size}-process job "
@@ -866,23 +912,32 @@ class Trainer:
             if c.save_adapters:
                 more_files[ADAPTERS_FILE] = lambda directory: save_adapters(self.model,
                                                                             directory / ADAPTERS_FILE)
-        save_checkpoint(self.out, model, self.tokenizer, state=state, best=best, extra={"training": training},
-                        more_files=more_files)
+        try:
+            save_checkpoint(self.out, model, self.tokenizer, state=state, best=best,
+                            extra={"training": training}, more_files=more_files)
+        except NoSpaceLeft as error:
+            if error.last_saved:  # best/ or the top level failed, after last/ was written
+                self.last_checkpoint_step = self.step
+            raise
         if sharded:
             prune_shards(self.out, keep=state["shards"])
         self.last_checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
-        sharded, state = self.config.fsdp and self.dist.world_size > 1, load_state(self.out)
-        if "shards" in state and not sharded:
-            raise ValueError(f"{self.out} was trained sharded (--fsdp): resume it under torchrun, on 2 or "
-                             "more processes")
-        if sharded and "shards" not in state:
-            raise ValueError(f"{self.out} was trained without --fsdp: resume it without --fsdp")
+        sharded = self.config.fsdp and self.dist.world_size > 1
+        _, fallback = resume_point(self.out)  # last/, or best/ when last/ is damaged: say so
+        if fallback:
+            self.say(f"note: {fallback}")
         if sharded:
+            state = load_state(self.out)
+            if "shards" not in state:
+                raise ValueError(f"{self.out} was trained without --fsdp: resume it without --fsdp")
             load_shards(self.out / state["shards"], self.model, self.optimizer)
         else:
             state = load_checkpoint(self.out, self.model)
+            if "shards" in state:
+                raise ValueError(f"{self.out} was trained sharded (--fsdp): resume it under torchrun, on 2 "
+                                 "or more processes")
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -899,8 +954,10 @@ class Trainer:
         # Keep the metrics up to the checkpoint; later ones belong to the run that was cut short.
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
-            lines = metrics.read_text(encoding="utf-8").splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= self.step]
+            records, dropped = read_metrics(metrics)  # a line cut short by a full disk is dropped
+            if dropped:
+                self.say(f"note: {dropped}")
+            self.records = [r for r in records if r["step"] <= self.step]
             if self.dist.is_main:
                 metrics.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
         self.say(f"resumed {self.out} at step {self.step} of {self.total_steps}")

@@ -26,10 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from glassgpt.bpe import BPETokenizer
 from glassgpt.config import GPTConfig
+from glassgpt.integrity import read_json, read_pickle, read_tensors
 from glassgpt.model import GPT
 from glassgpt.tokenizer import get_tokenizer, tokenizer_from_dict
 
@@ -99,8 +100,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     path = Path(path)
     kind = model_format(path)
     if kind == "glassgpt":
-        meta = json.loads((path / GLASSGPT_META).read_text(encoding="utf-8"))
-        model = _build(GPTConfig.from_dict(meta["config"]), load_file(str(path / WEIGHTS_FILE)), str(path))
+        # A damaged or crafted file is one line naming it (glassgpt.integrity), not a traceback.
+        meta = read_json(path / GLASSGPT_META)
+        model = _build(GPTConfig.from_dict(meta["config"]), read_tensors(path / WEIGHTS_FILE), str(path))
         tokenizer = tokenizer_from_dict(meta.get("tokenizer", {"type": "gpt2"}))
     else:  # OpenAI's GPT-2, in either of its formats: GPT-2's own tokenizer
         model = load_pretrained(path) if kind == "hf" else load_openai_tf(path)
@@ -208,13 +210,13 @@ def read_hf_state(directory: Path) -> dict[str, torch.Tensor]:
 
     def read_bin(file: Path) -> dict[str, torch.Tensor]:
         # weights_only: a pickle can run code; a weights file must not be able to.
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return read_pickle(file)
 
     if (directory / "model.safetensors").exists():
-        return load_file(str(directory / "model.safetensors"))
+        return read_tensors(directory / "model.safetensors")
     if (directory / "model.safetensors.index.json").exists():
         return {k: v for shard in shards("model.safetensors.index.json")
-                for k, v in load_file(str(shard)).items()}
+                for k, v in read_tensors(shard).items()}
     if (directory / "pytorch_model.bin").exists():
         return read_bin(directory / "pytorch_model.bin")
     if (directory / "pytorch_model.bin.index.json").exists():
