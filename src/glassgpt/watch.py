@@ -225,10 +225,10 @@ class StepStatistics:
         ratios = {}
         for layer, params in self.layers.items():
             old = self._old[layer]
-            change = torch.stack([torch.linalg.vector_norm((p - o).float()) for p, o in zip(params, old,
-                                                                                          strict=True)])
-            weight = torch.stack([torch.linalg.vector_norm(o.float()) for o in old])
-            ratios[layer] = torch.linalg.vector_norm(change) / torch.linalg.vector_norm(weight).clamp_min(1e-12)
+            change = torch.stack([torch.linalg.vector_norm((p - o).float())
+                                  for p, o in zip(params, old, strict=True)])
+            weight = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(o.float()) for o in old]))
+            ratios[layer] = torch.linalg.vector_norm(change) / weight.clamp_min(1e-12)
         self.latest = {"grad_norm": self._grad_norm, "update_to_weight": ratios}
         self._old = None
 
