@@ -183,3 +183,45 @@ def test_tensorboard_scalars_equal_metrics_and_hand_computed_gradient_figures(tm
     steps = [r for r in logged if r["event"] == "step"]
     assert len(steps) == 10 and all("grad_norm" in r and len(r["update_to_weight"]) == 5 for r in steps)
     assert expected["train/train_loss"][3] == steps[2]["train_loss"]
+
+
+def test_fine_tuning_records_the_first_validation_example_at_step_0_and_each_evaluation(tmp_path):
+    from glassgpt.bpe import BPETokenizer
+    from glassgpt.classify import ClassifySettings, run_finetune_classify
+    from glassgpt.config import GPTConfig
+    from glassgpt.instruct import InstructionTemplate, InstructSettings, finetune_instruct
+    from glassgpt.model import GPT
+    from glassgpt.tokenizer import CharTokenizer
+    from glassgpt.weights import save_model
+
+    # A classifier: its "next tokens" and logit lens are over its classes.
+    lines = [f"{'yes' if i % 2 else 'no'}\t{'abz' if i % 2 else 'abd'}{'abcd'[i % 4]}" for i in range(40)]
+    (tmp_path / "data.tsv").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=5, context_length=8, emb_dim=16, n_heads=2, n_layers=1, tie_weights=False)
+    save_model(GPT(config), tmp_path / "base", CharTokenizer("abcdz"))
+    run_finetune_classify(str(tmp_path / "base"), str(tmp_path / "data.tsv"), tmp_path / "spam",
+                          ClassifySettings(train_layers="all", epochs=2, batch_size=8, device="cpu",
+                                           eval_batches=1), log=None)
+    records = probes(tmp_path / "spam")
+    logged = [json.loads(line) for line in (tmp_path / "spam" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0] + [r["step"] for r in logged if r["event"] == "eval"]
+    assert {t["text"] for t in records[-1]["next"]} == {"no", "yes"}
+    assert len(records[-1]["lens"]["text"]) == 2 and len(records[-1]["lens"]["text"][0][0]) == 2
+
+    # An instruction-tuned model: the probe is the first validation example's prompt, cut to its end.
+    template = InstructionTemplate()
+    examples = [{"instruction": f"Repeat {word}", "input": "", "output": word} for word in ("hi", "yo", "ok")]
+    tokenizer = BPETokenizer().train("".join(template.format_example(e) for e in examples), 300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=64, emb_dim=16, n_heads=2,
+                          n_layers=1))
+    settings = InstructSettings(max_steps=4, batch_size=2, eval_every=2, eval_batches=1, max_new_tokens=2,
+                                device="cpu", progress=False, test_responses=0)
+    finetune_instruct(model, tokenizer, (examples, examples[1:2], []), tmp_path / "instruct", settings)
+    records = probes(tmp_path / "instruct")
+    assert [r["step"] for r in records] == [0, 2, 4]
+    prompt = template.format_prompt("Repeat yo")
+    assert records[0]["probe"] == prompt
+    end = tokenizer.encode(prompt)[-watch.MAX_PROBE_TOKENS:]
+    assert "".join(records[0]["tokens"]) == tokenizer.decode(end)

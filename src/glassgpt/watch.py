@@ -139,6 +139,16 @@ class ProbeLog:
         return record
 
 
+def finetune_probes(directory: Path | None, model: GPT, tokenizer, text: str) -> ProbeLog | None:
+    """A fine-tuning run's probe log (its probe: the first validation example, as the model reads it),
+    with the step-0 snapshot taken; None when nothing is kept on disk."""
+    if directory is None or not text:
+        return None
+    probes = ProbeLog(directory, model, tokenizer, text)
+    probes.record(model, 0)
+    return probes
+
+
 def read_probes(path: Path) -> list[dict]:
     """The snapshots of a probes.jsonl (none if it does not exist; a half-written last line is skipped)."""
     path = Path(path)
