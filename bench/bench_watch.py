@@ -38,7 +38,6 @@ def main() -> None:
         probes = trainer.watch.probes
         n_snapshots = len(probes.records)
         in_run = probes.seconds
-        step_times = []
         window = [r for r in trainer.records if r["event"] == "step"]
         # tokens/s of each logged step (one step per record at log_every 1): seconds per step
         step_times = [trainer.tokens_per_step / r["tokens_per_s"] for r in window if r.get("tokens_per_s")]
@@ -52,8 +51,9 @@ def main() -> None:
           f"probe {len(probes.ids)} tokens, {torch.get_num_threads()} threads")
     print(f"in the run: {n_snapshots} snapshots took {in_run:.2f} s of {fit_s:.1f} s "
           f"({100 * in_run / fit_s:.2f}% of the run's time)")
+    share = snapshot_s / (trainer.eval_every * step_s)
     print(f"median snapshot {snapshot_s * 1000:.0f} ms, median step {step_s:.2f} s: "
-          f"{100 * snapshot_s / (trainer.eval_every * step_s):.2f}% at one snapshot per {trainer.eval_every} steps")
+          f"{100 * share:.2f}% at one snapshot per {trainer.eval_every} steps")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def test_api_lists_runs_and_serves_metrics_and_snapshots(app, runs):
     logged = [json.loads(line) for line in (runs / "chars" / "metrics.jsonl").read_text().splitlines()]
     assert run["metrics"] == logged and run["snapshots"] == [0, 2, 4, 6]
     assert run["settings"]["max_steps"] == 6
+    assert run["recipe"] is None and run["reference"] is None  # no recipe's settings
     assert client.get("/api/runs/chars/probes/4").json() == probes(runs)[4]
 
     for path in ("/api/runs/notes", "/api/runs/..", "/api/runs/%2E%2E", "/api/runs/chars/probes/3"):
@@ -107,3 +108,14 @@ def test_slider_shows_the_snapshot_of_the_chosen_step(app, runs, browser):
         page.screenshot(path=str(ARTIFACTS / "runs.png"), full_page=True)
     page.close()
     assert errors == []
+
+
+def test_a_run_of_a_recipe_is_drawn_beside_that_recipes_reference_curve():
+    from glassgpt.serve.runs import REFERENCE_CURVES, recipe_of
+    from glassgpt.train import recipe
+
+    assert recipe_of(recipe("verdict", max_steps=20, out="runs/v").to_dict()) == "verdict"
+    assert recipe_of(recipe("verdict", lr=1e-3).to_dict()) is None  # another run, not the recipe's
+    assert recipe_of(None) is None
+    for curve in REFERENCE_CURVES.values():
+        assert len(curve["steps"]) == len(curve["train_loss"]) == len(curve["val_loss"])

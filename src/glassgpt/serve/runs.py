@@ -5,7 +5,10 @@ still training shows its newest steps.
 - `GET /api/runs`: `{"root", "runs": [{name, steps, evaluations, snapshots, updated}]}`, every directory
   directly under the root that holds a `metrics.jsonl` (a fine-tuning run still being written is
   `.NAME.tmp`), newest first;
-- `GET /api/runs/{name}`: `{name, metrics: [the records], snapshots: [steps], settings}`;
+- `GET /api/runs/{name}`: `{name, metrics: [the records], snapshots: [steps], settings, recipe,
+  reference}`: `recipe` names the recipe whose settings the run has (any may add --max-steps), and
+  `reference` is that recipe's measured curve (`REFERENCE_CURVES`), drawn beside the run's so that a
+  person can tell whether their loss curve is normal;
 - `GET /api/runs/{name}/probes/{step}`: the snapshot of that step (`glassgpt.watch.snapshot`'s fields).
 A name that is not such a directory, or a step without a snapshot, answers 404 in words.
 """
@@ -17,10 +20,33 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
 
+from glassgpt.train import RECIPES
 from glassgpt.watch import PROBES_FILE, read_probes
 
 METRICS_FILE = "metrics.jsonl"
 SETTINGS_FILES = ("train_config.json",)  # what a run was started with, where it says
+
+# Evaluation losses of whole recipe runs on this project's 2-core CPU (docs/PERFORMANCE.md): the
+# `verdict` recipe in bf16 (`python bench/bench_train_cpu.py --full --precision bf16`; one
+# evaluation per epoch of 9 steps) and the `demo` recipe (`glassgpt train --recipe demo`).
+REFERENCE_CURVES = {
+    "verdict": {
+        "source": "the verdict recipe, bf16, docs/PERFORMANCE.md",
+        "steps": [9, 18, 27, 36, 45, 54, 63, 72, 81, 90],
+        "train_loss": [7.418, 5.859, 5.029, 4.099, 3.332, 2.593, 1.648, 1.039, 0.569, 0.317],
+        "val_loss": [7.566, 6.528, 6.439, 6.278, 6.224, 6.221, 6.263, 6.372, 6.454, 6.599],
+    },
+}
+
+
+def recipe_of(settings: dict | None) -> str | None:
+    """The recipe whose every setting the run has (its own --max-steps aside), or None."""
+    if not settings:
+        return None
+    for name, recipe in RECIPES.items():
+        if all(settings.get(key) == value for key, value in recipe.items()):
+            return name
+    return None
 
 
 def read_records(path: Path) -> list[dict]:
@@ -69,8 +95,10 @@ class Runs:
         for filename in SETTINGS_FILES:
             if (directory / filename).is_file():
                 settings = json.loads((directory / filename).read_text(encoding="utf-8"))
+        recipe = recipe_of(settings)
         return {"name": name, "metrics": read_records(directory / METRICS_FILE),
-                "snapshots": _probe_steps(directory / PROBES_FILE), "settings": settings}
+                "snapshots": _probe_steps(directory / PROBES_FILE), "settings": settings,
+                "recipe": recipe, "reference": REFERENCE_CURVES.get(recipe)}
 
     def probe(self, name: str, step: int) -> dict:
         directory = self.directory(name)

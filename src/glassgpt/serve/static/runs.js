@@ -19,14 +19,21 @@ function fail(error) { errorBox.textContent = error.message || String(error); }
 
 // ------------------------------------------------------------------ the loss chart
 
-function series(metrics) {
-  const pick = (event, key) => metrics.filter((r) => r.event === event && typeof r[key] === "number")
+function series(run) {
+  const pick = (event, key) => run.metrics.filter((r) => r.event === event && typeof r[key] === "number")
     .map((r) => [r.step, r[key]]);
-  return [
+  const lines = [
     { points: pick("step", "train_loss"), color: "rgba(59, 91, 219, .3)", width: 1 },
     { points: pick("eval", "train_loss"), color: "#3b5bdb", width: 2 },
     { points: pick("eval", "val_loss"), color: "#e8590c", width: 2 },
   ];
+  const reference = run.reference;  // the recipe's measured run, dashed
+  if (reference) {
+    for (const [key, color] of [["train_loss", "#3b5bdb"], ["val_loss", "#e8590c"]]) {
+      lines.push({ points: reference.steps.map((step, i) => [step, reference[key][i]]), color, width: 1, dash: [5, 4] });
+    }
+  }
+  return lines;
 }
 
 function drawChart() {
@@ -37,7 +44,7 @@ function drawChart() {
   chart.height = height * scale;
   context.setTransform(scale, 0, 0, scale, 0, 0);
   context.clearRect(0, 0, width, height);
-  const lines = state.run ? series(state.run.metrics) : [];
+  const lines = state.run ? series(state.run) : [];
   const all = lines.flatMap((s) => s.points);
   const ink = getComputedStyle(document.documentElement).getPropertyValue("--muted").trim() || "#666";
   context.font = "12px ui-monospace, Menlo, Consolas, monospace";
@@ -74,9 +81,11 @@ function drawChart() {
     if (!line.points.length) continue;
     context.strokeStyle = line.color;
     context.lineWidth = line.width;
+    context.setLineDash(line.dash || []);
     context.beginPath();
     line.points.forEach(([step, loss], i) => (i ? context.lineTo(x(step), y(loss)) : context.moveTo(x(step), y(loss))));
     context.stroke();
+    context.setLineDash([]);
   }
   if (state.step !== null) {
     context.strokeStyle = "rgba(0, 0, 0, .45)";
@@ -178,7 +187,9 @@ async function loadRun(name, first) {
   const evals = run.metrics.filter((r) => r.event === "eval").length;
   const lastStep = Math.max(0, ...run.metrics.map((r) => r.step || 0));
   document.getElementById("run-info").textContent =
-    `${lastStep} steps, ${evals} evaluations, ${run.snapshots.length} snapshots of the probe text`;
+    `${lastStep} steps, ${evals} evaluations, ${run.snapshots.length} snapshots of the probe text` +
+    (run.recipe ? `; the ${run.recipe} recipe` : "") +
+    (run.reference ? ` (dashed: its reference run, ${run.reference.source})` : "");
   slider.max = String(Math.max(0, state.steps.length - 1));
   slider.disabled = state.steps.length === 0;
   if (!state.steps.length) {
