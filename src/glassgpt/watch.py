@@ -172,8 +172,9 @@ def check_tensorboard() -> None:
                          "(or pip install tensorboard)")
 
 
-def summary_writer(directory: str | Path):
-    """torch's `SummaryWriter` for `directory`."""
+def summary_writer(directory: str | Path, purge_step: int | None = None):
+    """torch's `SummaryWriter` for `directory`; `purge_step`: TensorBoard drops what earlier event files
+    logged from that step on (a resumed run's steps after its checkpoint, logged again)."""
     check_tensorboard()
     if "tensorflow" not in sys.modules:
         # tensorboard imports all of TensorFlow when it is installed (tens of seconds) unless the module
@@ -181,7 +182,7 @@ def summary_writer(directory: str | Path):
         sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(directory))
+    return SummaryWriter(log_dir=str(directory), purge_step=purge_step)
 
 
 def layer_of(name: str) -> str:
@@ -277,8 +278,8 @@ def _number(value) -> bool:
 class Board:
     """A TensorBoard event file: each metric record's numbers at its step (`scalars`)."""
 
-    def __init__(self, directory: str | Path):
-        self.writer = summary_writer(directory)
+    def __init__(self, directory: str | Path, purge_step: int | None = None):
+        self.writer = summary_writer(directory, purge_step)
 
     def add(self, record: dict) -> None:
         for tag, value in scalars(record).items():
@@ -326,7 +327,7 @@ def attach(trainer, resume: bool = False) -> TrainerWatch:
             probes.record(trainer.model, 0)
     board = statistics = None
     if c.tensorboard:
-        board = Board(c.tensorboard)
+        board = Board(c.tensorboard, purge_step=trainer.step + 1 if resume else None)
 
         def due() -> bool:  # the step about to be taken is logged (train.Trainer.fit's rule)
             n = trainer.step + 1
