@@ -129,8 +129,9 @@ class ProbeLog:
         """Snapshot `model` at `step` and append it (a step already recorded is not recorded twice)."""
         started = time.perf_counter()
         record = {"step": step, **extra, "probe": self.text, **snapshot(model, self.tokenizer, self.ids)}
-        self.seconds += time.perf_counter() - started
-        record["seconds"] = round(time.perf_counter() - started, 4)
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        record["seconds"] = round(seconds, 4)
         self.records.append(record)
         if self.path is not None and step not in self.steps:
             self.steps.add(step)
