@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from glassgpt import finetune_common
+from glassgpt import finetune_common, watch
 from glassgpt.classify_data import (
     DEFAULT_SPLIT,
     ClassificationData,
@@ -293,6 +293,8 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
         if directory:
             say(f"writing into {directory} (becomes {out} when the run succeeds)")
         metrics = finetune_common.Metrics(directory)
+        probe = (data.val if len(data.val) else data.train).ids[0]
+        probes = watch.finetune_probes(directory, model, tokenizer, tokenizer.decode(probe))
         started = time.perf_counter()
         step = examples = 0
         for step, (_, labels, _), loss, due in finetune_common.train_steps(
@@ -303,6 +305,8 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
                          "examples_seen": examples, "train_loss": loss})
             if due:
                 evaluate_now(metrics, step, examples)
+                if probes:
+                    probes.record(model, step)
         seconds = time.perf_counter() - started
         finetune_common.merge_adapters(model, directory, settings.save_adapters)
 

@@ -499,6 +499,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def watched_run(args: argparse.Namespace) -> str:
+    """`serve --run DIR`: the runs directory the /runs page reads (DIR's parent), and the model: the
+    run's own, loaded when first asked (it may still be training), unless --model names another."""
+    if args.run_dir is None:
+        args.model = args.model or "runs/demo"
+        return args.runs
+    run = Path(args.run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"--run {run}: no metrics.jsonl there, so not a training run "
+                                "(glassgpt train --out DIR writes one as it trains)")
+    if args.model is None:
+        args.model, args.lazy = str(run), True
+    print(f"the run: http://{args.host}:{args.port}/runs?run={run.resolve().name}", flush=True)
+    return str(run.resolve().parent)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from glassgpt.device import has_native_bf16, pick_device
     from glassgpt.serve import serve
@@ -510,9 +526,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from glassgpt.device import configure_cpu_threads
 
     configure_cpu_threads(args.threads)  # --threads, else the cores other processes leave free now
+    runs_dir = watched_run(args)
     serve(args.model, host=args.host, port=args.port, lazy=args.lazy, max_tokens_cap=args.max_tokens_cap,
           max_running=args.max_running, max_waiting=args.max_waiting, cors_origins=args.cors_origin or (),
-          dtype=args.dtype, compile=args.compile, device=str(device))
+          dtype=args.dtype, compile=args.compile, device=str(device), runs_dir=runs_dir)
     return 0
 
 
@@ -713,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=cmd_export)
 
     serve = verbs.add_parser("serve", help="the web pages and the HTTP API (POST /generate, ...)")
-    serve.add_argument("--model", default="runs/demo",
+    serve.add_argument("--model", default=None,
                        help="checkpoint directory (default runs/demo, written by `make demo`), a GPT-2 name "
                             "found locally, or a preset (random weights)")
     serve.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, ...")
@@ -737,6 +754,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                        help="a browser origin allowed to call the API, e.g. https://site.example "
                             "(repeatable)")
+    serve.add_argument("--runs", default="runs", metavar="DIR",
+                       help="the training runs the /runs page shows: those under DIR (default: runs)")
+    serve.add_argument("--run", dest="run_dir", metavar="DIR", default=None,
+                       help="show this training run's loss curves and probe snapshots at /runs, even while "
+                            "it trains (the model: --model, else the run's own, loaded when first asked)")
     serve.set_defaults(run=cmd_serve)
 
     site = verbs.add_parser("site", help="write the web pages as a static site that calls a remote API")

@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 from tqdm import tqdm
 
+from glassgpt import watch
 from glassgpt.checkpoint import (
     NoSpaceLeft,
     checkpoint_model,
@@ -165,6 +166,11 @@ class TrainConfig(Settings):
     checkpoint_every: int = setting(0, "steps between checkpoints (0: at each evaluation)")
     keep_best: bool = setting(True, "the top-level model is the lowest validation loss (else the last)")
     progress: bool = setting(True, "show a progress bar")
+    # watching it learn (glassgpt.watch)
+    probe_text: str | None = setting(None, "text whose inside view is recorded at step 0 and each evaluation "
+                                           "in probes.jsonl (None: the sample prompt; '': none)")
+    tensorboard: str | None = setting(None, "also write the metrics, the gradient norm and each layer's "
+                                            "update/weight ratio as TensorBoard scalars to this directory")
 
     def __post_init__(self) -> None:
         choices = {"init": ("gpt2", "pytorch"), "optimizer": ("adamw", "adam"),
@@ -182,6 +188,8 @@ class TrainConfig(Settings):
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.tensorboard is not None:
+            watch.check_tensorboard()
         if isinstance(self.corpus, str):
             self.corpus = [self.corpus]
         preset = get_preset(self.model)
@@ -492,6 +500,7 @@ class Trainer:
             (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
             (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2),
                                                         encoding="utf-8")
+        self.watch = watch.attach(self, resume)  # probes.jsonl (step 0 now) and --tensorboard
 
     # ------------------------------------------------------------ setup
 
@@ -679,7 +688,7 @@ class Trainer:
             total += loss.detach()
         if self.config.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -804,6 +813,7 @@ class Trainer:
                 "tokens": self.step * self.tokens_per_step, **values}
 
     def _log(self, record: dict) -> None:
+        self.watch.on_record(record)
         self.records.append(record)
         if self.out and self.dist.is_main:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as file:
@@ -848,6 +858,7 @@ class Trainer:
         text = self.sample() if self.dist.is_main or self.config.fsdp else ""
         record = self._record("eval", **losses, lr=self.optimizer.param_groups[0]["lr"], sample=text)
         self._log(record)
+        self.watch.on_eval(self.model, self.step)
         val = f" | val {losses['val_loss']:.3f}" if losses["val_loss"] is not None else ""
         self.say(f"step {self.step:>5} | epoch {record['epoch']:g} | train {losses['train_loss']:.3f}{val} | "
                  f"{' '.join(text.split())!r}")

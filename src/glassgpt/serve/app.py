@@ -61,6 +61,7 @@ from glassgpt.serve.engine import (
 )
 from glassgpt.serve.metrics import install_metrics
 from glassgpt.serve.middleware import CLIENT_CLOSED, AccessLog, BodySizeLimit, ClientWatch, client_gone
+from glassgpt.serve.runs import install_runs
 from glassgpt.serve.site import PAGES, STATIC_DIR, render_page
 
 log = logging.getLogger("glassgpt.serve")
@@ -88,6 +89,7 @@ class ServeSettings:
     dtype: str = "float32"              # float32, bfloat16 or int8 weights (not for GPT objects)
     compile: bool = False               # CPU decoding through compiled kernels (compiled at warm-up)
     device: str = "cpu"                 # where a loaded model runs: "cpu", "cuda", "cuda:1", ...
+    runs_dir: str = "runs"              # the training runs the /runs page shows (serve.runs)
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_chars", "max_classify_texts", "inspect_max_tokens",
@@ -682,6 +684,7 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     from glassgpt.serve.openai_api import install_openai_api
     install_openai_api(app, host, gate, settings)
     install_health(app, host)
+    install_runs(app, settings.runs_dir)
     install_pages(app)
     # Outermost last: the access log sees everything; CORS headers reach even a 413.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
