@@ -93,9 +93,9 @@ def peer_logit_lens(bridge, ids: torch.Tensor, n_layers: int, k: int = 5):
     return torch.stack([t.values for t in tops]), torch.stack([t.indices for t in tops])
 
 
-def peer_heads(bridge, ids: torch.Tensor, n_layers: int, n_heads: int, target: int) -> torch.Tensor:
-    result = torch.empty(n_layers, n_heads)
-    for layer in range(n_layers):
+def peer_heads(bridge, ids: torch.Tensor, layers: range, n_heads: int, target: int) -> torch.Tensor:
+    result = torch.empty(len(layers), n_heads)
+    for layer in layers:
         for head in range(n_heads):
             def zero(z, hook, head=head):
                 z[:, :, head] = 0                                       # z: (batch, pos, head, d_head)
@@ -115,6 +115,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peer", action="store_true", help="time TransformerLens too (logit lens, heads)")
+    parser.add_argument("--peer-blocks", type=int, default=0,
+                        help="time TransformerLens's head ablation on the first N blocks only and scale it to "
+                             "all (each of its ablations is one whole forward pass, whatever the block); "
+                             "0: all blocks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -169,12 +173,15 @@ def main() -> None:
               f"{(ours_lp - theirs_lp).abs().max().item():.1e}")
         target = inspect_report.pick_target(model, tokenizer, ids[0].tolist(), None)
         lens_times, head_times = [], []
+        blocks = range(args.peer_blocks or n_layers)
         for _ in range(args.rounds):
             lens_times.append(timed(lambda: peer_logit_lens(processed, ids, n_layers))[0])
-            seconds, theirs = timed(lambda: peer_heads(plain, ids, n_layers, n_heads, target))
-            head_times.append(seconds)
-            print(f"TransformerLens: logit lens {lens_times[-1]:.2f} s, heads {seconds:.2f} s", flush=True)
-        ours = views.ablate_heads(model, ids, target)
+            seconds, theirs = timed(lambda: peer_heads(plain, ids, blocks, n_heads, target))
+            head_times.append(seconds * n_layers / len(blocks))
+            print(f"TransformerLens: logit lens {lens_times[-1]:.2f} s, heads {head_times[-1]:.2f} s"
+                  + (f" ({seconds:.2f} s for {len(blocks)} of {n_layers} blocks, scaled)"
+                     if len(blocks) < n_layers else ""), flush=True)
+        ours = views.ablate_heads(model, ids, target)[:len(blocks)]
         print(f"heads: max |logit difference| {(ours - theirs).abs().max().item():.1e}")
         peer = {"logit-lens": statistics.median(lens_times), "heads": statistics.median(head_times)}
 

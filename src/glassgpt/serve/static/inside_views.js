@@ -219,8 +219,8 @@ const insideViews = (() => {
       ...report.neurons.map((n) => el("tr", {},
         el("td", { class: "num unit", text: String(n.neuron) }),
         el("td", { class: "num", text: n.peak.toFixed(3) }),
-        el("td", { class: "fires" }, ...n.tokens.map((text, j) => el("span", { class: "token",
-          title: `position ${n.positions[j]}` }, visible(text), el("small", { text: n.activations[j].toFixed(3) })))))));
+        el("td", {}, el("div", { class: "fires" }, ...n.tokens.map((text, j) => el("span", { class: "token",
+          title: `position ${n.positions[j]}` }, visible(text), el("small", { text: n.activations[j].toFixed(3) }))))))));
   }
 
   return { logitLens, residual, patch, heads, embeddings, neurons };
