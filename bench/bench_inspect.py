@@ -77,7 +77,8 @@ def peer_bridge(model: GPT, processed: bool):
 
     words = Tokenizer(models.WordLevel({"t0": 0}, unk_token="t0"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="t0", bos_token="t0",
-                                        unk_token="t0", pad_token="t0", name_or_path="ids", add_bos_token=True)
+                                        unk_token="t0", pad_token="t0", name_or_path="ids",
+                                        add_bos_token=True)
     bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf, device="cpu", tokenizer=tokenizer)
     if processed:
         bridge.enable_compatibility_mode(disable_warnings=True)
@@ -108,7 +109,8 @@ def peer_heads(bridge, ids: torch.Tensor, layers: range, n_heads: int, target: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="verdict-162m")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--patch-tokens", type=int, default=32)
@@ -116,9 +118,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peer", action="store_true", help="time TransformerLens too (logit lens, heads)")
     parser.add_argument("--peer-blocks", type=int, default=0,
-                        help="time TransformerLens's head ablation on the first N blocks only and scale it to "
-                             "all (each of its ablations is one whole forward pass, whatever the block); "
-                             "0: all blocks")
+                        help="time TransformerLens's head ablation on the first N blocks only and "
+                             "scale it to all (each of its ablations is one whole forward pass, whatever "
+                             "the block); 0: all blocks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -143,6 +145,7 @@ def main() -> None:
             response.raise_for_status()
             return response
 
+        everything = {"text": text, "views": list(INSPECT_VIEWS)}
         post("/api/inspect", {"text": "warm up", "views": list(INSPECT_VIEWS)})
         for round_ in range(args.rounds):
             seconds, response = timed(lambda: post("/api/inspect", {"text": text}))
@@ -152,14 +155,14 @@ def main() -> None:
                 seconds, report = timed(lambda view=view: inspect_report.report(model, tokenizer, text, view))
                 rows.setdefault(view, []).append(seconds)
                 sizes[view] = len(json.dumps(report))
-            seconds, response = timed(lambda: post("/api/inspect", {"text": text, "views": list(INSPECT_VIEWS)}))
+            seconds, response = timed(lambda: post("/api/inspect", everything))
             rows.setdefault("all views (HTTP)", []).append(seconds)
             sizes["all views (HTTP)"] = len(response.content)
             seconds, response = timed(lambda: post("/api/patch", {"clean": clean, "corrupt": corrupt}))
             rows.setdefault(f"/api/patch, {args.patch_tokens} tokens (HTTP)", []).append(seconds)
             sizes[f"/api/patch, {args.patch_tokens} tokens (HTTP)"] = len(response.content)
-            print(f"round {round_ + 1}: " + ", ".join(f"{name} {times[-1]:.2f} s" for name, times in rows.items()),
-                  flush=True)
+            print(f"round {round_ + 1}: "
+                  + ", ".join(f"{name} {times[-1]:.2f} s" for name, times in rows.items()), flush=True)
 
     peer: dict[str, float] = {}
     if args.peer:
@@ -185,7 +188,8 @@ def main() -> None:
         print(f"heads: max |logit difference| {(ours - theirs).abs().max().item():.1e}")
         peer = {"logit-lens": statistics.median(lens_times), "heads": statistics.median(head_times)}
 
-    print(f"\n| request or view | s (median of {args.rounds}) | JSON | TransformerLens s | vs TransformerLens |")
+    print(f"\n| request or view | s (median of {args.rounds}) | JSON | TransformerLens s "
+          "| vs TransformerLens |")
     print("| --- | --- | --- | --- | --- |")
     for name, times in rows.items():
         ours = statistics.median(times)

@@ -141,7 +141,8 @@ def test_every_view_tab_shows_the_apis_numbers(server, page, model, tokenizer):
     embeddings = views_of(server, page.input_value("#embeddings-text"), "embeddings")
     tokens = embeddings["token_map"]
     assert page.locator("#token-map g.point").count() == len(tokens["ids"]) == 24
-    assert page.locator("#token-map g.point text").all_text_contents() == [visible(t) for t in tokens["texts"]]
+    labels = page.locator("#token-map g.point text").all_text_contents()  # (SVG text has no innerText)
+    assert labels == [visible(t) for t in tokens["texts"]]
     assert page.locator("#position-map circle").count() == len(embeddings["position_map"]["ids"]) == 32
     page.fill("#embeddings-search", "Paris")
     index = tokens["texts"].index(" Paris")
@@ -150,7 +151,8 @@ def test_every_view_tab_shows_the_apis_numbers(server, page, model, tokenizer):
     shown = page.locator("#neighbours .token").all()
     assert [s.inner_text().split("\n") for s in shown] == [
         [visible(text), f"{similarity:.3f}"]
-        for text, similarity in zip(tokens["neighbour_texts"][index], tokens["similarity"][index], strict=True)]
+        for text, similarity in zip(tokens["neighbour_texts"][index], tokens["similarity"][index],
+                                    strict=True)]
     assert f"{100 * tokens['explained'][0]:.1f}%" in page.inner_text("#token-map-caption")
     shoot(page, "embeddings")
 
@@ -163,13 +165,15 @@ def test_every_view_tab_shows_the_apis_numbers(server, page, model, tokenizer):
         unit, peak, _ = row.locator("td").all_inner_texts()
         assert (unit, peak) == (str(neuron["neuron"]), f"{neuron['peak']:.3f}")
         assert [t.split("\n") for t in row.locator(".token").all_inner_texts()] == [
-            [visible(text), f"{a:.3f}"] for text, a in zip(neuron["tokens"], neuron["activations"], strict=True)]
+            [visible(text), f"{a:.3f}"]
+            for text, a in zip(neuron["tokens"], neuron["activations"], strict=True)]
     shoot(page, "neurons")
 
     # A new text redraws the open tab for it; the attention tab still works after the others.
     page.fill("#text", "Every effort moves you")
     page.click("#look")
-    page.wait_for_function("document.querySelector('#panel-neurons').dataset.shown === 'Every effort moves you'")
+    page.wait_for_function(
+        "document.querySelector('#panel-neurons').dataset.shown === 'Every effort moves you'")
     assert page.locator("#neuron-table tr").count() == 11
     page.click("#tabs [data-view='attention']")
     page.wait_for_selector("canvas[data-drawn='0/0/4']")
