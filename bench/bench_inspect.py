@@ -54,9 +54,17 @@ def text_of(tokenizer, n_tokens: int, skip: int = 0) -> str:
     raise RuntimeError(f"no prefix of The Verdict encodes to {n_tokens} tokens")
 
 
-def timed(work) -> tuple[float, object]:
-    start = time.perf_counter()
+CPU: dict[str, list[float]] = {}  # name -> the process's CPU seconds of each timing (server included)
+
+
+def timed(work, name: str | None = None) -> tuple[float, object]:
+    """Wall seconds of `work()` and its result; with a name, the process's CPU seconds go to CPU[name]
+    (the server runs in this process): on a machine that other jobs keep busy they move far less
+    than the wall time."""
+    start, cpu = time.perf_counter(), time.process_time()
     result = work()
+    if name is not None:
+        CPU.setdefault(name, []).append(time.process_time() - cpu)
     return time.perf_counter() - start, result
 
 
@@ -146,25 +154,28 @@ def main() -> None:
             return response
 
         everything = {"text": text, "views": list(INSPECT_VIEWS)}
+        pair = {"clean": clean, "corrupt": corrupt}
         post("/api/inspect", {"text": "warm up", "views": list(INSPECT_VIEWS)})
         for round_ in range(args.rounds):
-            seconds, response = timed(lambda: post("/api/inspect", {"text": text}))
+            seconds, response = timed(lambda: post("/api/inspect", {"text": text}), "no views (HTTP)")
             rows.setdefault("no views (HTTP)", []).append(seconds)
             sizes["no views (HTTP)"] = len(response.content)
             for view in INSPECT_VIEWS:
-                seconds, report = timed(lambda view=view: inspect_report.report(model, tokenizer, text, view))
+                seconds, report = timed(lambda view=view: inspect_report.report(model, tokenizer, text, view),
+                                        view)
                 rows.setdefault(view, []).append(seconds)
                 sizes[view] = len(json.dumps(report))
-            seconds, response = timed(lambda: post("/api/inspect", everything))
+            seconds, response = timed(lambda: post("/api/inspect", everything), "all views (HTTP)")
             rows.setdefault("all views (HTTP)", []).append(seconds)
             sizes["all views (HTTP)"] = len(response.content)
-            seconds, response = timed(lambda: post("/api/patch", {"clean": clean, "corrupt": corrupt}))
-            rows.setdefault(f"/api/patch, {args.patch_tokens} tokens (HTTP)", []).append(seconds)
+            patching = f"/api/patch, {args.patch_tokens} tokens (HTTP)"
+            seconds, response = timed(lambda: post("/api/patch", pair), patching)
+            rows.setdefault(patching, []).append(seconds)
             sizes[f"/api/patch, {args.patch_tokens} tokens (HTTP)"] = len(response.content)
             print(f"round {round_ + 1}: "
                   + ", ".join(f"{name} {times[-1]:.2f} s" for name, times in rows.items()), flush=True)
 
-    peer: dict[str, float] = {}
+    peer: dict[str, tuple[float, float]] = {}  # view -> TransformerLens's wall and CPU seconds
     if args.peer:
         ids = torch.tensor([tokenizer.encode(text)])
         n_layers, n_heads = model.config.n_layers, model.config.n_heads
@@ -178,24 +189,29 @@ def main() -> None:
         lens_times, head_times = [], []
         blocks = range(args.peer_blocks or n_layers)
         for _ in range(args.rounds):
-            lens_times.append(timed(lambda: peer_logit_lens(processed, ids, n_layers))[0])
-            seconds, theirs = timed(lambda: peer_heads(plain, ids, blocks, n_heads, target))
+            lens_times.append(timed(lambda: peer_logit_lens(processed, ids, n_layers), "peer logit-lens")[0])
+            seconds, theirs = timed(lambda: peer_heads(plain, ids, blocks, n_heads, target), "peer heads")
             head_times.append(seconds * n_layers / len(blocks))
             print(f"TransformerLens: logit lens {lens_times[-1]:.2f} s, heads {head_times[-1]:.2f} s"
                   + (f" ({seconds:.2f} s for {len(blocks)} of {n_layers} blocks, scaled)"
                      if len(blocks) < n_layers else ""), flush=True)
         ours = views.ablate_heads(model, ids, target)[:len(blocks)]
         print(f"heads: max |logit difference| {(ours - theirs).abs().max().item():.1e}")
-        peer = {"logit-lens": statistics.median(lens_times), "heads": statistics.median(head_times)}
+        scale = n_layers / len(blocks)
+        peer = {"logit-lens": (statistics.median(lens_times), statistics.median(CPU["peer logit-lens"])),
+                "heads": (statistics.median(head_times), statistics.median(CPU["peer heads"]) * scale)}
 
-    print(f"\n| request or view | s (median of {args.rounds}) | JSON | TransformerLens s "
-          "| vs TransformerLens |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"\n| request or view | wall s (median of {args.rounds}) | CPU s | JSON | TransformerLens wall s "
+          "| CPU s | vs TransformerLens (wall) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, times in rows.items():
         ours = statistics.median(times)
-        theirs = peer.get(name)
-        versus = f"| {theirs:.2f} | x{theirs / ours:.1f} |" if theirs else "| | |"
-        print(f"| {name} | {ours:.2f} | {sizes[name] / 1e6:.2f} MB {versus}")
+        versus = "| | | |"
+        if name in peer:
+            wall, cpu = peer[name]
+            versus = f"| {wall:.2f} | {cpu:.2f} | x{wall / ours:.1f} |"
+        print(f"| {name} | {ours:.2f} | {statistics.median(CPU[name]):.2f} | {sizes[name] / 1e6:.2f} MB "
+              f"{versus}")
 
 
 if __name__ == "__main__":
