@@ -17,8 +17,9 @@ With `--peer`, TransformerLens 4 (its TransformerBridge over transformers' GPT2L
 same weights, exported with glassgpt.weights.export_hf) computes the logit lens (run_with_cache, the
 final norm and the unembedding on each stream, the top 5) and the head ablation (run_with_hooks
 zeroing one head's hook_z, one forward pass per head), the way tests/test_inspect.py proves ours equal
-to it; the bench checks the two answers agree before timing. Medians over `--rounds`; the machine's
-other jobs move single timings, so every figure is a median.
+to it; the bench checks the two answers agree before timing. Medians over `--rounds`, with the
+process's CPU seconds beside the wall time (the server runs in this process): on a machine that other
+jobs keep busy the CPU seconds move far less than the wall time.
 """
 
 from __future__ import annotations
