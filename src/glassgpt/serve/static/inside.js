@@ -1,5 +1,8 @@
 // The inside page: POST /api/inspect, then the tokens, a bar chart of the next-token
-// probabilities and a heatmap of the chosen block's and head's attention weights.
+// probabilities and a heatmap of the chosen block's and head's attention weights; below them a tab
+// per view (inside_views.js draws each), fetched when its tab is opened: the views of the page's text
+// from /api/inspect's "views", patching from /api/patch, the embedding map from /api/inspect on the
+// tab's own list of tokens. The open tab lives in the URL's #fragment, so /learn can link to a view.
 "use strict";
 
 const { el, visible } = glassgpt;
@@ -9,6 +12,7 @@ const headSelect = document.getElementById("head");
 const canvas = document.getElementById("heatmap");
 const tooltip = document.getElementById("tooltip");
 let current = null;  // the last /api/inspect answer
+let lookedAt = null;  // the text it was for: the views of the text below are of this text
 
 function showTokens(tokens) {
   document.getElementById("tokens").replaceChildren(...tokens.map((t) =>
@@ -114,6 +118,7 @@ async function inspect() {
   button.disabled = true;
   try {
     current = await glassgpt.json("/api/inspect", { text });
+    lookedAt = text;
     showTokens(current.tokens);
     showNext(current.next_tokens);
     const layer = layerSelect.value || null, head = headSelect.value || null;
@@ -125,10 +130,119 @@ async function inspect() {
   } finally {
     button.disabled = false;
   }
+  showView(openTab());
 }
+
+// ---------------------------------------------------------------- the tabs of views
+
+const tabs = [...document.querySelectorAll("#tabs [role=tab]")];
+const TEXT_VIEWS = { "logit-lens": "logitLens", residual: "residual", heads: "heads", neurons: "neurons" };
+const pending = {};  // view -> the request whose answer its panel waits for (a newer one wins)
+
+function openTab() {
+  const name = decodeURIComponent(window.location.hash.slice(1));
+  return tabs.some((t) => t.dataset.view === name) ? name : "attention";
+}
+
+function selectTab(view) {
+  for (const tab of tabs) {
+    const on = tab.dataset.view === view;
+    tab.setAttribute("aria-selected", String(on));
+    tab.tabIndex = on ? 0 : -1;
+    document.getElementById(tab.getAttribute("aria-controls")).hidden = !on;
+  }
+  if (view === "attention" && current) drawHeatmap();  // sized to its panel, now visible
+  showView(view);
+}
+
+// Fill `view`'s panel with `draw(await request())` unless it already shows `key`; the panel is
+// aria-busy meanwhile and gets data-shown=key when drawn (the tests wait on that), or its error.
+async function fetchInto(view, key, request, draw) {
+  const panel = document.getElementById(`panel-${view}`);
+  const errorBox = panel.querySelector(".view-error");
+  if (pending[view] ? pending[view].key === key : panel.dataset.shown === key) return;
+  const mine = (pending[view] = { key });
+  panel.setAttribute("aria-busy", "true");
+  errorBox.textContent = "";
+  try {
+    const answer = await request();
+    if (pending[view] !== mine) return;
+    draw(answer);
+    panel.dataset.shown = key;
+  } catch (error) {
+    if (pending[view] !== mine) return;
+    errorBox.textContent = error.message;
+    delete panel.dataset.shown;
+  } finally {
+    if (pending[view] === mine) {
+      delete pending[view];
+      panel.removeAttribute("aria-busy");
+    }
+  }
+}
+
+async function viewOf(text, view) {
+  return (await glassgpt.json("/api/inspect", { text, views: [view] })).views[view];
+}
+
+function showView(view) {
+  if (view in TEXT_VIEWS) {
+    if (lookedAt === null) return;  // the page's text comes first
+    const text = lookedAt;
+    const draw = {
+      "logit-lens": (report) => insideViews.logitLens(report, document.getElementById("lens-hover")),
+      residual: (report) => insideViews.residual(report, document.getElementById("residual-position")),
+      heads: insideViews.heads,
+      neurons: insideViews.neurons,
+    }[view];
+    fetchInto(view, text, () => viewOf(text, view), draw);
+  } else if (view === "patch" && !document.getElementById("panel-patch").dataset.shown) {
+    runPatch();
+  } else if (view === "embeddings" && !document.getElementById("panel-embeddings").dataset.shown) {
+    runEmbeddings();
+  }
+}
+
+function runPatch() {
+  const body = { clean: document.getElementById("patch-clean").value,
+    corrupt: document.getElementById("patch-corrupt").value };
+  const target = document.getElementById("patch-target").value;
+  if (target) body.target = target;
+  const button = document.getElementById("patch-run");
+  button.disabled = true;
+  fetchInto("patch", JSON.stringify(body), () => glassgpt.json("/api/patch", body), insideViews.patch)
+    .finally(() => { button.disabled = false; });
+}
+
+function runEmbeddings() {
+  const text = document.getElementById("embeddings-text").value;
+  fetchInto("embeddings", text, () => viewOf(text, "embeddings"),
+    (report) => insideViews.embeddings(report, document.getElementById("embeddings-search")));
+}
+
+for (const tab of tabs) {
+  tab.addEventListener("click", () => {
+    if (openTab() === tab.dataset.view) selectTab(tab.dataset.view);
+    else window.location.hash = tab.dataset.view;  // hashchange selects it
+  });
+  tab.addEventListener("keydown", (event) => {  // arrow keys move along the tabs
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+    if (!step) return;
+    const next = tabs[(tabs.indexOf(tab) + step + tabs.length) % tabs.length];
+    next.focus();
+    next.click();
+  });
+}
+window.addEventListener("hashchange", () => selectTab(openTab()));
+document.getElementById("patch-form").addEventListener("submit", (event) => { event.preventDefault(); runPatch(); });
+document.getElementById("embeddings-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  runEmbeddings();
+});
 
 form.addEventListener("submit", (event) => { event.preventDefault(); inspect(); });
 layerSelect.addEventListener("change", () => current && drawHeatmap());
 headSelect.addEventListener("change", () => current && drawHeatmap());
 window.addEventListener("resize", () => current && drawHeatmap());
+selectTab(openTab());
 inspect();

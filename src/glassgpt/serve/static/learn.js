@@ -10,6 +10,32 @@ const heading = document.getElementById("topic-title");
 const errorBox = document.getElementById("error");
 let topics = [];
 
+// Where a topic meets a view of the inside page (inside.html#VIEW opens that view's tab): the same
+// idea, measured on the model being served.
+const INSIDE_LINKS = {
+  tokenization: [["embeddings", "the embedding map: where tokens sit and their nearest neighbours"]],
+  attention: [["attention", "every head's attention weights on your text"],
+    ["heads", "head ablation: what each head is worth to the prediction"]],
+  causal: [["attention", "the attention maps, the future masked"]],
+  multihead: [["heads", "head ablation: silence one head at a time"],
+    ["attention", "each head's attention map"]],
+  layernorm: [["logit-lens", "the logit lens: the stream after every block read through the final norm"]],
+  gelu: [["neurons", "the feed-forward units that fire most on your text"]],
+  shortcut: [["residual", "what the embeddings and each layer write into the residual stream"]],
+  block: [["residual", "the residual stream, part by part"],
+    ["patch", "activation patching: which block and token carry the answer"]],
+  gpt: [["logit-lens", "the logit lens: the prediction at every depth"],
+    ["patch", "activation patching"]],
+};
+
+function showInsideLinks(name) {
+  const box = document.getElementById("inside-links");
+  const links = INSIDE_LINKS[name] || [];
+  box.replaceChildren(...(links.length ? ["See it in the model you are running: "] : []),
+    ...links.flatMap(([view, label], i) => [i ? " · " : "",
+      el("a", { href: `inside.html#${view}`, "data-view": view, text: label })]));
+}
+
 // A cell's text, as the terminal shows it: floats to `digits` decimals (tiny ones in e-notation),
 // counts with thousands separators. JSON.parse does not tell 4 from 4.0, so a table column whose
 // numbers are all whole asks for `wholeAsCount` (explain.py keeps a column's numbers of one kind,
@@ -146,6 +172,7 @@ async function showTopic(name) {
   const topic = topics.find((t) => t.name === name) || topics[0];
   markCurrent(topic.name);
   heading.textContent = topic.title;
+  showInsideLinks(topic.name);
   errorBox.textContent = "";
   stepsBox.setAttribute("aria-busy", "true");
   stepsBox.replaceChildren(el("p", { class: "loading", text: "Computing…" }));
