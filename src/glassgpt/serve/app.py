@@ -60,7 +60,7 @@ from glassgpt.serve.engine import (
     run_instruction,
 )
 from glassgpt.serve.metrics import install_metrics
-from glassgpt.serve.middleware import AccessLog, BodySizeLimit
+from glassgpt.serve.middleware import AccessLog, BodySizeLimit, ReadDeadline
 from glassgpt.serve.site import PAGES, STATIC_DIR, render_page
 
 log = logging.getLogger("glassgpt.serve")
@@ -83,6 +83,14 @@ class ServeSettings:
     max_running: int = 1                # generations at once (one keeps a small CPU's cores busy)
     max_waiting: int = 8                # queued behind them; more get 503 + Retry-After
     max_body_bytes: int = 64 * 1024     # larger request bodies get 413
+    # What one connection may cost (serve/connections.py): headers and body must each arrive within
+    # read_timeout_s (else 408 and the connection closes); idle keep-alive connections close after
+    # keep_alive_s; at most max_connections connections and requests at once (beyond: 503); request
+    # line and headers at most max_header_bytes (beyond: 400).
+    read_timeout_s: float = 10.0
+    keep_alive_s: int = 5
+    max_connections: int = 64
+    max_header_bytes: int = 16 * 1024
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser
     lazy: bool = False                  # load the model on the first request instead of at start-up
     dtype: str = "float32"              # float32, bfloat16 or int8 weights (not for GPT objects)
@@ -90,9 +98,12 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_chars", "max_classify_texts", "inspect_max_tokens",
-                     "patch_max_tokens", "max_running", "max_body_bytes"):
+                     "patch_max_tokens", "max_running", "max_body_bytes", "keep_alive_s", "max_connections",
+                     "max_header_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be > 0, got {self.read_timeout_s}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))  # a list given is kept as a tuple
@@ -724,6 +735,7 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     install_pages(app)
     # Outermost last: the access log sees everything; CORS headers reach even a 413.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ReadDeadline, seconds=settings.read_timeout_s)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Content-Type"], max_age=600)
