@@ -4,7 +4,10 @@ body cap, CORS, pages, the static site and the CLI verbs. Tiny GPT-2-vocabulary 
 import asyncio
 import json
 import logging
+import shutil
+import subprocess
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -330,6 +333,58 @@ def test_cli_serve_without_a_model_says_how_to_get_one(tmp_path, capsys, monkeyp
     assert main(["serve"]) == 2
     error = capsys.readouterr().err
     assert "runs/demo" in error and "make demo" in error and "--model" in error
+
+
+def _one_error_line(capsys) -> str:
+    error = capsys.readouterr().err
+    assert error.startswith("glassgpt: error: ") and error.count("\n") == 1, error  # no traceback
+    return error
+
+
+def test_cli_serve_answers_a_preset_without_gpt2s_vocabulary_in_one_line(capsys):
+    """Issue 15: `serve --model nano` printed a 34-line traceback; the error names the presets that work."""
+    assert main(["serve", "--model", "nano", "--port", "0"]) == 2
+    error = _one_error_line(capsys)
+    assert "nano has a vocabulary of 10,000" in error and "gpt2, gpt2-medium" in error
+    assert "verdict-162m" in error and "tinygpt" not in error.split("GPT-2's vocabulary:")[1]
+
+
+def test_cli_serve_answers_a_model_that_cannot_load_in_one_line_before_serving(tmp_path, capsys):
+    """A checkpoint that fails only when loaded (here: a tokenizer larger than the model's vocabulary)
+    is loaded before the server starts, so it is one line, not a traceback from uvicorn's start-up."""
+    save_model(GPT(TINY.replace(vocab_size=100)), tmp_path / "small", tokenizer=get_tokenizer("gpt2"))
+    assert main(["serve", "--model", str(tmp_path / "small"), "--port", "0", "--dtype", "float32"]) == 2
+    assert "only has 100 token embeddings" in _one_error_line(capsys)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_passes_port_through():
+    """Issue 15: `make demo PORT=8001` served on 8000 anyway."""
+    root = Path(__file__).resolve().parent.parent
+    for extra, expected in ((["PORT=8123"], "glassgpt demo --port 8123"), ([], "glassgpt demo")):
+        commands = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(root), "demo", *extra],
+                                  capture_output=True, text=True, check=True).stdout
+        [command] = [line.strip() for line in commands.splitlines() if "glassgpt demo" in line]
+        assert command.endswith(expected), command
+
+
+def test_cli_serve_checks_the_port_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """Issue 15: a busy port failed with uvicorn's error after the model had loaded."""
+    import socket
+
+    import glassgpt.serve
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the port is busy")
+
+    monkeypatch.setattr(glassgpt.serve, "create_app", must_not_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "gpt2", "--port", str(port), "--dtype", "float32"]) == 2
+    error = _one_error_line(capsys)
+    assert f"port {port} on 127.0.0.1 is already in use" in error and f"--port {port + 1}" in error
 
 
 # ---------------------------------------------------------------- back-pressure: 503 + Retry-After
