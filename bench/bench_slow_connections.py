@@ -33,7 +33,7 @@ KINDS = {
     "slow headers": (b"", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: " + b"s" * 400
                      + b"\r\n\r\n"),
     "slow body": (b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 400\r\n\r\n", b'{"prompt": "' + b"a" * 388 + b'"}'),
+                  b"Content-Length: 400\r\n\r\n", b'{"prompt": "' + b"a" * 386 + b'"}'),
     "silent": (b"", b""),
 }
 
@@ -110,9 +110,10 @@ def main() -> int:
                        for kind, (prefix, data) in KINDS.items() for _ in range(args.clients)]
             for thread in threads:
                 thread.start()
-            statuses, latencies = {}, []
+            # At least 10 s of normal requests (with --clients 0: the baseline).
+            statuses, latencies, until = {}, [], time.monotonic() + 10
             with httpx.Client(base_url=url, timeout=30) as client:
-                while any(thread.is_alive() for thread in threads):
+                while any(thread.is_alive() for thread in threads) or time.monotonic() < until:
                     for request in (lambda: client.get("/healthz"),
                                     lambda: client.post("/generate", json={"prompt": "Hi", "max_tokens": 8})):
                         started = time.perf_counter()
@@ -128,6 +129,8 @@ def main() -> int:
 
     print(f"{args.clients} clients of each kind, a byte every {args.interval} s")
     for kind, rows in results.items():
+        if not rows:
+            continue
         times = [elapsed for elapsed, _ in rows]
         answers = sorted({answer for _, answer in rows})
         print(f"  {kind:13} closed after median {statistics.median(times):.2f} s, max {max(times):.2f} s; "
