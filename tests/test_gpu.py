@@ -12,7 +12,7 @@ from conftest import random_ids, random_model
 
 from glassgpt import get_preset
 from glassgpt.cuda_graphs import GraphedDecoder, StaticKVCache, static_forward
-from glassgpt.generate import generate
+from glassgpt.generate import generate, iter_tokens
 
 SMALL = get_preset("gpt2", vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -157,3 +157,88 @@ def test_graphed_decoder_bf16_logits_match_eager(exact_fp32):
     assert relative_error(step_logits, eager) < 1e-2
     # The tokens are the argmax of the logits the graph returned.
     assert torch.equal(step_logits.argmax(-1), sequence[:, 16:])
+
+
+# ---------------------------------------------------------------- generate's graphed path
+# On CUDA, `generate` decodes through a borrowed GraphedDecoder for every sampling mode. The
+# decoder runs its step without a graph on the CPU, so the path's logic is tested here by
+# letting `_graphed` choose it on the CPU too; the GPU tests below replay real graphs.
+
+@pytest.fixture
+def graphed_on_cpu(monkeypatch):
+    import glassgpt.generate as generate_module
+    chosen = []
+
+    def graphed(model, total_length, attention_mask, use_cache):
+        choice = use_cache and attention_mask is None and total_length - 1 <= model.config.context_length
+        chosen.append(choice)
+        return choice
+
+    monkeypatch.setattr(generate_module, "_graphed", graphed)
+    return chosen
+
+
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.9, "seed": 3},
+                                      {"temperature": 1.3, "top_k": 7, "seed": 4},
+                                      {"temperature": 0.7, "top_p": 0.8, "seed": 5}])
+def test_generate_through_the_decoder_equals_eager_for_every_sampling_mode(graphed_on_cpu, settings):
+    model = random_model(SMALL, spread=0.3)
+    ids = random_ids(SMALL, 2, 6, seed=6)
+    eager = generate(model, ids, 20, use_cache=True, attention_mask=torch.ones_like(ids), **settings)
+    assert graphed_on_cpu == [False]                   # a mask keeps the eager path
+    seen = []
+    tokens = list(iter_tokens(model, ids, 20, observe=lambda logits, _: seen.append(logits.clone()),
+                              **settings))
+    assert graphed_on_cpu == [False, True]
+    assert torch.equal(torch.cat([ids, torch.stack(tokens, dim=1)], dim=1), eager)
+    with torch.no_grad():  # the observed logits are those of the whole sequence's forward pass
+        full = model(eager[:, :-1])[:, 5:]
+    torch.testing.assert_close(torch.stack(seen, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_ends_rows_at_eos_through_the_decoder(graphed_on_cpu):
+    model = random_model(SMALL, spread=0.3)
+    ids = random_ids(SMALL, 1, 4, seed=7)
+    eager = generate(model, ids, 15, attention_mask=torch.ones_like(ids))
+    eos = int(eager[0, 8])                              # a token greedy decoding produces
+    ended = list(iter_tokens(model, ids[0], 15, eos_id=eos))
+    assert graphed_on_cpu[-1] is True
+    new = eager[0, 4:].tolist()
+    assert ended == new[:new.index(eos) + 1]            # up to and including the first eos
+
+
+def test_busy_decoders_and_moved_weights(graphed_on_cpu, monkeypatch):
+    from glassgpt.cuda_graphs import DECODERS
+    model = random_model(SMALL, spread=0.3)
+    ids = random_ids(SMALL, 1, 5, seed=8)
+    expected = generate(model, ids, 10, attention_mask=torch.ones_like(ids))
+    monkeypatch.setattr(DECODERS, "per_key", 2)
+    with DECODERS.borrow(model, 1, False) as first, DECODERS.borrow(model, 1, False) as second:
+        assert first is not None and second is not None and first is not second  # one per sequence
+        with DECODERS.borrow(model, 1, False) as third:
+            assert third is None                                  # past per_key: decode eagerly
+            assert torch.equal(generate(model, ids, 10), expected)
+    with DECODERS.borrow(model, 1, False) as again:
+        assert again in (first, second)                           # given back, then reused
+    model.to(torch.float64).to(torch.float32)                     # the parameters move: capture afresh
+    with DECODERS.borrow(model, 1, False) as fresh:
+        assert fresh not in (first, second)
+    assert torch.equal(generate(model, ids, 10), expected)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.8, "top_p": 0.9, "seed": 11},
+                                      {"temperature": 1.0, "top_k": 50, "seed": 12}])
+def test_generate_on_cuda_replays_a_graph_and_equals_eager(exact_fp32, monkeypatch, settings):
+    import glassgpt.generate as generate_module
+    from glassgpt.cuda_graphs import DECODERS
+    model = random_model(GPU_CONFIG, device="cuda", matrices=False)
+    ids = torch.randint(0, GPU_CONFIG.vocab_size, (1, 16), device="cuda")
+    graphed = generate(model, ids, 40, **settings)
+    with DECODERS.borrow(model, 1, False) as decoder:
+        assert decoder.graph is not None                 # generate captured and replayed it
+    monkeypatch.setattr(generate_module, "_graphed", lambda *args: False)
+    eager = generate(model, ids, 40, **settings)
+    # Same seed, same generator draws, logits equal to float rounding: the same tokens.
+    assert torch.equal(graphed, eager)

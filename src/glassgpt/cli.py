@@ -445,15 +445,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from glassgpt.device import has_native_bf16, pick_device
     from glassgpt.serve import serve
 
-    # bf16 halves the bytes each decoded token reads, where the CPU computes it natively
+    device = pick_device(args.device)
+    # bf16 halves the bytes each decoded token reads, where the device computes it natively
     if args.dtype == "auto":
-        import torch
-
-        from glassgpt.device import has_native_bf16
-
-        args.dtype = "bfloat16" if has_native_bf16(torch.device("cpu")) else "float32"
+        args.dtype = "bfloat16" if has_native_bf16(device) else "float32"
     from glassgpt.device import configure_cpu_threads
 
     configure_cpu_threads(args.threads)  # --threads, else the cores other processes leave free now
@@ -461,7 +459,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # load is one `glassgpt: error:` line (main), before any wait.
     serve(args.model, host=args.host, port=args.port, lazy=args.lazy, max_tokens_cap=args.max_tokens_cap,
           max_running=args.max_running, max_waiting=args.max_waiting, cors_origins=args.cors_origin or (),
-          dtype=args.dtype, compile=args.compile, read_timeout_s=args.read_timeout,
+          dtype=args.dtype, compile=args.compile, device=str(device), read_timeout_s=args.read_timeout,
           max_connections=args.max_connections)
     return 0
 
@@ -666,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoint directory (default runs/demo, written by `make demo`), a GPT-2 name "
                             "found locally, or a preset with GPT-2's vocabulary (gpt2, ..., verdict-162m: "
                             "random weights; tinygpt and nano have vocabularies of their own: train them)")
+    serve.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, ...")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000; checked before "
                        "the model loads)")
@@ -679,8 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights in memory; auto: bfloat16 on CPUs with native bf16 (AVX-512 BF16/AMX), "
                             "else float32; int8 (dynamic quantisation) decodes ~2.5x faster on CPU")
     serve.add_argument("--compile", action="store_true",
-                       help="CPU, float32/bfloat16: compiled matrix-vector kernels for decoding, compiled "
-                            "at start-up (seconds to a minute; needs a C++ compiler)")
+                       help="CPU, float32/bfloat16: compiled matrix-vector kernels for decoding; CUDA: the "
+                            "graphed decode step compiled; both at start-up (seconds to a minute; needs a "
+                            "C++ compiler)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores "
                        "less those other processes keep busy)")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",

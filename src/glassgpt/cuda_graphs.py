@@ -1,4 +1,4 @@
-"""Greedy decoding on a GPU, each new token one replay of a captured CUDA graph.
+"""Decoding on a GPU, each new token one replay of a captured CUDA graph.
 
 Decoding one token is a few hundred small kernels; launched one by one from Python, the launches
 take longer than the GPU's work. A CUDA graph records the launches of one step once and replays
@@ -8,15 +8,25 @@ a `StaticKVCache`, whose buffers have one shape for the whole sequence and whose
 on the device: positions and the causal mask are computed there, and attention reads the whole
 buffer with the unwritten slots masked out. The step is compiled once (`torch.compile` fuses the
 small kernels) and captured; there is no host-device synchronisation until the end.
+`glassgpt.generate` decodes through a `GraphedDecoder` on CUDA (`decoder_for`), for every sampling
+mode: the graph computes the logits, the sampler picks the token outside it and feeds it back.
 Measurements: docs/PERFORMANCE.md ("Decode").
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
 import torch
 
 from glassgpt.config import GPTConfig
 from glassgpt.model import GPT, KVCache, LayerCache
+
+_CAPTURING = threading.Lock()
 
 
 class StaticLayerCache(LayerCache):
@@ -84,7 +94,7 @@ def static_forward(model: GPT, ids: torch.Tensor, cache: StaticKVCache) -> torch
 
 
 class GraphedDecoder:
-    """Greedy decoding of `batch_size` rows at a time, each step one replay of a CUDA graph.
+    """Decoding of `batch_size` rows at a time, each step one replay of a CUDA graph.
 
     `max_length` (default the model's context) bounds prompt + new tokens. On a CUDA device the
     decoder compiles and captures its graph on first use (this takes a while); later calls reuse it.
@@ -108,7 +118,10 @@ class GraphedDecoder:
         self.started = False
 
     def _decode_step(self) -> None:
-        """Feed `token` at the cache's position; leave the greedy next token in `token`."""
+        """Feed `token` at the cache's position; leave the greedy next token in `token`.
+
+        A sampler overwrites `token` with its own choice before the next step (`step(next_ids)`).
+        """
         logits = static_forward(self.model, self.token, self.cache)[:, -1]  # (B, vocab)
         self.logits.copy_(logits)
         self.token.copy_(logits.argmax(dim=-1, keepdim=True))
@@ -122,7 +135,9 @@ class GraphedDecoder:
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
+        # Other threads may be decoding meanwhile (a server's concurrent requests): "thread_local"
+        # lets their CUDA calls go on during this capture instead of failing it.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.no_grad():
             self._step()
         # The warm-up steps wrote into the cache; resetting its length hides those slots again.
         self.cache.reset()
@@ -138,7 +153,8 @@ class GraphedDecoder:
         if not 0 < ids.shape[1] <= self.max_length:
             raise ValueError(f"a prompt of {ids.shape[1]} tokens does not fit in {self.max_length}")
         if self.use_graph and self.graph is None:
-            self._capture()
+            with _CAPTURING:  # one capture (and compile) at a time in this process
+                self._capture()
         self.cache.reset()
         logits = static_forward(self.model, ids.to(self.token.device), self.cache)[:, -1]
         self.logits.copy_(logits)
@@ -147,13 +163,16 @@ class GraphedDecoder:
         return self.logits
 
     @torch.no_grad()
-    def step(self) -> torch.Tensor:
+    def step(self, next_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Feed the pending token, pick the next one; return the logits it was picked from (B, vocab).
 
-        The returned tensor is the graph's output buffer: the next step overwrites it.
+        The pending token is the greedy choice of the last step, or `next_ids` (B,) when given (a
+        sampled choice). The returned tensor is the graph's output buffer: the next step overwrites it.
         """
         if not self.started:
             raise RuntimeError("call prefill(ids) before step()")
+        if next_ids is not None:
+            self.token.copy_(next_ids.view(self.batch_size, 1))
         if self.use_graph:
             self.graph.replay()
         else:
@@ -176,3 +195,55 @@ class GraphedDecoder:
             self.step()
             new_tokens[:, index:index + 1] = self.token
         return torch.cat([ids.to(new_tokens.device), new_tokens], dim=1)
+
+
+@dataclass
+class _Pool:
+    """The decoders made for one (model, batch size, compile), while the parameters stay put."""
+
+    signature: tuple[int, ...]  # where the parameters were when the decoders captured their graphs
+    made: int = 0
+    idle: list[GraphedDecoder] = field(default_factory=list)
+
+
+class _Decoders:
+    """`GraphedDecoder`s per (model, batch size, compile), made on first use and kept with the model.
+
+    A captured graph reads the parameters at the addresses they had at capture, so decoders are
+    remade when they move (`model.to(...)`, a dtype change); updates in place (training, loading a
+    state dict) are seen. A decoder serves one sequence at a time; sequences decoded at once (a
+    server's concurrent requests, each in its own thread) get one each, up to `per_key`; past
+    that `borrow` gives None and the caller decodes eagerly.
+    """
+
+    per_key = 8
+
+    def __init__(self):
+        self._pools: weakref.WeakKeyDictionary[GPT, dict] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(self, model: GPT, batch_size: int, compile: bool) -> Iterator[GraphedDecoder | None]:
+        signature = tuple(p.data_ptr() for p in model.parameters())
+        key, decoder, make = (batch_size, compile), None, False
+        with self._lock:
+            pools = self._pools.setdefault(model, {})
+            pool = pools.get(key)
+            if pool is None or pool.signature != signature:
+                pool = pools[key] = _Pool(signature)
+            if pool.idle:
+                decoder = pool.idle.pop()
+            elif pool.made < self.per_key:
+                pool.made += 1
+                make = True
+        if make:
+            decoder = GraphedDecoder(model, batch_size, compile=compile)
+        try:
+            yield decoder
+        finally:
+            if decoder is not None:
+                with self._lock:
+                    pool.idle.append(decoder)
+
+
+DECODERS = _Decoders()

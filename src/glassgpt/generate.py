@@ -18,12 +18,14 @@ the one before:
 from __future__ import annotations
 
 import codecs
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
+from glassgpt.cuda_graphs import DECODERS
 from glassgpt.fast import cpu_inference_kernels
 from glassgpt.model import GPT
 
@@ -174,10 +176,20 @@ def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
     return call
 
 
+def _graphed(model: GPT, total_length: int, attention_mask: torch.Tensor | None, use_cache: bool) -> bool:
+    """Whether decoding runs through a CUDA graph (`cuda_graphs.GraphedDecoder`).
+
+    On CUDA, when the rows share their positions (no padding) and the sequence fits the context:
+    the last new token is never fed back, so it needs no slot in the static cache.
+    """
+    return (use_cache and attention_mask is None and _model_device(model).type == "cuda"
+            and total_length - 1 <= model.config.context_length)
+
+
 def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.Tensor,
                   attention_mask: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
-                  use_cache: bool, observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-                  ) -> Iterator[torch.Tensor]:
+                  use_cache: bool, observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                  compile: bool = False) -> Iterator[torch.Tensor]:
     """The decoding loop on a checked (B, T) batch: yields each step's next ids (B,).
 
     `forward` is the model call (`_model_call`). Tokens live in one pre-allocated buffer (no growing
@@ -185,10 +197,12 @@ def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.T
     has. Inference mode is entered per step, never held across a `yield`, so the caller's own code
     between steps is unaffected. `observe(logits, next_ids)`, if given, sees each step's
     last-position logits (B, vocab), the very ones the sampler picked from, before the step yields.
+    On CUDA the model calls are replays of a captured graph where `_graphed` allows (the sampler,
+    whichever it is, picks from the graph's logits and hands its choice back), else eager calls.
     """
     batch, prompt_length = ids.shape
     device = ids.device
-    eos_id, seed = sampling.eos_id, sampling.seed
+    seed = sampling.seed
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     total = prompt_length + max_new_tokens
     with torch.inference_mode():
@@ -202,26 +216,47 @@ def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.T
 
     was_training = model.training
     model.eval()
+    graphed = _graphed(model, total, attention_mask, use_cache)
     try:
-        cache = None
-        length = prompt_length
-        for _ in range(max_new_tokens):
-            with torch.inference_mode():
-                logits, cache = _step(model, forward, tokens, mask, length, cache, use_cache)
-                next_ids = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p,
-                                       generator)
-                if eos_id is not None:
-                    next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
-                    finished |= next_ids == eos_id
-                tokens[:, length] = next_ids
-                if observe is not None:
-                    observe(logits, next_ids)
-            length += 1
-            yield next_ids
-            if eos_id is not None and bool(finished.all()):
-                return
+        with DECODERS.borrow(model, batch, compile) if graphed else contextlib.nullcontext() as decoder:
+            yield from _sampled_steps(model, forward, decoder, tokens, mask, prompt_length, sampling,
+                                      generator, finished, use_cache, observe)
     finally:
         model.train(was_training)
+
+
+def _sampled_steps(model, forward, decoder, tokens, mask, prompt_length, sampling, generator, finished,
+                   use_cache, observe) -> Iterator[torch.Tensor]:
+    """`_decode_steps`' loop: a model call (eager, or a graph replay by `decoder`), a sampled token.
+
+    With a decoder, each step's replay is launched as soon as its token is picked, before that token
+    is yielded: the GPU computes the next logits while the host reads this token (a caller that
+    stops early leaves one replay unread, which costs nothing but its time).
+    """
+    eos_id = sampling.eos_id
+    cache = logits = None
+    last = tokens.shape[1] - 1
+    for length in range(prompt_length, tokens.shape[1]):
+        with torch.inference_mode():
+            if decoder is None:
+                logits, cache = _step(model, forward, tokens, mask, length, cache, use_cache)
+            elif logits is None:
+                logits = decoder.prefill(tokens[:, :length])
+            next_ids = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+            if eos_id is not None:
+                next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
+                finished |= next_ids == eos_id
+            tokens[:, length] = next_ids
+            picked_from = logits
+            if decoder is not None and length < last:
+                # The replay overwrites the decoder's logits: an observer gets a copy.
+                picked_from = logits.clone() if observe is not None else None
+                logits = decoder.step(next_ids)
+            if observe is not None:
+                observe(picked_from, next_ids)
+        yield next_ids
+        if eos_id is not None and bool(finished.all()):
+            return
 
 
 def _step(model: GPT, forward: Callable[..., torch.Tensor], tokens: torch.Tensor, mask: torch.Tensor | None,
@@ -271,7 +306,8 @@ def iter_tokens(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None 
     raise ValueError here, before any step runs.
     `compile=True`: on a CPU in fp32 or bf16, one-token steps use compiled matrix-vector kernels
     (`glassgpt.fast.compiled_matvec`: faster decoding on AMD processors after a first-use compile
-    of seconds); elsewhere it changes nothing.
+    of seconds); on CUDA, the graphed decode step is compiled before capture (fused kernels, after
+    a first-use compile of a minute or so); elsewhere it changes nothing.
     `observe(logits, next_ids)`: called at each step with the logits the token was picked from
     (B, vocab) and the picked ids (B,), before they are yielded (how the server reports
     log-probabilities without a decoding loop of its own).
@@ -288,7 +324,7 @@ def iter_tokens(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None 
         attention_mask = attention_mask.to(device)
     _check_prompt(model, batch_ids, attention_mask)
     steps = _decode_steps(model, _model_call(model, compile), batch_ids, attention_mask, max_new_tokens,
-                          sampling, use_cache, observe)
+                          sampling, use_cache, observe, compile)
     return (int(next_ids[0]) for next_ids in steps) if single else steps
 
 

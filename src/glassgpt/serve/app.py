@@ -95,6 +95,7 @@ class ServeSettings:
     lazy: bool = False                  # load the model on the first request instead of at start-up
     dtype: str = "float32"              # float32, bfloat16 or int8 weights (not for GPT objects)
     compile: bool = False               # CPU decoding through compiled kernels (compiled at warm-up)
+    device: str = "cpu"                 # where a loaded model runs: "cpu", "cuda", "cuda:1", ...
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_chars", "max_classify_texts", "inspect_max_tokens",
@@ -112,6 +113,8 @@ class ServeSettings:
                 raise ValueError(f"CORS origin {origin!r} must look like http://host:port or https://host")
         if self.dtype not in ("float32", "bfloat16", "int8"):
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'int8', got {self.dtype!r}")
+        if self.dtype == "int8" and self.device != "cpu":
+            raise ValueError("int8 weights run on the CPU only: use --dtype bfloat16 on a GPU")
 
 
 # ---------------------------------------------------------------- request and response bodies
@@ -711,7 +714,8 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
         known = ", ".join(f.name for f in fields(ServeSettings))
         raise ValueError(f"unknown serve settings: {', '.join(unknown)}; known: {known}")
     settings = replace(settings or ServeSettings(), **overrides)
-    host = ModelHost(model, tokenizer, dtype=settings.dtype, compile=settings.compile, template=template)
+    host = ModelHost(model, tokenizer, dtype=settings.dtype, compile=settings.compile, template=template,
+                     device=settings.device)
     gate = Gate(settings.max_running, settings.max_waiting)
 
     @asynccontextmanager

@@ -35,7 +35,8 @@ class ModelHost:
 
     `source` is a GPT (then `tokenizer` is required) or anything `hub.resolve_model` accepts, loaded
     as `dtype`: "float32", "bfloat16" or "int8" (dynamic quantisation of the Linear layers: a
-    quarter of the bytes to read per token, the limit of decoding on a CPU). `compile=True`:
+    quarter of the bytes to read per token, the limit of decoding on a CPU), on `device` (on CUDA,
+    decoding replays a CUDA graph: `glassgpt.generate`). `compile=True`:
     decode through compiled matrix-vector kernels on a CPU (`glassgpt.generate`), compiled during
     the warm-up.
 
@@ -45,7 +46,7 @@ class ModelHost:
     """
 
     def __init__(self, source, tokenizer=None, name: str | None = None, dtype: str = "float32",
-                 compile: bool = False, template: InstructionTemplate | None = None):
+                 compile: bool = False, template: InstructionTemplate | None = None, device: str = "cpu"):
         if isinstance(source, GPT) and tokenizer is None:
             raise ValueError("serving a GPT object needs its tokenizer: pass tokenizer=...")
         if not isinstance(source, GPT):
@@ -57,6 +58,7 @@ class ModelHost:
         self.source = source
         self.dtype = dtype
         self.compile = compile
+        self.device = device
         self._model = source if isinstance(source, GPT) else None
         self._tokenizer = tokenizer
         self.name = name or (source.config.name if isinstance(source, GPT) else Path(str(source)).name)
@@ -79,7 +81,8 @@ class ModelHost:
                 if self._model is None:
                     started = time.perf_counter()
                     int8 = self.dtype == "int8"
-                    model, tokenizer, _ = resolve_model(self.source, dtype="float32" if int8 else self.dtype)
+                    model, tokenizer, _ = resolve_model(self.source, self.device,
+                                                    dtype="float32" if int8 else self.dtype)
                     self._check(model, tokenizer)
                     # Described before quantising: int8 Linear layers hold no parameters to count.
                     self.description = describe_model(model, tokenizer, self.name, self.template)
