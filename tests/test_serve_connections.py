@@ -111,3 +111,11 @@ def test_a_keep_alive_connection_serves_many_requests_and_the_server_sets_uvicor
     assert config.timeout_keep_alive == defaults.keep_alive_s == 5
     assert config.h11_max_incomplete_event_size == defaults.max_header_bytes == 16 * 1024
     assert config.http_protocol_class.read_timeout_s == READ_TIMEOUT
+
+
+@pytest.mark.parametrize("bad, message", [({"read_timeout_s": 0}, "read_timeout_s must be > 0"),
+                                          ({"max_connections": 0}, "max_connections must be at least 1"),
+                                          ({"keep_alive_s": 0}, "keep_alive_s must be at least 1")])
+def test_connection_limits_are_checked_when_set(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ServeSettings(**bad)
