@@ -137,9 +137,12 @@ def integer(**bounds) -> Any:
     """An `Integer` with bounds (ge=, lt=, ...) that the schema shows even as `integer(...) | None`
     (pydantic leaves bounds out of the schema when they follow the validator)."""
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
 # Seeds below 2**63, published as that exclusive bound: FastAPI writes every bound as a float, and
 # 2**63 - 1 as a float is 2**63, a maximum the server would refuse; 2**63 itself is exact.
 SEED_BOUND = 2**63
+
 
 def sampling_request_model(settings: ServeSettings) -> type[BaseModel]:
     """The fields of every request that generates (/generate, /instruct): length and sampling."""
