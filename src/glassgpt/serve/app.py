@@ -139,9 +139,25 @@ def integer(**bounds) -> Any:
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
-# Seeds below 2**63, published as that exclusive bound: FastAPI writes every bound as a float, and
-# 2**63 - 1 as a float is 2**63, a maximum the server would refuse; 2**63 itself is exact.
+# Seeds below 2**63, published as that exclusive bound (2**63 - 1 as a float is 2**63; see
+# `exact_integer_bounds` for how integer bounds reach the schema exactly).
 SEED_BOUND = 2**63
+
+
+def exact_integer_bounds(node: Any) -> None:
+    """Put an OpenAPI schema's integer bounds back to integers, in place. FastAPI's OpenAPI model types
+    every bound as a float, so seed's 2**63 came out as 9.223372036854776e18, and a client comparing
+    in floats took 2**63 + 191 for a seed the schema allows (the server refuses it)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                if isinstance(node.get(key), float) and node[key].is_integer():
+                    node[key] = int(node[key])
+        for value in node.values():
+            exact_integer_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            exact_integer_bounds(value)
 
 
 def sampling_request_model(settings: ServeSettings) -> type[BaseModel]:
@@ -730,6 +746,13 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     app = FastAPI(title="glassgpt", version="0.1.0", lifespan=lifespan,
                   description="Generate text with a GPT you can see through, and look inside it.")
     app.state.host, app.state.gate, app.state.settings = host, gate, settings
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            exact_integer_bounds(FastAPI.openapi(app))  # FastAPI's, cached on the app, made exact
+        return app.openapi_schema
+
+    app.openapi = openapi
     install_errors(app)
     install_generation_api(app, host, gate, settings)
     install_classify_api(app, host, gate, settings)
