@@ -265,3 +265,30 @@ def test_cli_tokenize_with_the_from_scratch_bpe(capsys):
     assert [line.split()[0] for line in lines[:-1]] == ["464", "12036", "373"]
     assert "' painting'" in lines[1]
     assert lines[-1] == "3 tokens"
+
+
+def test_hugging_face_files_encode_like_tiktoken(tmp_path):
+    """GPT-2's table written as vocab.json + merges.txt: transformers' own GPT-2 tokenizer, reading
+    them, gives tiktoken's ids (so an exported model works with AutoTokenizer and lm-eval)."""
+    from transformers import AutoTokenizer
+
+    from glassgpt.tokenizer import get_tokenizer
+
+    BPETokenizer.from_tiktoken_ranks().save_hf(tmp_path)
+    hf, reference = AutoTokenizer.from_pretrained(tmp_path), get_tokenizer("gpt2")
+    texts = ["Hello world!  \n\n  It's 2024, déjà vu 🤖 x\t\ty", bundled_text()[:20_000]]
+    for text in texts:
+        assert hf(text)["input_ids"] == reference.encode(text)
+    assert hf.eos_token_id == reference.eos_id == 50256
+    assert hf.decode(reference.encode(texts[0])) == texts[0]
+
+
+def test_hugging_face_files_of_a_trained_table(tmp_path):
+    from transformers import AutoTokenizer
+
+    text = bundled_text()[:5_000]
+    trained = BPETokenizer().train(text, vocab_size=301)
+    trained.save_hf(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf(text)["input_ids"] == trained.encode(text)
+    assert len(hf) == trained.vocab_size == 301

@@ -189,16 +189,18 @@ def test_n_choices_and_a_list_of_prompts(client):
 
 def test_a_prompt_filling_the_context_is_scored_and_continued_past_it(client, model, tokenizer):
     """lm-eval sends context-length prompts with echo and max_tokens 1: scored in one pass, then one
-    token decoded past the context (the last window recomputed, as glassgpt generate does)."""
+    token decoded past the context: the window moves half a context forward (engine.window_slide)
+    and is recomputed once, rather than a whole window per token."""
     ids = (tokenizer.encode(PROMPT) * 20)[:TINY.context_length]
     answer = client.completions.create(model="tiny-openai", prompt=ids, max_tokens=2, temperature=0,
                                        echo=True, logprobs=1)
     lp = answer.choices[0].logprobs
     assert len(lp.tokens) == TINY.context_length + 2
-    expected = list(iter_tokens(model, ids, 2))
+    half = TINY.context_length // 2
+    expected = list(iter_tokens(model, ids, 2, slide=half))
     assert lp.tokens[-2:] == [tokenizer.decode([i]) for i in expected]
     with torch.no_grad():
-        window = torch.log_softmax(model(torch.tensor([ids[1:] + expected[:1]]))[0, -1], dim=-1)
+        window = torch.log_softmax(model(torch.tensor([ids[half:] + expected[:1]]))[0, -1], dim=-1)
     assert lp.token_logprobs[-1] == pytest.approx(float(window[expected[1]]), abs=1e-4)
 
 

@@ -207,11 +207,87 @@ def test_export_cli_writes_what_transformers_loads_with_equal_logits(tmp_path, c
     assert torch.equal(back(ids), model(ids))
 
 
-def test_export_refuses_models_gpt2_cannot_express(tmp_path):
-    with pytest.raises(ValueError, match="post-LN"):
-        config_to_hf(random_glassgpt(norm_placement="post").config)
-    with pytest.raises(ValueError, match="biases"):
-        export_hf(random_glassgpt(qkv_bias=False), tmp_path)
+def test_export_writes_gpt2s_tokenizer_for_autotokenizer(tmp_path):
+    """The export is a complete Hugging Face model directory: AutoTokenizer reads GPT-2's tokenizer
+    files written beside the weights and gives tiktoken's ids, up to the model's context."""
+    from transformers import AutoTokenizer
+
+    model = random_glassgpt()
+    export_hf(model, tmp_path / "hf", tokenizer=get_tokenizer("gpt2"))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "It had always been his fate to have women say such things of him: 'Rickham wanted it.'"
+    assert tokenizer(text)["input_ids"] == get_tokenizer("gpt2").encode(text)
+    assert tokenizer.model_max_length == model.config.context_length
+    assert tokenizer.eos_token_id == 50256
+
+
+def shrunk(preset: str, **overrides) -> GPTConfig:
+    """A preset's architecture (biases, norms, tying, activation) at a size a test builds in milliseconds."""
+    from glassgpt.config import get_preset
+
+    small = {"vocab_size": 90, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+             "ff_dim": None, "drop_rate": 0.0}
+    return get_preset(preset, **small, **overrides)
+
+
+@pytest.mark.parametrize("preset", ["verdict-162m", "verdict-demo-70m", "nano", "gpt2"])
+def test_export_of_every_recipe_architecture_reloads_in_transformers_with_equal_logits(tmp_path, preset):
+    # verdict-162m and the demo have no Q/K/V bias, nano no attention biases at all: each becomes a
+    # zero bias, which transformers' GPT-2 adds as exactly nothing.
+    torch.manual_seed(7)
+    model = GPT(shrunk(preset)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    save_model(model, tmp_path / "ckpt", tokenizer=get_tokenizer("gpt2"))
+    assert main(["export", str(tmp_path / "ckpt"), "--to-hf", str(tmp_path / "hf")]) == 0
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[1, 5, 89, 30, 2, 2, 7, 64]])
+    assert (hf_logits(hf, ids) - our_logits(model, ids)).abs().max() <= 1e-5
+    back, _ = load_model(tmp_path / "hf")
+    assert (back(ids) - model(ids)).abs().max() <= 1e-5
+
+
+def test_export_of_a_norm_without_shift_and_a_character_model_round_trips(tmp_path):
+    from glassgpt.tokenizer import CharTokenizer
+
+    model = random_glassgpt(norm_bias=False, qkv_bias=False, attn_out_bias=False, ff_bias=False)
+    tokenizer = CharTokenizer.from_text("".join(chr(c) for c in range(33, 33 + 90)))  # the model's 90 ids
+    save_model(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    assert main(["export", str(tmp_path / "ckpt"), "--to-hf", str(tmp_path / "hf")]) == 0
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[1, 5, 89, 30, 2, 2, 7]])
+    assert (hf_logits(hf, ids) - our_logits(model, ids)).abs().max() <= 1e-5
+    back, back_tokenizer = load_model(tmp_path / "hf")  # the character tokenizer travels with it
+    assert back_tokenizer.to_dict() == tokenizer.to_dict()
+    save_model(model, tmp_path / "gpt2-ckpt", tokenizer=get_tokenizer("gpt2"))  # over the same directory
+    assert main(["export", str(tmp_path / "gpt2-ckpt"), "--to-hf", str(tmp_path / "hf")]) == 0
+    assert load_model(tmp_path / "hf")[1].to_dict() == {"type": "gpt2"}
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"norm_placement": "post"}, "post-LN"),
+    ({"final_norm": False}, "no final LayerNorm"),
+    ({"head_bias": True}, "bias on the output head"),
+])
+def test_export_refuses_exactly_what_gpt2_cannot_express(tmp_path, capsys, overrides, named):
+    with pytest.raises(ValueError, match=named):
+        config_to_hf(random_glassgpt(**overrides).config)
+    save_model(random_glassgpt(**overrides), tmp_path / "ckpt", tokenizer=get_tokenizer("gpt2"))
+    assert main(["export", str(tmp_path / "ckpt"), "--to-hf", str(tmp_path / "hf")]) == 2
+    error = capsys.readouterr().err
+    assert named in error and "glassgpt's own format" in error
+    assert not (tmp_path / "hf").exists()  # refused before writing anything
+
+
+def test_tinygpt_is_refused_naming_each_thing_gpt2_lacks():
+    from glassgpt.config import get_preset
+
+    with pytest.raises(ValueError) as refused:
+        config_to_hf(get_preset("tinygpt"))
+    message = str(refused.value)
+    assert "post-LN" in message and "no final LayerNorm" in message and "output head" in message
+    assert "ReLU" not in message  # GPT-2 has activation_function "relu": that part exports
 
 
 # ---------------------------------------------------------------- finding and downloading GPT-2

@@ -84,6 +84,7 @@ class BPETokenizer:
         self.special_of_id = {token_id: text for text, token_id in special_tokens.items()}
         self.special_regex = _special_splitter(special_tokens)
         self.cache: dict[str, list[int]] = {}
+        self._merges: list[tuple[tuple[int, int], int]] | None = None  # merges(), found once
 
     # ---- the common tokenizer interface --------------------------------------------------------
 
@@ -214,6 +215,8 @@ class BPETokenizer:
     def merges(self) -> list[tuple[tuple[int, int], int]]:
         """Each merged token as ((left id, right id), its id), in rank order: the pair of earlier
         tokens it is built from, found by merging its own bytes with only the tokens before it."""
+        if self._merges is not None:
+            return self._merges
         merges = []
         for rank, token in enumerate(self.tokens):
             if len(token) < 2:
@@ -223,6 +226,7 @@ class BPETokenizer:
                 raise ValueError(
                     f"token {rank} {_show(token)} cannot be built from one pair of earlier tokens")
             merges.append(((self.rank_of[parts[0]], self.rank_of[parts[1]]), rank))
+        self._merges = merges
         return merges
 
     # ---- files -----------------------------------------------------------------------------------
@@ -281,6 +285,30 @@ class BPETokenizer:
         """Read a table written by `save`."""
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
+    def save_hf(self, directory: str | Path, model_max_length: int = 1024) -> list[Path]:
+        """Write the table as Hugging Face's GPT-2 tokenizer files (vocab.json, merges.txt and
+        tokenizer_config.json), which `transformers.AutoTokenizer.from_pretrained(directory)` reads.
+
+        Those files name bytes by printable characters (GPT-2's byte-to-character table below) and
+        list the merges in rank order: each token as the pair of earlier tokens it is built from.
+        """
+        shown = _printable_bytes()
+        text_of = ["".join(shown[byte] for byte in token) for token in self.tokens]
+        vocab = {text: rank for rank, text in enumerate(text_of)} | self.special_tokens
+        merges = [f"{text_of[left]} {text_of[right]}" for (left, right), _ in self.merges()]
+        eos = next(iter(self.special_tokens), None)
+        config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
+                  "add_prefix_space": False, **({"bos_token": eos, "eos_token": eos, "unk_token": eos}
+                                                if eos else {})}
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+                 "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+                 "tokenizer_config.json": json.dumps(config, indent=2)}
+        for name, text in files.items():
+            (directory / name).write_text(text, encoding="utf-8")
+        return [directory / name for name in files]
+
 
 def _merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """`ids` with every non-overlapping occurrence of `pair`, left to right, replaced by `new_id`."""
@@ -303,6 +331,21 @@ def _special_splitter(special_tokens: dict[str, int]) -> regex.Pattern | None:
         return None
     alternatives = "|".join(regex.escape(text) for text in sorted(special_tokens, key=len, reverse=True))
     return regex.compile(f"({alternatives})")
+
+
+def _printable_bytes() -> list[str]:
+    """GPT-2's table from byte values to printable characters, as its vocab.json and merges.txt
+    write bytes: printable Latin-1 bytes stand for themselves, the other 68 (control characters,
+    space, ...) take the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    shown, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            shown.append(chr(byte))
+        else:
+            shown.append(chr(256 + extra))
+            extra += 1
+    return shown
 
 
 def _token_to_json(token: bytes) -> str | list[int]:

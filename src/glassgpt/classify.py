@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from glassgpt import finetune_common
+from glassgpt import finetune_common, watch
 from glassgpt.classify_data import (
     DEFAULT_SPLIT,
     ClassificationData,
@@ -50,7 +50,7 @@ from glassgpt.hub import resolve_model
 from glassgpt.model import GPT
 from glassgpt.plots import plot_metric
 from glassgpt.train import setting
-from glassgpt.weights import GLASSGPT_META, config_to_hf, hf_names, load_model, save_model
+from glassgpt.weights import GLASSGPT_META, config_to_hf, hf_tensors, load_model, save_model
 
 HF_PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, the padding id of our batches and of the HF export
 
@@ -293,6 +293,8 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
         if directory:
             say(f"writing into {directory} (becomes {out} when the run succeeds)")
         metrics = finetune_common.Metrics(directory)
+        probe = (data.val if len(data.val) else data.train).ids[0]
+        probes = watch.finetune_probes(directory, model, tokenizer, tokenizer.decode(probe))
         started = time.perf_counter()
         step = examples = 0
         for step, (_, labels, _), loss, due in finetune_common.train_steps(
@@ -303,6 +305,8 @@ def finetune_classifier(model: GPT, tokenizer, data: ClassificationData, out_dir
                          "examples_seen": examples, "train_loss": loss})
             if due:
                 evaluate_now(metrics, step, examples)
+                if probes:
+                    probes.record(model, step)
         seconds = time.perf_counter() - started
         finetune_common.merge_adapters(model, directory, settings.save_adapters)
 
@@ -433,13 +437,8 @@ def export_hf_classifier(model: GPT, directory: str | Path, pad_token_id: int = 
         "label2id": {name: i for i, name in enumerate(names)},
         "pad_token_id": pad_token_id, "problem_type": "single_label_classification",
     })
-    state = model.state_dict()
-    tensors = {}
-    for our_name, their_name, transposed in hf_names(config):
-        if our_name == "out_head.weight":  # the language-model head's slot; a classifier's is `score`
-            continue
-        tensor = state[our_name].detach().float().cpu()
-        tensors[their_name] = (tensor.t() if transposed else tensor).contiguous()
+    tensors = hf_tensors(model)
+    tensors.pop("lm_head.weight")  # the language-model head's slot; a classifier's is `score`
     tensors["score.weight"] = model.out_head.weight.detach().float().cpu().contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import time
 import types
 import typing
 from pathlib import Path
@@ -16,6 +18,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from glassgpt.train import TrainConfig
+
+# Where `make demo` (`glassgpt demo`) puts its model, and so the model the verbs use by default: a
+# newcomer's first `glassgpt generate "hi"` after `make demo` runs the model it just trained.
+DEMO_MODEL = "runs/demo"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -138,6 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train as the arguments say (alone, or as one process of torchrun); print where the result is."""
     import torch
 
+    from glassgpt.checkpoint import NoSpaceLeft
+    from glassgpt.distributed import PeerLost
     from glassgpt.train import TrainingDiverged, train
 
     config, resume = config_from_args(args)
@@ -147,7 +155,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             # Every rank finishes its last collective and rank 0 its last write before any rank tears
             # the group down; tearing down early aborts the other rank's gloo threads (SIGABRT).
             torch.distributed.barrier()
-    except TrainingDiverged:
+    except (TrainingDiverged, PeerLost):  # the trainer said what happened and what was kept
+        return 1
+    except NoSpaceLeft as error:  # its message says which checkpoint is intact and how to go on
+        print(f"glassgpt: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -229,7 +240,46 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo(out: str | Path = "runs/demo", recipe_name: str = "demo", serve: bool = True,
+def about(seconds: float) -> str:
+    """A duration as a person reads an estimate: "40 seconds", "3 minutes", "1 h 25 min"."""
+    if seconds < 90:
+        return f"{max(1, round(seconds / 10) * 10 if seconds >= 20 else round(seconds))} seconds"
+    minutes = round(seconds / 60)
+    return f"{minutes} minutes" if minutes < 90 else f"{minutes // 60} h {minutes % 60} min"
+
+
+class StepTimer:
+    """A `Trainer.step_hooks` entry that times a run's first steps and says how long the rest will
+    take on this machine: the first step after a (re)start is left out (allocation, first-touch
+    warm-up), the next `steps` are timed, and the estimate covers the steps left, with evaluations
+    counted as their forward passes (each batch's forward is about a third of a training step)."""
+
+    def __init__(self, steps: int = 3, clock=time.perf_counter):
+        self.steps, self.clock = steps, clock
+        self.first: int | None = None
+        self.start = 0.0
+
+    def __call__(self, trainer) -> None:
+        import torch
+
+        if self.first is None:
+            self.first, self.start = trainer.step, self.clock()
+            return
+        if trainer.step != self.first + self.steps:
+            return
+        per_step = (self.clock() - self.start) / self.steps
+        left = trainer.total_steps - trainer.step
+        evaluations = sum(1 for s in range(trainer.step + 1, trainer.total_steps + 1)
+                          if s % trainer.eval_every == 0 or s == trainer.total_steps)
+        # Each evaluation: eval_batches forward passes on the training and on the validation set.
+        equivalent = left + evaluations * 2 * trainer.config.eval_batches / 3
+        threads = torch.get_num_threads()
+        trainer.say(f"this machine: {per_step:.2f} s per step (steps {self.first + 1}-{trainer.step}, "
+                    f"{threads} CPU thread{'s' * (threads != 1)}): the {left} steps left and {evaluations} "
+                    f"evaluations take about {about(per_step * equivalent)}")
+
+
+def demo(out: str | Path = DEMO_MODEL, recipe_name: str = "demo", serve: bool = True,
          host: str = "127.0.0.1", port: int = 8000) -> int:
     """The README's main job: train `recipe_name` into `out` unless a model is there, print samples,
     then serve the model in the browser (when `glassgpt.serve` is available). Returns an exit status."""
@@ -238,7 +288,7 @@ def demo(out: str | Path = "runs/demo", recipe_name: str = "demo", serve: bool =
     import torch
 
     from glassgpt.checkpoint import has_checkpoint
-    from glassgpt.train import recipe, saved_config, train
+    from glassgpt.train import Trainer, recipe, saved_config
     from glassgpt.weights import GLASSGPT_META, load_model
 
     out = Path(out)
@@ -248,10 +298,12 @@ def demo(out: str | Path = "runs/demo", recipe_name: str = "demo", serve: bool =
     else:
         resume = has_checkpoint(out)  # an earlier demo was interrupted: continue it
         print(f"{'resuming' if resume else 'training'} the '{recipe_name}' recipe into {out} "
-              "(about 3 minutes on a 2-core CPU; Ctrl-C stops, running again resumes)")
+              "(Ctrl-C stops, running again resumes; how long it takes here follows from its first steps)")
         out.mkdir(parents=True, exist_ok=True)
         (out / ".demo-training").touch()  # marks a model file written by an unfinished run
-        train(saved_config(out) if resume else settings, resume=resume)
+        trainer = Trainer(saved_config(out) if resume else settings, resume=resume)
+        trainer.step_hooks.append(StepTimer())
+        trainer.fit()
         (out / ".demo-training").unlink()
     model, tokenizer = load_model(out)
     prompt = torch.tensor([tokenizer.encode(settings.sample_prompt)])
@@ -428,9 +480,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from glassgpt.hub import resolve_model
-    from glassgpt.weights import export_hf
+    from glassgpt.weights import HF_TOKENIZER_FILE, export_hf
 
-    model, _, _ = resolve_model(args.checkpoint, presets=False)
+    model, tokenizer, _ = resolve_model(args.checkpoint, presets=False)
     if model.config.n_classes:  # a classifier: its head scores classes, Hugging Face's `score` layer
         from glassgpt.classify import export_hf_classifier
 
@@ -438,10 +490,29 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {directory}/config.json and model.safetensors (load with "
               f"transformers.GPT2ForSequenceClassification.from_pretrained({str(directory)!r}))")
         return 0
-    directory = export_hf(model, args.to_hf)
+    directory = export_hf(model, args.to_hf, tokenizer=tokenizer)
     print(f"wrote {directory}/config.json and model.safetensors "
           f"(load with transformers.GPT2LMHeadModel.from_pretrained({str(directory)!r}))")
+    if (directory / HF_TOKENIZER_FILE).exists():
+        print(f"its tokenizer is not GPT-2's: {HF_TOKENIZER_FILE} holds it (glassgpt reads it back; "
+              "transformers' GPT2Tokenizer does not apply)")
     return 0
+
+
+def watched_run(args: argparse.Namespace) -> str:
+    """`serve --run DIR`: the runs directory the /runs page reads (DIR's parent), and the model: the
+    run's own, loaded when first asked (it may still be training), unless --model names another."""
+    if args.run_dir is None:
+        args.model = args.model or "runs/demo"
+        return args.runs
+    run = Path(args.run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"--run {run}: no metrics.jsonl there, so not a training run "
+                                "(glassgpt train --out DIR writes one as it trains)")
+    if args.model is None:
+        args.model, args.lazy = str(run), True
+    print(f"the run: http://{args.host}:{args.port}/runs?run={run.resolve().name}", flush=True)
+    return str(run.resolve().parent)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -455,12 +526,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from glassgpt.device import configure_cpu_threads
 
     configure_cpu_threads(args.threads)  # --threads, else the cores other processes leave free now
+    runs_dir = watched_run(args)
     # serve() takes the port, then loads the model, then starts: a busy port or a model that cannot
     # load is one `glassgpt: error:` line (main), before any wait.
     serve(args.model, host=args.host, port=args.port, lazy=args.lazy, max_tokens_cap=args.max_tokens_cap,
           max_running=args.max_running, max_waiting=args.max_waiting, cors_origins=args.cors_origin or (),
-          dtype=args.dtype, compile=args.compile, device=str(device), read_timeout_s=args.read_timeout,
-          max_connections=args.max_connections)
+          dtype=args.dtype, compile=args.compile, device=str(device), runs_dir=runs_dir,
+          read_timeout_s=args.read_timeout, max_connections=args.max_connections)
     return 0
 
 
@@ -549,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_verb = verbs.add_parser("demo",
                                  help="the main job: train the demo model if needed, sample it, serve it")
-    demo_verb.add_argument("--out", default="runs/demo",
+    demo_verb.add_argument("--out", default=DEMO_MODEL,
                            help="where the demo model lives (trained there if missing)")
     demo_verb.add_argument("--recipe", default="demo", help="the recipe trained when no model is there")
     demo_verb.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
@@ -590,9 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--instruction", default=None,
                           help="an instruction for an instruction-tuned model: prints only its response")
     generate.add_argument("--input", default=None, help="the instruction's input, if it has one")
-    generate.add_argument("--model", default="gpt2",
-                          help=f"checkpoint directory, GPT-2 name ({', '.join(GPT2_NAMES)}; found locally, "
-                               "never downloaded) or preset (random weights)")
+    generate.add_argument("--model", default=DEMO_MODEL,
+                          help=f"checkpoint directory (default {DEMO_MODEL}, written by `make demo`, as for "
+                               f"serve), GPT-2 name ({', '.join(GPT2_NAMES)}; found locally, never "
+                               "downloaded) or preset (random weights)")
     generate.add_argument("--max-tokens", type=int, default=None,
                           help="new tokens at most (default 50; 256 for an --instruction's response)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
@@ -660,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=cmd_export)
 
     serve = verbs.add_parser("serve", help="the web pages and the HTTP API (POST /generate, ...)")
-    serve.add_argument("--model", default="runs/demo",
+    serve.add_argument("--model", default=None,
                        help="checkpoint directory (default runs/demo, written by `make demo`), a GPT-2 name "
                             "found locally, or a preset with GPT-2's vocabulary (gpt2, ..., verdict-162m: "
                             "random weights; tinygpt and nano have vocabularies of their own: train them)")
@@ -691,6 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "default 10)")
     serve.add_argument("--max-connections", type=int, default=64,
                        help="connections and requests at once; beyond them: 503 (default 64)")
+    serve.add_argument("--runs", default="runs", metavar="DIR",
+                       help="the training runs the /runs page shows: those under DIR (default: runs)")
+    serve.add_argument("--run", dest="run_dir", metavar="DIR", default=None,
+                       help="show this training run's loss curves and probe snapshots at /runs, even while "
+                            "it trains (the model: --model, else the run's own, loaded when first asked)")
     serve.set_defaults(run=cmd_serve)
 
     site = verbs.add_parser("site", help="write the web pages as a static site that calls a remote API")
@@ -727,11 +805,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reader_gone() -> int:
+    """The exit of a verb whose reader closed the pipe (`glassgpt explain | head`): quiet, status 1
+    (what Python's documentation advises and rich's Console does for the same case). Later writes,
+    the interpreter's final flush included, go to /dev/null instead of raising again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout that is no real file (a test's capture): nothing to redirect
+        pass
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as error:
         print(f"glassgpt: error: {error}", file=sys.stderr)
         return 2

@@ -611,8 +611,10 @@ def gpt(model, tokenizer) -> list[Step]:
               table=[["vocabulary", config.vocab_size], ["context length", config.context_length],
                      ["embedding width", config.emb_dim], ["heads", config.n_heads],
                      ["blocks", config.n_layers],
-                     ["feed-forward width", config.hidden_dim], ["tied output head", config.tie_weights],
-                     ["dropout", config.drop_rate]],
+                     ["feed-forward width", config.hidden_dim],
+                     # Words, so the column's numbers are all counts (the page shows them as such).
+                     ["tied output head", "yes" if config.tie_weights else "no"],
+                     ["dropout", f"{config.drop_rate:g}"]],
               columns=["setting", "value"]),
         _step("Shapes through the model",
               "Token ids become vectors (token embedding + position embedding), pass through every block "

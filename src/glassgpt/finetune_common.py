@@ -32,7 +32,13 @@ from tqdm import tqdm
 from glassgpt import lora
 from glassgpt.checkpoint import write_directory_atomically
 from glassgpt.config import Settings
-from glassgpt.device import PRECISIONS, Precision, pick_device, resolve_precision
+from glassgpt.device import (
+    PRECISIONS,
+    Precision,
+    configure_cpu_threads,
+    pick_device,
+    resolve_precision,
+)
 from glassgpt.train import TrainingDiverged, make_optimizer, setting
 from glassgpt.weights import GLASSGPT_META, WEIGHTS_FILE
 
@@ -62,7 +68,8 @@ class FinetuneSettings(Settings):
     precision: str = setting("fp32", "fp32, bf16, fp16 (autocast; fp16 on CUDA only), or auto: bf16 where "
                                      "the device computes it natively")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
-    threads: int | None = setting(None, "CPU threads for torch (None: torch's default)")
+    threads: int | None = setting(None, "CPU threads for torch (None: the usable cores less those other "
+                                        "processes keep busy)")
     lora_rank: int | None = setting(None, "train rank-R LoRA adapters on the attention and feed-forward "
                                           "matrices instead of the weights (merged into them when saved)")
     lora_alpha: float | None = setting(None, "LoRA's update is scaled by alpha / rank (None: alpha = rank)")
@@ -174,8 +181,7 @@ def prepare_training(model, settings: FinetuneSettings, freeze: Callable[[object
     """
     if settings.lora_rank is not None:
         lora.find_targets(model, settings.lora_rank)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    configure_cpu_threads(settings.threads)  # training's policy: --threads, else the cores left free
     precision = resolve_precision(settings.precision, pick_device(settings.device))
     model.to(precision.device)
     if settings.lora_rank is None:

@@ -5,6 +5,8 @@ the newest token. GPT-2's positions are learned absolute slots, so a cache canno
 context length: once prompt + generated tokens exceed it, every step recomputes the last
 `context_length` tokens from scratch, exactly as the tutorial's no-cache loop does
 (`generate_text_simple` in the book "Build a Large Language Model (From Scratch)"; see the README).
+That costs a whole window per token; `slide=s` caps it: the window moves s tokens at once, is
+prefilled once, and the next s - 1 steps decode from the cache again (what the server does).
 
 `Sampling` holds the settings (temperature, top-k, top-p, seed, end-of-text id, stop strings) as
 one object; every function below takes it, or its fields by name. Three layers, each built on
@@ -189,7 +191,7 @@ def _graphed(model: GPT, total_length: int, attention_mask: torch.Tensor | None,
 def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.Tensor,
                   attention_mask: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
                   use_cache: bool, observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-                  compile: bool = False) -> Iterator[torch.Tensor]:
+                  compile: bool = False, slide: int = 1, cancelled=None) -> Iterator[torch.Tensor]:
     """The decoding loop on a checked (B, T) batch: yields each step's next ids (B,).
 
     `forward` is the model call (`_model_call`). Tokens live in one pre-allocated buffer (no growing
@@ -199,6 +201,7 @@ def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.T
     last-position logits (B, vocab), the very ones the sampler picked from, before the step yields.
     On CUDA the model calls are replays of a captured graph where `_graphed` allows (the sampler,
     whichever it is, picks from the graph's logits and hands its choice back), else eager calls.
+    `slide` and `cancelled`: see `iter_tokens`.
     """
     batch, prompt_length = ids.shape
     device = ids.device
@@ -220,13 +223,13 @@ def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.T
     try:
         with DECODERS.borrow(model, batch, compile) if graphed else contextlib.nullcontext() as decoder:
             yield from _sampled_steps(model, forward, decoder, tokens, mask, prompt_length, sampling,
-                                      generator, finished, use_cache, observe)
+                                      generator, finished, use_cache, observe, slide, cancelled)
     finally:
         model.train(was_training)
 
 
 def _sampled_steps(model, forward, decoder, tokens, mask, prompt_length, sampling, generator, finished,
-                   use_cache, observe) -> Iterator[torch.Tensor]:
+                   use_cache, observe, slide, cancelled) -> Iterator[torch.Tensor]:
     """`_decode_steps`' loop: a model call (eager, or a graph replay by `decoder`), a sampled token.
 
     With a decoder, each step's replay is launched as soon as its token is picked, before that token
@@ -235,11 +238,16 @@ def _sampled_steps(model, forward, decoder, tokens, mask, prompt_length, samplin
     """
     eos_id = sampling.eos_id
     cache = logits = None
+    start = 0  # the eager cache holds tokens[:, start:length]
     last = tokens.shape[1] - 1
     for length in range(prompt_length, tokens.shape[1]):
+        # Checked before the step, not after: a client that left costs no further forward pass.
+        if cancelled is not None and cancelled.is_set():
+            return
         with torch.inference_mode():
             if decoder is None:
-                logits, cache = _step(model, forward, tokens, mask, length, cache, use_cache)
+                logits, cache, start = _step(model, forward, tokens, mask, length, cache, start, use_cache,
+                                             slide)
             elif logits is None:
                 logits = decoder.prefill(tokens[:, :length])
             next_ids = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
@@ -260,21 +268,33 @@ def _sampled_steps(model, forward, decoder, tokens, mask, prompt_length, samplin
 
 
 def _step(model: GPT, forward: Callable[..., torch.Tensor], tokens: torch.Tensor, mask: torch.Tensor | None,
-          length: int, cache, use_cache: bool):
-    """One model call over tokens[:, :length]: (last-position logits (B, vocab), the next step's cache)."""
+          length: int, cache, start: int, use_cache: bool, slide: int):
+    """One model call over tokens[:, :length]: (last-position logits (B, vocab), the next step's cache
+    and the first token it holds).
+
+    While the window tokens[start:length] fits the context, the cache serves it (a prefill, then
+    one new token a step). Past the context, with slide == 1, every step recomputes the last
+    `context_length` tokens without a cache (exactly the tutorial's loop); with slide > 1 the window
+    moves `slide` tokens forward at once and is prefilled into a fresh cache (positions restart at
+    0, as they do in a recomputed window), so the next slide - 1 steps are cached steps again.
+    """
     context = model.config.context_length
-    if use_cache and length <= context:
+    if use_cache and length - start <= context:
         if cache is None:
-            cache, begin = model.new_cache(tokens.shape[0]), 0         # prefill the whole prompt
+            cache, begin = model.new_cache(tokens.shape[0]), start     # prefill the whole window
         else:
             begin = length - 1                                         # decode: just the newest token
-        step_cache, mask_begin = cache, 0                              # the mask covers cached tokens too
+        step_cache, mask_begin = cache, start                          # the mask covers cached tokens too
+    elif use_cache and slide > 1:                                      # past the context: slide
+        start = length - (context + 1 - slide)
+        cache = model.new_cache(tokens.shape[0])
+        begin, step_cache, mask_begin = start, cache, start
     else:                                                              # past the context: recompute
         begin = max(0, length - context)
         step_cache, mask_begin = None, begin
     logits = forward(tokens[:, begin:length], cache=step_cache,
                      attention_mask=mask[:, mask_begin:length] if mask is not None else None)
-    return logits[:, -1, :], cache
+    return logits[:, -1, :], cache, start
 
 
 def _as_batch(ids) -> tuple[torch.Tensor, bool]:
@@ -295,7 +315,8 @@ def _model_device(model: GPT) -> torch.device:
 
 def iter_tokens(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None = None, *,
                 attention_mask: torch.Tensor | None = None, use_cache: bool = True, compile: bool = False,
-                observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None, **settings) -> Iterator:
+                observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None, slide: int = 1,
+                cancelled=None, **settings) -> Iterator:
     """Yield the next token ids one step at a time, up to `max_new_tokens` of them.
 
     `ids`: one prompt (a list of ids or a 1-D tensor) -> yields ints; a batch (B, T) tensor ->
@@ -311,8 +332,17 @@ def iter_tokens(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None 
     `observe(logits, next_ids)`: called at each step with the logits the token was picked from
     (B, vocab) and the picked ids (B,), before they are yielded (how the server reports
     log-probabilities without a decoding loop of its own).
+    `slide`: how far the window moves once prompt + generated tokens fill the context. 1 (the
+    default) recomputes the last `context_length` tokens at every step, a whole window per token;
+    s > 1 recomputes a window of context - s + 1 tokens once every s steps and decodes from the
+    cache in between (each token then sees at least context - s previous tokens, not context - 1).
+    `cancelled`: an object with `is_set()` (a threading.Event), checked before every step; once
+    set, generation ends there, as if `max_new_tokens` had been reached.
     """
     sampling = Sampling.of(sampling, **settings)
+    context = model.config.context_length
+    if int(slide) != slide or not 1 <= slide <= context:
+        raise ValueError(f"slide must be an integer from 1 to the context length {context}, got {slide}")
     if sampling.stop:
         raise ValueError("stop strings end a text, not a list of ids: use stream_text or generate_text")
     if max_new_tokens < 0:
@@ -324,7 +354,7 @@ def iter_tokens(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None 
         attention_mask = attention_mask.to(device)
     _check_prompt(model, batch_ids, attention_mask)
     steps = _decode_steps(model, _model_call(model, compile), batch_ids, attention_mask, max_new_tokens,
-                          sampling, use_cache, observe, compile)
+                          sampling, use_cache, observe, compile, int(slide), cancelled)
     return (int(next_ids[0]) for next_ids in steps) if single else steps
 
 
@@ -454,14 +484,16 @@ class Timing:
 
 
 def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, sampling: Sampling | None = None, *,
-                timing: Timing | None = None, compile: bool = False, **settings) -> Iterator[str]:
+                timing: Timing | None = None, compile: bool = False, slide: int = 1, cancelled=None,
+                **settings) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces while tokens are generated.
 
     Pieces never hold a broken UTF-8 character. Generation ends at the tokenizer's end-of-text
     token (not shown), after `max_new_tokens`, or at the first stop string (not shown either).
     See `Sampling` for the settings (an object or its fields by name, `stop` strings included)
     and `detokenize_stream` for the text. Pass a `Timing()` to have it filled in with prefill and
-    decode speeds. Bad settings raise ValueError here, before any text is produced.
+    decode speeds. `slide` and `cancelled`: see `iter_tokens`. Bad settings raise ValueError here,
+    before any text is produced.
     """
     sampling = Sampling.of(sampling, **settings)
     ids = tokenizer.encode(prompt)
@@ -471,7 +503,7 @@ def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, samplin
             raise ValueError("the prompt is empty; give at least one character")
         ids = [eos_id]  # GPT-2 was trained with <|endoftext|> between documents: a neutral start
     until = replace(sampling, stop=(), eos_id=eos_id if sampling.eos_id is None else sampling.eos_id)
-    tokens = iter_tokens(model, ids, max_new_tokens, until, compile=compile)
+    tokens = iter_tokens(model, ids, max_new_tokens, until, compile=compile, slide=slide, cancelled=cancelled)
     if timing is not None:
         tokens = timing.timed(tokens, len(ids))
     return _stream(tokenizer, tokens, sampling.stop)

@@ -37,7 +37,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from tqdm import tqdm
 
-from glassgpt import finetune_common
+from glassgpt import finetune_common, watch
 from glassgpt.config import Settings
 from glassgpt.data import jsonl_values, read_source
 from glassgpt.device import Precision
@@ -515,6 +515,9 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
 
     def run(directory: Path | None) -> dict:
         metrics = finetune_common.Metrics(directory)
+        example = (data.splits.val or data.splits.train)[0]
+        probes = watch.finetune_probes(directory, model, tokenizer,
+                                       template.format_prompt(example["instruction"], example["input"]))
         started = time.perf_counter()
         step = tokens_seen = 0
         for step, (inputs, _), loss, due in finetune_common.train_steps(
@@ -527,6 +530,8 @@ def finetune_instruct(model: GPT, tokenizer, splits, out_dir: str | Path | None,
                 losses = {f"{name}_loss": mean_loss(model, batches(name), precision, settings.eval_batches)
                           for name in ("train", "val")}
                 metrics.add({"event": "eval", **record, **losses})
+                if probes:
+                    probes.record(model, step)
                 val = f" | val {losses['val_loss']:.3f}" if losses["val_loss"] is not None else ""
                 say(f"step {step:>5} | epoch {step / steps_per_epoch:.2f} | "
                     f"train {losses['train_loss']:.3f}{val}")

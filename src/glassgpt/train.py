@@ -14,31 +14,55 @@ torchrun it trains data-parallel:
 
 Each process reads its own shard of every epoch's windows, gradients are averaged across
 processes only on the last micro-batch of an accumulation (`no_sync` before it), and only rank 0
-logs and writes. The global batch is batch_size x grad_accum x number of processes.
+logs and writes. The global batch is batch_size x grad_accum x number of processes. With `--fsdp`
+the weights, gradients and optimizer state are sharded instead, and each process writes its
+shards of every checkpoint; `glassgpt.distributed` holds all of that.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from glassgpt.checkpoint import checkpoint_model, has_checkpoint, load_checkpoint, load_state, save_checkpoint
+from glassgpt import watch
+from glassgpt.checkpoint import (
+    NoSpaceLeft,
+    checkpoint_model,
+    has_checkpoint,
+    is_disk_full,
+    load_checkpoint,
+    load_state,
+    read_metrics,
+    resume_point,
+    save_checkpoint,
+)
 from glassgpt.config import PRESETS, GPTConfig, Settings, get_preset
 from glassgpt.data import TokenWindows, load_corpus, make_loader, split_ids
-from glassgpt.device import peak_flops, pick_device, resolve_precision
+from glassgpt.device import configure_cpu_threads, peak_flops, pick_device, resolve_precision
+from glassgpt.distributed import (
+    DEFAULT_BUCKET_MB,
+    Distributed,
+    PeerLost,
+    check_parallel_settings,
+    full_model_state,
+    gradient_sync,
+    load_shards,
+    lost_peer_error,
+    prune_shards,
+    save_shards,
+    shard,
+    wrap_ddp,
+)
 from glassgpt.hub import GPT2_NAMES, resolve_model
 from glassgpt.lora import (
     apply_lora,
@@ -54,6 +78,7 @@ from glassgpt.plots import plot_losses
 from glassgpt.tokenizer import Tokenizer
 
 ADAPTERS_FILE = "adapters.safetensors"  # with --save-adapters, beside each checkpoint's model
+DEFAULT_SAMPLE_PROMPT = "Every effort moves you"
 
 # ---------------------------------------------------------------- settings and recipes
 
@@ -122,18 +147,30 @@ class TrainConfig(Settings):
                                      "the GPU or CPU computes it natively, else fp32")
     compile: bool = setting(False, "torch.compile the model")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
-    threads: int | None = setting(None, "CPU threads for torch (None: torch's default)")
+    threads: int | None = setting(None, "CPU threads for torch (None: the usable cores less those other "
+                                        "processes keep busy, as for generate and serve)")
+    # several processes (torchrun; glassgpt.distributed)
+    fsdp: bool = setting(False, "under torchrun: shard weights, gradients and optimizer state across the "
+                                "processes (FSDP2, per block) instead of replicating them (DDP)")
+    ddp_bucket_mb: float = setting(DEFAULT_BUCKET_MB, "DDP: megabytes of gradients per all-reduce bucket")
     seed: int = 123
     # evaluation, logging, checkpoints
     eval_every: int = setting(0, "steps between evaluations (0: at the end of each epoch)")
     eval_batches: int = setting(5, "fixed batches averaged for the train and validation loss")
-    sample_prompt: str = setting("Every effort moves you", "prompt continued at each evaluation")
+    sample_prompt: str = setting(DEFAULT_SAMPLE_PROMPT, "prompt continued at each evaluation (a character "
+                                                        "model: its characters the corpus lacks are skipped; "
+                                                        "the default is then the corpus's first characters)")
     sample_tokens: int = 25
     sample_temperature: float = setting(0.0, "0: greedy; otherwise seeded sampling")
     log_every: int = setting(1, "steps between metric records (each one syncs with the device)")
     checkpoint_every: int = setting(0, "steps between checkpoints (0: at each evaluation)")
     keep_best: bool = setting(True, "the top-level model is the lowest validation loss (else the last)")
     progress: bool = setting(True, "show a progress bar")
+    # watching it learn (glassgpt.watch)
+    probe_text: str | None = setting(None, "text whose inside view is recorded at step 0 and each evaluation "
+                                           "in probes.jsonl (None: the sample prompt; '': none)")
+    tensorboard: str | None = setting(None, "also write the metrics, the gradient norm and each layer's "
+                                            "update/weight ratio as TensorBoard scalars to this directory")
 
     def __post_init__(self) -> None:
         choices = {"init": ("gpt2", "pytorch"), "optimizer": ("adamw", "adam"),
@@ -151,10 +188,13 @@ class TrainConfig(Settings):
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.tensorboard is not None:
+            watch.check_tensorboard()
         if isinstance(self.corpus, str):
             self.corpus = [self.corpus]
         preset = get_preset(self.model)
         self._check_lora()
+        check_parallel_settings(self.fsdp, self.lora_rank, self.precision, self.ddp_bucket_mb)
         if self.init_from is not None:
             self._check_init_from()
         elif self.context_length is not None and self.context_length > preset.context_length:
@@ -396,24 +436,6 @@ def flops_per_token(model_config: GPTConfig, n_parameters: int, n_trainable: int
 # ---------------------------------------------------------------- the trainer
 
 
-@dataclass
-class Distributed:
-    """Where this process sits in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("WORLD_SIZE", 1)))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 class Trainer:
     """Runs one `TrainConfig`: `Trainer(config).fit()`; `Trainer(config, resume=True)` continues `config.out`.
 
@@ -425,15 +447,17 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
         self.dist = Distributed.from_env()
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        # The same thread policy as decoding (device.configure_cpu_threads, issue 16): --threads, else
+        # the cores other processes leave free now. Training's many short parallel regions stall as
+        # decoding's do when a core is busy: the demo took 5.44 s/step with 2 threads beside a busy
+        # process, 2.34 with 1.
+        configure_cpu_threads(config.threads)
         self.device = pick_device(config.device, self.dist.local_rank)
-        if self.dist.world_size > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group(backend)
+        self.dist.start(self.device)
         self.out = Path(config.out) if config.out else None
+        # Called with the trainer after each optimizer step and its metric record (before any
+        # evaluation): how `glassgpt demo` times its first steps to say how long the run will take.
+        self.step_hooks: list[Callable[[Trainer], None]] = []
         if self.out and not resume and has_checkpoint(self.out):
             raise ValueError(f"{self.out} already holds a training checkpoint: pass --resume to continue it, "
                              "or choose another --out")
@@ -449,10 +473,14 @@ class Trainer:
         self.trainable_parameters = trainable_parameters(self.model)
         if self.dist.rank:  # but different dropout masks
             torch.manual_seed(config.seed + self.dist.rank)
-        self.train_model = torch.compile(self.model) if config.compile else self.model
-        if self.dist.world_size > 1:
-            self.train_model = DistributedDataParallel(
-                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.train_model = self.model
+        if self.dist.world_size > 1 and config.fsdp:
+            shard(self.model, self.precision)  # in place, before the optimizer sees its parameters
+        elif self.dist.world_size > 1:
+            self.train_model = wrap_ddp(self.model, self.device, config.ddp_bucket_mb,
+                                        static_graph=not config.compile and config.grad_accum == 1)
+        if config.compile:  # around DDP, not inside it (glassgpt.distributed says why)
+            self.train_model = torch.compile(self.train_model)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(
             step, self.total_steps, config.warmup_steps, config.schedule, config.min_lr_fraction))
@@ -472,6 +500,7 @@ class Trainer:
             (self.out / "metrics.jsonl").write_text("", encoding="utf-8")
             (self.out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2),
                                                         encoding="utf-8")
+        self.watch = watch.attach(self, resume)  # probes.jsonl (step 0 now) and --tensorboard
 
     # ------------------------------------------------------------ setup
 
@@ -586,8 +615,35 @@ class Trainer:
         self.eval_every = c.eval_every or self.steps_per_epoch
         self.checkpoint_every = c.checkpoint_every or self.eval_every
         self.tokens_per_step = c.batch_size * c.grad_accum * d.world_size * context
-        self.prompt_ids = self.tokenizer.encode(c.sample_prompt) if c.sample_prompt else []
+        self.prompt_ids = self._sample_prompt_ids(train_ids)
         self.n_train_tokens, self.n_val_tokens = len(train_ids), len(val_ids)
+
+    def _sample_prompt_ids(self, train_ids) -> list[int]:
+        """The sample prompt's ids. A character vocabulary holds only the corpus's characters, which may
+        lack some of the prompt's (the default "Every effort moves you" needs E, v, y...): the default
+        prompt is then the corpus's own first characters, another loses those it cannot encode."""
+        prompt = self.config.sample_prompt
+        if not prompt or self.tokenizer.name != "char":
+            return self.tokenizer.encode(prompt) if prompt else []
+
+        def encodable(ch: str) -> bool:
+            try:
+                return bool(self.tokenizer.encode(ch))
+            except ValueError:
+                return False
+
+        missing = sorted({ch for ch in prompt if not encodable(ch)})
+        if not missing:
+            return self.tokenizer.encode(prompt)
+        kept = "".join(ch for ch in prompt if ch not in missing)
+        lacks = f"the corpus has no {', '.join(map(repr, missing))}, which the sample prompt {prompt!r} needs"
+        if prompt == DEFAULT_SAMPLE_PROMPT or not kept:
+            ids = [int(i) for i in train_ids[:min(len(prompt), self.context_length)]]
+            self.say(f"note: {lacks}: sampling from the corpus's first characters, "
+                     f"{self.tokenizer.decode(ids)!r}, instead (--sample-prompt sets another)")
+            return ids
+        self.say(f"warning: {lacks}: sampling from {kept!r}, without them")
+        return self.tokenizer.encode(kept)
 
     # ------------------------------------------------------------ the loop
 
@@ -617,18 +673,22 @@ class Trainer:
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for index, (inputs, targets) in enumerate(micro_batches):
+            if self.device.type == "cuda":
+                # A copy from pageable memory first waits for every kernel queued on the GPU: a host
+                # sync per micro-batch. From pinned memory it is queued like a kernel.
+                inputs, targets = inputs.pin_memory(), targets.pin_memory()
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             # Averaging gradients across processes is needed once per step, on the last micro-batch.
             syncing = index == accum - 1 or self.dist.world_size == 1
-            with (nullcontext() if syncing else self.train_model.no_sync()), self.autocast():
+            with gradient_sync(self.train_model, syncing), self.autocast():
                 # The model computes the loss itself (on a GPU through a vocabulary-padded head).
                 loss = self.train_model(inputs, targets=targets) / accum
             self.scaler.scale(loss).backward()
             total += loss.detach()
         if self.config.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -671,9 +731,14 @@ class Trainer:
                         # Per GPU: the step's FLOPs are spread over world_size devices of this peak.
                         flops_per_s = window_steps * self.flops_per_step / elapsed / self.dist.world_size
                         record["mfu"] = round(flops_per_s / self.peak_flops, 4)
+                    if self.device.type == "cuda":  # per GPU: what --fsdp saves (a counter: no sync)
+                        peak = torch.cuda.max_memory_allocated(self.device)
+                        record["peak_memory_gb"] = round(peak / 2**30, 2)
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
+                for hook in self.step_hooks:
+                    hook(self)
                 evaluation = self.evaluate_and_log() if evaluate else None
                 if self.step % self.checkpoint_every == 0 or last:
                     self.save(val_loss=evaluation["val_loss"] if evaluation else None)
@@ -681,14 +746,32 @@ class Trainer:
                     # Evaluating and saving are not training speed.
                     window_start, window_steps = time.perf_counter(), 0
         except KeyboardInterrupt:
-            where = (f"the checkpoint of step {self.last_checkpoint_step} is in {self.out / 'last'}; "
-                     f"--resume {self.out} continues from it") if self.out and self.last_checkpoint_step \
-                else "no checkpoint was written yet"
-            self.say(f"interrupted at step {self.step}: {where}")
+            self.say(f"interrupted at step {self.step}: {self._where_to_resume()}")
             raise
+        except Exception as error:
+            if self.out and is_disk_full(error):
+                # One line that says what happened and what is safe; the write cleaned up after itself.
+                where = (f"the checkpoint of step {self.last_checkpoint_step} is intact in "
+                         f"{self.out / 'last'}; free some space, then --resume {self.out} continues from it"
+                         if self.last_checkpoint_step else "no checkpoint had been written yet")
+                raise NoSpaceLeft(f"no space left on {self.out}: {where}") from error
+            if self.dist.world_size == 1 or not isinstance(error, RuntimeError) or not lost_peer_error(error):
+                raise
+            # Another process died (or its machine): every collective now fails. What was saved stays.
+            message = (f"rank {self.dist.rank}: another process of this {self.dist.world_size}-process job "
+                       f"stopped answering at step {self.step} ({type(error).__name__}: "
+                       f"{str(error).splitlines()[0][:200]}); {self._where_to_resume()}")
+            tqdm.write(message)
+            raise PeerLost(message) from error
         finally:
             bar.close()
         return self.records
+
+    def _where_to_resume(self) -> str:
+        if self.out and self.last_checkpoint_step:
+            return (f"the checkpoint of step {self.last_checkpoint_step} is in {self.out / 'last'}; "
+                    f"--resume {self.out} continues from it")
+        return "no checkpoint was written yet"
 
     def _announce(self) -> None:
         c, m = self.config, self.model.config
@@ -703,7 +786,9 @@ class Trainer:
         self.say(f"data: {self.n_train_tokens:,} training tokens -> {len(self.train_set):,} windows; "
                  f"{self.n_val_tokens:,} validation tokens; {self.steps_per_epoch:,} steps per epoch of "
                  f"{self.tokens_per_step:,} tokens; {self.total_steps:,} steps")
-        self.say(f"device {self.device} x {self.dist.world_size}, {self.precision}, {c.optimizer} "
+        mode = ("" if self.dist.world_size == 1 else
+                " (FSDP: sharded)" if c.fsdp else f" (DDP, buckets of {c.ddp_bucket_mb:g} MB)")
+        self.say(f"device {self.device} x {self.dist.world_size}{mode}, {self.precision}, {c.optimizer} "
                  f"lr {c.lr:g} ({c.schedule}), out {self.out or '(nothing kept)'}")
 
     def _mean_across_processes(self, value: torch.Tensor) -> float:
@@ -728,6 +813,7 @@ class Trainer:
                 "tokens": self.step * self.tokens_per_step, **values}
 
     def _log(self, record: dict) -> None:
+        self.watch.on_record(record)
         self.records.append(record)
         if self.out and self.dist.is_main:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as file:
@@ -768,9 +854,11 @@ class Trainer:
 
     def evaluate_and_log(self) -> dict:
         losses = self.evaluate()
-        text = self.sample() if self.dist.is_main else ""
+        # Sharded, the model runs only with every process taking part.
+        text = self.sample() if self.dist.is_main or self.config.fsdp else ""
         record = self._record("eval", **losses, lr=self.optimizer.param_groups[0]["lr"], sample=text)
         self._log(record)
+        self.watch.on_eval(self.model, self.step)
         val = f" | val {losses['val_loss']:.3f}" if losses["val_loss"] is not None else ""
         self.say(f"step {self.step:>5} | epoch {record['epoch']:g} | train {losses['train_loss']:.3f}{val} | "
                  f"{' '.join(text.split())!r}")
@@ -785,7 +873,8 @@ class Trainer:
 
         With --no-keep-best, or no validation set, every checkpoint is the best one.
         """
-        if not self.out or not self.dist.is_main:
+        sharded = self.config.fsdp and self.dist.world_size > 1
+        if not self.out or not (self.dist.is_main or sharded):
             return
         if self.config.keep_best and val_loss is not None:
             best = val_loss < self.best_val
@@ -797,7 +886,6 @@ class Trainer:
             "step": self.step,
             "best_val": self.best_val,
             "config": self.config.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -812,6 +900,17 @@ class Trainer:
         else:
             training["recipe_model"] = c.model
         model, more_files = self.model, {}
+        if sharded:
+            # Every process writes its shards of the weights and optimizer state; rank 0 then the whole
+            # model, as ordinary model files (generate, serve, export), and `last` naming the shards.
+            state["shards"] = save_shards(self.out, self.step, self.model, self.optimizer)
+            full = full_model_state(self.model)
+            if not self.dist.is_main:
+                self.last_checkpoint_step = self.step
+                return
+            model = gpt_from_state(self.model.config, full)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
         if c.lora_rank is not None:
             # Every saved model is an ordinary one, the adapters merged in. Resuming needs the unmerged
             # weights and adapters themselves (W + (alpha / r) B A cannot be split back exactly): the
@@ -824,13 +923,33 @@ class Trainer:
             if c.save_adapters:
                 more_files[ADAPTERS_FILE] = lambda directory: save_adapters(self.model,
                                                                             directory / ADAPTERS_FILE)
-        save_checkpoint(self.out, model, self.tokenizer, state=state, best=best, extra={"training": training},
-                        more_files=more_files)
+        try:
+            save_checkpoint(self.out, model, self.tokenizer, state=state, best=best,
+                            extra={"training": training}, more_files=more_files)
+        except NoSpaceLeft as error:
+            if error.last_saved:  # best/ or the top level failed, after last/ was written
+                self.last_checkpoint_step = self.step
+            raise
+        if sharded:
+            prune_shards(self.out, keep=state["shards"])
         self.last_checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
-        state = load_checkpoint(self.out, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharded = self.config.fsdp and self.dist.world_size > 1
+        _, fallback = resume_point(self.out)  # last/, or best/ when last/ is damaged: say so
+        if fallback:
+            self.say(f"note: {fallback}")
+        if sharded:
+            state = load_state(self.out)
+            if "shards" not in state:
+                raise ValueError(f"{self.out} was trained without --fsdp: resume it without --fsdp")
+            load_shards(self.out / state["shards"], self.model, self.optimizer)
+        else:
+            state = load_checkpoint(self.out, self.model)
+            if "shards" in state:
+                raise ValueError(f"{self.out} was trained sharded (--fsdp): resume it under torchrun, on 2 "
+                                 "or more processes")
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = self.last_checkpoint_step = state["step"]
@@ -846,8 +965,10 @@ class Trainer:
         # Keep the metrics up to the checkpoint; later ones belong to the run that was cut short.
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
-            lines = metrics.read_text(encoding="utf-8").splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= self.step]
+            records, dropped = read_metrics(metrics)  # a line cut short by a full disk is dropped
+            if dropped:
+                self.say(f"note: {dropped}")
+            self.records = [r for r in records if r["step"] <= self.step]
             if self.dist.is_main:
                 metrics.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
         self.say(f"resumed {self.out} at step {self.step} of {self.total_steps}")

@@ -19,20 +19,25 @@ Finding a model by name (GPT-2 sizes, presets) and downloading are `glassgpt.hub
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from glassgpt.bpe import BPETokenizer
 from glassgpt.config import GPTConfig
+from glassgpt.integrity import read_json, read_pickle, read_tensors
 from glassgpt.model import GPT
 from glassgpt.tokenizer import get_tokenizer, tokenizer_from_dict
 
 GLASSGPT_META = "glassgpt.json"
 WEIGHTS_FILE = "model.safetensors"
+# Beside an exported Hugging Face directory: the tokenizer of a model whose tokenizer is not GPT-2's.
+HF_TOKENIZER_FILE = "glassgpt_tokenizer.json"
 
 
 # ---------------------------------------------------------------- glassgpt's own format
@@ -95,12 +100,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     path = Path(path)
     kind = model_format(path)
     if kind == "glassgpt":
-        meta = json.loads((path / GLASSGPT_META).read_text(encoding="utf-8"))
-        model = _build(GPTConfig.from_dict(meta["config"]), load_file(str(path / WEIGHTS_FILE)), str(path))
+        # A damaged or crafted file is one line naming it (glassgpt.integrity), not a traceback.
+        meta = read_json(path / GLASSGPT_META)
+        model = _build(GPTConfig.from_dict(meta["config"]), read_tensors(path / WEIGHTS_FILE), str(path))
         tokenizer = tokenizer_from_dict(meta.get("tokenizer", {"type": "gpt2"}))
     else:  # OpenAI's GPT-2, in either of its formats: GPT-2's own tokenizer
         model = load_pretrained(path) if kind == "hf" else load_openai_tf(path)
         tokenizer = get_tokenizer("gpt2")
+        if (path / HF_TOKENIZER_FILE).exists():  # exported by glassgpt with its own tokenizer
+            saved = json.loads((path / HF_TOKENIZER_FILE).read_text(encoding="utf-8"))
+            tokenizer = tokenizer_from_dict(saved)
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval(), tokenizer
 
@@ -133,18 +142,27 @@ def config_from_hf(hf: dict) -> GPTConfig:
 
 
 def config_to_hf(config: GPTConfig) -> dict:
-    """A Hugging Face GPT-2 config.json for `config`, or ValueError if GPT-2 cannot express it."""
+    """A Hugging Face GPT-2 config.json for `config`, or ValueError naming what GPT-2 cannot express.
+
+    Exported exactly: a missing bias (as a zero bias, which adds nothing), a LayerNorm without a
+    shift (a zero shift), ReLU (GPT-2's `activation_function: relu`), an untied head, any sizes.
+    Not expressible, so refused rather than approximated: post-LN blocks (GPT-2 normalises before
+    each sub-layer, always); no final norm (GPT-2 always applies `ln_f`, and no LayerNorm is the
+    identity: even scale 1 and shift 0 still normalises); a bias on the output head (`lm_head` has
+    none, and it cannot move into the final norm's shift unless it lies in the head's column space).
+    """
     unsupported = []
-    if not (config.qkv_bias and config.attn_out_bias and config.ff_bias and config.norm_bias):
-        unsupported.append("missing biases (GPT-2 has bias on every projection and norm)")
-    if config.head_bias:
-        unsupported.append("a bias on the output head")
     if config.norm_placement != "pre":
-        unsupported.append("post-LN blocks")
+        unsupported.append("post-LN blocks (GPT-2 puts each LayerNorm before its sub-layer)")
     if not config.final_norm:
-        unsupported.append("no final norm")
+        unsupported.append("no final LayerNorm (GPT-2 always applies ln_f, and no LayerNorm is the identity)")
+    if config.head_bias:
+        unsupported.append("a bias on the output head (GPT-2's lm_head has none)")
     if unsupported:
-        raise ValueError("transformers' GPT-2 cannot express this model: " + "; ".join(unsupported))
+        raise ValueError(
+            f"transformers' GPT-2 cannot express {config.name!r} exactly: " + "; ".join(unsupported)
+            + ". Keep it in glassgpt's own format (model.safetensors + glassgpt.json), which "
+            "`glassgpt generate/serve --model DIR` and `glassgpt.weights.load_model` read")
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -192,13 +210,13 @@ def read_hf_state(directory: Path) -> dict[str, torch.Tensor]:
 
     def read_bin(file: Path) -> dict[str, torch.Tensor]:
         # weights_only: a pickle can run code; a weights file must not be able to.
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return read_pickle(file)
 
     if (directory / "model.safetensors").exists():
-        return load_file(str(directory / "model.safetensors"))
+        return read_tensors(directory / "model.safetensors")
     if (directory / "model.safetensors.index.json").exists():
         return {k: v for shard in shards("model.safetensors.index.json")
-                for k, v in load_file(str(shard)).items()}
+                for k, v in read_tensors(shard).items()}
     if (directory / "pytorch_model.bin").exists():
         return read_bin(directory / "pytorch_model.bin")
     if (directory / "pytorch_model.bin.index.json").exists():
@@ -230,19 +248,50 @@ def load_pretrained(path: str | Path) -> GPT:
     return _build(config, ours, str(directory))
 
 
-def export_hf(model: GPT, directory: str | Path) -> Path:
-    """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained` loads."""
-    hf_config = config_to_hf(model.config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Every tensor of `model` under Hugging Face GPT-2 names (transposed into Conv1D's (in, out)),
+    float32 on the CPU. A projection or norm built without a bias gets a zero bias: GPT-2 has a slot
+    for every one, and a zero there adds exactly nothing."""
     state = model.state_dict()
     tensors = {}
     for our_name, their_name, transposed in hf_names(model.config):
-        tensor = state[our_name].detach().float().cpu()
+        if our_name in state:
+            tensor = state[our_name].detach().float().cpu()
+        else:  # a bias this model was built without: `<module>.bias`, or a norm's `.shift`
+            module = model.get_submodule(our_name.rsplit(".", 1)[0])
+            width = module.scale.shape[0] if hasattr(module, "scale") else module.weight.shape[0]
+            tensor = torch.zeros(width)
         tensors[their_name] = (tensor.t() if transposed else tensor).contiguous()
+    return tensors
+
+
+def export_hf(model: GPT, directory: str | Path, tokenizer=None) -> Path:
+    """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained` loads, with
+    logits equal to `model`'s; ValueError (before writing anything) if GPT-2 cannot express it.
+
+    A tokenizer other than GPT-2's (a character model, ...) is written beside them as
+    `glassgpt_tokenizer.json`, which `load_model` reads back (transformers ignores it); GPT-2's as
+    Hugging Face's tokenizer files (`AutoTokenizer.from_pretrained(directory)` reads them)."""
+    hf_config = config_to_hf(model.config)
+    tensors = hf_tensors(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+    if tokenizer is not None and tokenizer.to_dict().get("type") != "gpt2":
+        (directory / HF_TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()), encoding="utf-8")
+    else:  # GPT-2's, what load_model assumes: an earlier export's file here would now be wrong
+        (directory / HF_TOKENIZER_FILE).unlink(missing_ok=True)
+        # ... and the files transformers' AutoTokenizer (and lm-eval, ...) read for it
+        _gpt2_bpe().save_hf(directory, model_max_length=model.config.context_length)
     return directory
+
+
+@functools.cache
+def _gpt2_bpe() -> BPETokenizer:
+    """GPT-2's table as a from-scratch BPE, kept: its merge list takes seconds to recover."""
+    return BPETokenizer.from_tiktoken_ranks()
+
 
 def _build(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
     """A GPT of `config` holding `state` (glassgpt names), without a wasted random initialisation."""

@@ -50,6 +50,7 @@ from glassgpt.generate import Sampling
 from glassgpt.instruct import InstructionTemplate
 from glassgpt.serve.engine import (
     Busy,
+    Cancelled,
     Gate,
     ModelHost,
     Ticket,
@@ -60,7 +61,15 @@ from glassgpt.serve.engine import (
     run_instruction,
 )
 from glassgpt.serve.metrics import install_metrics
-from glassgpt.serve.middleware import AccessLog, BodySizeLimit, ReadDeadline
+from glassgpt.serve.middleware import (
+    CLIENT_CLOSED,
+    AccessLog,
+    BodySizeLimit,
+    ClientWatch,
+    ReadDeadline,
+    client_gone,
+)
+from glassgpt.serve.runs import install_runs
 from glassgpt.serve.site import PAGES, STATIC_DIR, render_page
 
 log = logging.getLogger("glassgpt.serve")
@@ -96,6 +105,7 @@ class ServeSettings:
     dtype: str = "float32"              # float32, bfloat16 or int8 weights (not for GPT objects)
     compile: bool = False               # CPU decoding through compiled kernels (compiled at warm-up)
     device: str = "cpu"                 # where a loaded model runs: "cpu", "cuda", "cuda:1", ...
+    runs_dir: str = "runs"              # the training runs the /runs page shows (serve.runs)
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_chars", "max_classify_texts", "inspect_max_tokens",
@@ -359,15 +369,17 @@ def _describe_problem(error: dict) -> str:
 
 # ---------------------------------------------------------------- model work behind the gate
 
-def gated(gate: Gate, work: Callable[[], T]) -> Awaitable[T]:
+def gated(gate: Gate, work: Callable[[], T], tokens: int = 0) -> Awaitable[T]:
     """Admit `work` now, or refuse it now (503 + Retry-After); the awaitable runs it in a worker thread
     once the gate gives it a turn.
 
     Admission happens at the call, so a refusal is still an HTTP error even for a route that answers
     with a stream. The place in the gate is given back however the job ends, even if it never ran.
+    `tokens`: the most tokens the job may generate (what the gate's Retry-After counts). The job's
+    cancel flag is its client's (`middleware.client_gone`): a client that leaves frees the place.
     """
     try:
-        ticket = gate.admit()
+        ticket = gate.admit(tokens, cancelled=client_gone())
     except Busy as busy:
         raise HTTPException(503, str(busy), headers={"Retry-After": str(busy.retry_after_s)}) from None
     return _run_admitted(ticket, work)
@@ -390,18 +402,42 @@ async def _run_admitted(ticket: Ticket, work: Callable[[], T]) -> T:
         raise
 
 
-async def answer(gate: Gate, work: Callable[[], T]) -> T:
-    """`gated` for a JSON answer: a ValueError (input the model cannot take) becomes 422."""
+async def stream_job(admitted: Awaitable) -> None:
+    """Run a stream's admitted job (what `gated` returned) to its end, in a task nobody awaits: a job
+    whose client left before its turn came (Cancelled) simply ends; the stream has nobody to tell."""
     try:
-        return await gated(gate, work)
+        await admitted
+    except Cancelled:
+        pass
+
+
+CLIENT_LEFT = "the client closed the request before its answer was ready"
+
+
+def left_early() -> bool:
+    """Whether the current request's client went away (a job it started stops within a step)."""
+    gone = client_gone()
+    return gone is not None and gone.is_set()
+
+
+async def answer(gate: Gate, work: Callable[[], T], tokens: int = 0) -> T:
+    """`gated` for a JSON answer: a ValueError (input the model cannot take) becomes 422, and a job
+    whose client left (it stopped early, or never ran) 499, the status the access log records."""
+    try:
+        result = await gated(gate, work, tokens)
     except ValueError as error:
         raise HTTPException(422, str(error)) from None
+    except Cancelled:
+        raise HTTPException(CLIENT_CLOSED, CLIENT_LEFT) from None
+    if left_early():
+        raise HTTPException(CLIENT_CLOSED, CLIENT_LEFT)
+    return result
 
 
 _streams: set[asyncio.Task] = set()  # running stream jobs, held until they end
 
 
-def event_stream(gate: Gate, work: Callable[[Callable[[str], None], threading.Event], dict]
+def event_stream(gate: Gate, work: Callable[[Callable[[str], None], threading.Event], dict], tokens: int = 0
                  ) -> StreamingResponse:
     """Server-sent events of one gated job: `piece` {text} each time `work` calls its first
     argument, then `done` (what `work` returns) or `error` {error}.
@@ -411,7 +447,7 @@ def event_stream(gate: Gate, work: Callable[[Callable[[str], None], threading.Ev
     """
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    cancelled = threading.Event()
+    cancelled = client_gone() or threading.Event()
 
     def push(kind: str, data: dict) -> None:
         try:
@@ -430,19 +466,22 @@ def event_stream(gate: Gate, work: Callable[[Callable[[str], None], threading.Ev
             log.exception("streamed generation failed")
             push("error", {"error": "generation failed"})
 
-    running = asyncio.ensure_future(gated(gate, job))
+    running = asyncio.ensure_future(stream_job(gated(gate, job, tokens)))
     _streams.add(running)
     running.add_done_callback(_streams.discard)
 
     async def events_as_text():
+        ended = False
         try:
             while True:
                 kind, data = await events.get()
                 yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
                 if kind != "piece":
+                    ended = True
                     return
         finally:
-            cancelled.set()  # the client left early: stop generating for it
+            if not ended:
+                cancelled.set()  # the client left early: stop generating for it
 
     return StreamingResponse(events_as_text(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -525,7 +564,7 @@ def install_generation_api(app: FastAPI, host: ModelHost, gate: Gate, settings: 
             return run_generation(model, tokenizer, request.prompt, request.max_tokens, request.sampling(),
                                   compile=host.compile)
 
-        return {**await answer(gate, work), "model": host.name}
+        return {**await answer(gate, work, request.max_tokens), "model": host.name}
 
     @app.post("/generate/stream", responses=STREAM_RESPONSES, tags=["generate"])
     async def generate_stream(request: GenerateRequest):
@@ -541,7 +580,7 @@ def install_generation_api(app: FastAPI, host: ModelHost, gate: Gate, settings: 
                                     on_piece=on_piece, cancelled=cancelled, compile=host.compile)
             return {**result, "model": host.name}
 
-        return event_stream(gate, work)
+        return event_stream(gate, work, request.max_tokens)
 
 
 def install_classify_api(app: FastAPI, host: ModelHost, gate: Gate, settings: ServeSettings) -> None:
@@ -578,7 +617,7 @@ def install_instruct_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Se
         """The model's response to the instruction (and input), formatted with the template saved
         with the checkpoint, as it was trained; generation stops at the end-of-text token."""
         await require_task(host, "instruct")
-        return await answer(gate, lambda: respond(request))
+        return await answer(gate, lambda: respond(request), request.max_tokens)
 
     @app.post("/instruct/stream", responses=STREAM_RESPONSES, tags=["instruct"])
     async def instruct_stream(request: InstructRequest):
@@ -588,7 +627,8 @@ def install_instruct_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Se
         await require_task(host, "instruct")
         await refuse_early(host, lambda model, tokenizer: instruction_prompt(
             model, tokenizer, host.template, request.instruction, request.input, request.max_tokens))
-        return event_stream(gate, lambda on_piece, cancelled: respond(request, on_piece, cancelled))
+        return event_stream(gate, lambda on_piece, cancelled: respond(request, on_piece, cancelled),
+                            request.max_tokens)
 
 
 def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: ServeSettings) -> None:
@@ -762,10 +802,12 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     from glassgpt.serve.openai_api import install_openai_api
     install_openai_api(app, host, gate, settings)
     install_health(app, host)
+    install_runs(app, settings.runs_dir)
     install_pages(app)
     # Outermost last: the access log sees everything; CORS headers reach even a 413.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ReadDeadline, seconds=settings.read_timeout_s)
+    app.add_middleware(ReadDeadline, seconds=settings.read_timeout_s)  # its 408 too is an answer
+    app.add_middleware(ClientWatch)  # outside the body cap: a 413 is an answer, not a client leaving
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Content-Type"], max_age=600)

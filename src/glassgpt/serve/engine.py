@@ -3,17 +3,22 @@ instructions, look inside it.
 
 Also the `Gate` that keeps a small CPU from being oversubscribed: a bounded number of jobs run at
 once, a bounded number wait for a turn, and anything past that is refused at once (the app turns
-that into 503 + Retry-After) instead of piling up in a queue nobody will live to see served.
+that into 503 + Retry-After) instead of piling up in a queue nobody will live to see served. Each
+admitted job holds a `Ticket`: how many tokens it asked for (the gate's Retry-After is the time the
+admitted tokens take at the measured speed) and a flag its client sets by going away (a job
+waiting for a turn then gives its place back, a running one stops before its next decoding step).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -154,6 +159,20 @@ class Busy(Exception):
         self.retry_after_s = retry_after_s
 
 
+class Cancelled(Exception):
+    """The job's client went away while it waited for a turn: it never ran, its place is given back."""
+
+
+# The ticket of the job running in this worker thread (set by `with ticket:`), so the generation
+# functions find their cancel flag and report their token counts without every route passing them.
+_current_job: ContextVar[Ticket | None] = ContextVar("glassgpt_current_job", default=None)
+
+
+def current_job() -> Ticket | None:
+    """The `Ticket` of the gated job running in this thread, or None outside the gate."""
+    return _current_job.get()
+
+
 class Gate:
     """At most `max_running` jobs at once, at most `max_waiting` more queued; the rest refused.
 
@@ -161,62 +180,159 @@ class Gate:
     back a `Ticket`; the job then runs `with ticket:` in a worker thread, which waits for a turn.
     The ticket is given back when the job ends, whoever ends it, so a client that disconnects
     cannot leak a place in the queue.
+
+    Retry-After (`drain_s`) is measured, not a worst case: every admitted job is counted at what it
+    is expected to take. A job that declared its tokens takes tokens x fill / speed, where speed is
+    the tokens per second finished jobs ran at (sums decayed by 0.8 a job, so recent jobs count
+    most) and fill the share of their requested tokens they generated (a reply that reaches its
+    end-of-text token early asks for more than it uses); other jobs take the mean duration of such
+    jobs. A running job counts what it has left of that; the total is shared among the turns.
     """
+
+    DECAY = 0.8  # the weight of the past in each running average, per finished job
 
     def __init__(self, max_running: int = 1, max_waiting: int = 8):
         if max_running < 1 or max_waiting < 0:
             raise ValueError("max_running must be >= 1 and max_waiting >= 0")
         self.max_running = max_running
         self.capacity = max_running + max_waiting
-        self._turns = threading.Semaphore(max_running)
         self._lock = threading.Lock()
-        self.admitted = 0
-        self.mean_job_s = 1.0  # a running average, to tell refused clients when to come back
+        # Turns are given in the order jobs asked for them (a plain semaphore lets late jobs overtake
+        # early ones, and Retry-After would be no promise at all).
+        self._turns = threading.Condition(threading.Lock())
+        self._queue: collections.deque[Ticket] = collections.deque()
+        self.running = 0
+        self._jobs: set[Ticket] = set()
+        self.mean_job_s = 1.0  # jobs not counted in tokens (classify, inspect); the first guess for all
+        self._tokens_sum = 0.0  # decayed sums of finished jobs' generated tokens and seconds
+        self._seconds_sum = 0.0
+        self.fill = 1.0  # generated / requested tokens of finished jobs (running average)
 
-    def admit(self) -> Ticket:
-        with self._lock:
-            if self.admitted >= self.capacity:
-                rounds = math.ceil(self.admitted / self.max_running)
-                raise Busy(max(1, math.ceil(rounds * self.mean_job_s)))
-            self.admitted += 1
-        return Ticket(self)
+    @property
+    def admitted(self) -> int:
+        """Jobs admitted and not yet finished: running or waiting for a turn."""
+        return len(self._jobs)
 
-    def _finished(self, job_s: float | None) -> None:
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Measured tokens per second of one job (while sharing the CPU as jobs do); None before any."""
+        return self._tokens_sum / self._seconds_sum if self._seconds_sum > 0 else None
+
+    def admit(self, tokens: int = 0, cancelled: threading.Event | None = None) -> Ticket:
+        """A ticket for a job that may generate up to `tokens` tokens (0: not counted in tokens), or
+        Busy. `cancelled`: the flag that says the client has gone (a fresh one if None)."""
         with self._lock:
-            self.admitted -= 1
-            if job_s is not None:
-                self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * job_s
+            if len(self._jobs) >= self.capacity:
+                raise Busy(max(1, math.ceil(self._drain_s(time.perf_counter()))))
+            ticket = Ticket(self, tokens, cancelled)
+            self._jobs.add(ticket)
+        return ticket
+
+    def drain_s(self) -> float:
+        """Seconds until every admitted job is done, at the measured speed (see the class)."""
+        with self._lock:
+            return self._drain_s(time.perf_counter())
+
+    def _drain_s(self, now: float) -> float:
+        speed = self.tokens_per_s
+        total = 0.0
+        for ticket in self._jobs:
+            if ticket.tokens and speed is not None:
+                expected = ticket.tokens * self.fill / speed
+            else:
+                expected = self.mean_job_s
+            if ticket.started_at is not None:
+                expected = max(0.0, expected - (now - ticket.started_at))
+            total += expected
+        return total / self.max_running
+
+    def _finished(self, ticket: Ticket, job_s: float | None) -> None:
+        with self._lock:
+            self._jobs.discard(ticket)
+            if job_s is None:  # never ran: nothing measured
+                return
+            keep = self.DECAY
+            if ticket.generated:
+                self._tokens_sum = keep * self._tokens_sum + ticket.generated
+                self._seconds_sum = keep * self._seconds_sum + job_s
+            if ticket.tokens and not ticket.cancelled.is_set():  # a cancelled job says nothing of fill
+                self.fill = keep * self.fill + (1 - keep) * min(1.0, ticket.generated / ticket.tokens)
+            elif not ticket.tokens:
+                self.mean_job_s = keep * self.mean_job_s + (1 - keep) * job_s
 
 
 class Ticket:
-    """One admitted job: `with ticket:` waits for a turn, runs, then frees the turn and the place."""
+    """One admitted job: `with ticket:` waits for a turn, runs, then frees the turn and the place.
 
-    def __init__(self, gate: Gate):
+    `tokens`: what the job asked for; `generated`: what it made (the generation functions add to
+    it); `cancelled`: set when its client goes away.
+    """
+
+    POLL_S = 0.05  # how often a job waiting for a turn looks whether its client is still there
+
+    def __init__(self, gate: Gate, tokens: int = 0, cancelled: threading.Event | None = None):
         self.gate = gate
-        self._started: float | None = None
+        self.tokens = tokens
+        self.cancelled = cancelled if cancelled is not None else threading.Event()
+        self.generated = 0
+        self.started_at: float | None = None
+        self._context = None
 
     def __enter__(self) -> Ticket:
-        self.gate._turns.acquire()
-        self._started = time.perf_counter()
+        gate = self.gate
+        with gate._turns:
+            gate._queue.append(self)
+            # A finished job wakes the waiters at once; the timeout only bounds how long a job whose
+            # client left keeps its place in the queue.
+            while gate._queue[0] is not self or gate.running >= gate.max_running:
+                if self.cancelled.is_set():
+                    gate._queue.remove(self)
+                    gate._turns.notify_all()  # the job behind it may be first now
+                    gate._finished(self, None)
+                    raise Cancelled("the client went away while its request waited for a turn")
+                gate._turns.wait(timeout=self.POLL_S)
+            gate._queue.popleft()
+            gate.running += 1
+            gate._turns.notify_all()  # with several turns, the next in the queue may take one too
+        self.started_at = time.perf_counter()
+        self._context = _current_job.set(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.gate._turns.release()
-        self.gate._finished(time.perf_counter() - self._started)
+        _current_job.reset(self._context)
+        gate = self.gate
+        with gate._turns:
+            gate.running -= 1
+            gate._turns.notify_all()
+        gate._finished(self, time.perf_counter() - self.started_at)
 
     def cancel(self) -> None:
         """Give the place back for a job that will never run."""
-        self.gate._finished(None)
+        self.gate._finished(self, None)
 
 
 # ---------------------------------------------------------------- generation
+
+def window_slide(context_length: int) -> int:
+    """How far the served models' window moves once a reply fills the context: half of it.
+
+    Past the context, GPT-2's learned positions cannot extend a KV cache; recomputing the last
+    window at every step (generate.iter_tokens's default) makes each token cost a whole window's
+    forward pass: one request of 256 new tokens after a 256-token prompt kept a 162M model busy for
+    minutes. Moving the window half a context at a time costs one prefill of half a window every
+    half-context tokens, about one token of prefill per token generated, and every token still
+    sees at least half a context of text before it.
+    """
+    return max(1, context_length // 2)
+
 
 def fit_prompt(tokenizer, prompt: str, context_length: int, max_tokens: int) -> tuple[str, int, int]:
     """(prompt to use, its token count, tokens dropped from its start).
 
     GPT-2's positions end at the context length. A prompt longer than the room left for the reply
-    keeps its last tokens: at most `context_length - max_tokens`, but never fewer than half the
-    context, so the reply decodes from the KV cache instead of recomputing the window every step.
+    keeps its last tokens: at most `context_length - max_tokens`, so the reply decodes from the KV
+    cache, but never fewer than half the context (a reply longer than that is served by moving the
+    window, `window_slide`, rather than by throwing away most of the prompt).
     """
     ids = tokenizer.encode(prompt)
     room = context_length - min(max_tokens, context_length // 2)
@@ -234,21 +350,31 @@ def run_generation(model: GPT, tokenizer, prompt: str, max_tokens: int, sampling
     `on_piece` with each text piece as it is made; return the summary.
 
     The summary is what POST /generate answers: text, completion, token counts, timing and
-    whether the prompt had to be cut to fit the context. `cancelled` stops early (client gone).
+    whether the prompt had to be cut to fit the context. `cancelled` stops early (client gone);
+    inside the gate it defaults to the job's own flag (`current_job`), which also counts the tokens.
+    Past the context the window moves by `window_slide` tokens at once.
     """
     started = time.perf_counter()
+    job = current_job()
+    if cancelled is None and job is not None:
+        cancelled = job.cancelled
     context = model.config.context_length
     used_prompt, prompt_tokens, dropped = fit_prompt(tokenizer, prompt, context, max_tokens)
     timing = Timing()
     pieces = []
-    stream = stream_text(model, tokenizer, used_prompt, max_tokens, sampling, timing=timing, compile=compile)
-    for piece in stream:
-        pieces.append(piece)
-        if on_piece is not None:
-            on_piece(piece)
-        if cancelled is not None and cancelled.is_set():
-            stream.close()
-            break
+    stream = stream_text(model, tokenizer, used_prompt, max_tokens, sampling, timing=timing, compile=compile,
+                         slide=window_slide(context), cancelled=cancelled)
+    try:
+        for piece in stream:
+            pieces.append(piece)
+            if on_piece is not None:
+                on_piece(piece)
+            if cancelled is not None and cancelled.is_set():
+                break
+    finally:
+        stream.close()
+        if job is not None:
+            job.generated += timing.new_tokens
     elapsed = time.perf_counter() - started
     completion = "".join(pieces)
     return {

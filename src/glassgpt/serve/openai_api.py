@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from glassgpt.generate import Sampling, _first_stop, detokenize_stream, iter_tokens
 from glassgpt.serve.app import (
+    CLIENT_LEFT,
     LANGUAGE_MODEL,
     SEED_BOUND,
     ErrorResponse,
@@ -48,9 +49,12 @@ from glassgpt.serve.app import (
     ServeSettings,
     gated,
     integer,
+    left_early,
     require_task,
+    stream_job,
 )
-from glassgpt.serve.engine import Gate, ModelHost
+from glassgpt.serve.engine import Cancelled, Gate, ModelHost, current_job, window_slide
+from glassgpt.serve.middleware import CLIENT_CLOSED, client_gone
 
 log = logging.getLogger("glassgpt.serve")
 
@@ -214,9 +218,14 @@ def generate_choice(model, tokenizer, ids: list[int], max_tokens: int, sampling:
                     cancelled: threading.Event | None, compile: bool, metrics=None) -> str:
     """Continue `ids`; call `on_piece(text, tokens)` with each text piece and the tokens that made it
     (an end-of-text token too, with no text); return the finish reason, "stop" or "length". `metrics`
-    (serve.metrics.Metrics) counts the tokens and the time to the first piece."""
+    (serve.metrics.Metrics) counts the tokens and the time to the first piece. Like
+    engine.run_generation: `cancelled` defaults to the gated job's flag, past the context the window
+    moves by `window_slide`, and the tokens made are added to the job's count."""
     steps: list[Token] = []
     eos_id = tokenizer.eos_id
+    job = current_job()
+    if cancelled is None and job is not None:
+        cancelled = job.cancelled
 
     def observe(logits: torch.Tensor, next_ids: torch.Tensor) -> None:
         row = torch.log_softmax(logits[0].float(), dim=-1)
@@ -226,7 +235,8 @@ def generate_choice(model, tokenizer, ids: list[int], max_tokens: int, sampling:
 
     tokens = iter_tokens(model, ids, max_tokens, Sampling(temperature=sampling.temperature,
                                                          top_p=sampling.top_p, seed=sampling.seed,
-                                                         eos_id=eos_id), compile=compile, observe=observe)
+                                                         eos_id=eos_id), compile=compile, observe=observe,
+                         slide=window_slide(model.config.context_length), cancelled=cancelled)
     stream = detokenize_stream(tokenizer, tokens, stops)
     reported, started, first_at = 0, time.perf_counter(), None
     try:
@@ -244,6 +254,8 @@ def generate_choice(model, tokenizer, ids: list[int], max_tokens: int, sampling:
     finally:
         stream.close()
         tokens.close()
+        if job is not None:
+            job.generated += len(steps)
     generated = [token.id for token in steps if token.id != eos_id]
     if metrics is not None:
         metrics.generated(started, first_at, len(generated))
@@ -344,7 +356,7 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
     def fit(ids: list[int], context: int) -> None:
         # The prompt must fit the context (echo scores it in one forward pass; nothing is cut, so
         # a harness's numbers are never silently those of a shorter text); the reply may go past
-        # it: decoding then recomputes the last context-length window, as /generate does.
+        # it: the window then moves half a context at a time (engine.window_slide), as on /generate.
         if len(ids) > context:
             raise OpenAIError(400, f"the prompt is {len(ids)} tokens: more than the model's context of "
                               f"{context}", param="prompt", code="context_length_exceeded")
@@ -447,9 +459,10 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
                 body["usage"] = usage
             return body
 
+        tokens = len(prepared) * request.n * max_tokens  # what the gate counts for Retry-After
         if not request.stream:
             choices, usage = await run_gated(
-                lambda: completions_work(request, prepared, stops, lambda *a: None, None))
+                lambda: completions_work(request, prepared, stops, lambda *a: None, None), tokens)
             return shape(choices, usage)
 
         def chunk(index, text, tokens, finish, offset) -> dict:
@@ -462,7 +475,7 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             if request.stream_options and request.stream_options.include_usage:
                 emit(shape([], usage))
 
-        return sse(streamed)
+        return sse(streamed, tokens)
 
     def chat_work(request: ChatRequest, ids: list[int], max_tokens: int, stops, emit, cancelled
                   ) -> tuple[list, dict]:
@@ -514,9 +527,10 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
                 body["usage"] = usage
             return body
 
+        tokens = request.n * max_tokens
         if not request.stream:
             choices, usage = await run_gated(
-                lambda: chat_work(request, ids, max_tokens, stops, lambda *a: None, None))
+                lambda: chat_work(request, ids, max_tokens, stops, lambda *a: None, None), tokens)
             return shape("chat.completion", choices, usage)
 
         def chunk(index, delta, tokens, finish) -> dict:
@@ -529,26 +543,34 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             if request.stream_options and request.stream_options.include_usage:
                 emit(shape("chat.completion.chunk", [], usage))
 
-        return sse(streamed)
+        return sse(streamed, tokens)
 
-    def admit(work):
+    def admit(work, tokens: int):
         try:
-            return gated(gate, work)
+            return gated(gate, work, tokens)
         except HTTPException as error:  # the gate is full
             raise OpenAIError(429, str(error.detail), type="server_busy", code="server_busy",
                               headers=error.headers) from None
 
-    async def run_gated(work):
+    async def run_gated(work, tokens: int):
+        """A gated job's answer; 499 (in OpenAI's shape) when its client left and it stopped early."""
+        closed = OpenAIError(CLIENT_CLOSED, CLIENT_LEFT, type="client_closed", code="client_closed")
         try:
-            return await admit(work)
+            result = await admit(work, tokens)
         except ValueError as error:
             raise OpenAIError(400, str(error)) from None
+        except Cancelled:
+            raise closed from None
+        if left_early():
+            raise closed
+        return result
 
-    def sse(work: Callable[[Callable[[dict], None], threading.Event], object]) -> StreamingResponse:
+    def sse(work: Callable[[Callable[[dict], None], threading.Event], object], tokens: int
+            ) -> StreamingResponse:
         """`data: {...}` events of one gated job, each chunk `work` emits, then `data: [DONE]`."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
+        cancelled = client_gone() or threading.Event()
 
         def push(item) -> None:
             try:
@@ -568,17 +590,20 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             finally:
                 push(None)
 
-        running = asyncio.ensure_future(admit(job))  # a full gate is a 429 before the stream starts
+        running = asyncio.ensure_future(stream_job(admit(job, tokens)))  # a full gate: 429 before the stream
         _streams.add(running)
         running.add_done_callback(_streams.discard)
 
         async def lines():
+            ended = False
             try:
                 while (item := await events.get()) is not None:
                     yield f"data: {json.dumps(item)}\n\n"
                 yield "data: [DONE]\n\n"
+                ended = True
             finally:
-                cancelled.set()
+                if not ended:
+                    cancelled.set()  # the client left early: stop generating for it
 
         return StreamingResponse(lines(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -22,7 +22,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 # URL -> page file in static/. Each page is also served as /FILE so that links work the same way on
 # the server and on the static copy.
 PAGES = {"/": "index.html", "/architecture": "architecture.html", "/inside": "inside.html",
-         "/learn": "learn.html"}
+         "/learn": "learn.html", "/runs": "runs.html"}
 PAGE_HEAD, PAGE_MAIN = "<!-- the page's head -->", "<!-- the page's main -->"
 
 

@@ -23,8 +23,9 @@ function showNext(next) {
     el("span", { class: "pct", text: glassgpt.percent(t.prob) }))));
 }
 
+// Blocks and heads are numbered from 0, as everywhere else (/learn, `glassgpt inspect`, the code).
 function fillSelect(select, count, label, keep) {
-  const options = Array.from({ length: count }, (_, i) => el("option", { value: String(i), text: `${label} ${i + 1}` }));
+  const options = Array.from({ length: count }, (_, i) => el("option", { value: String(i), text: `${label} ${i}` }));
   if (label === "head") options.push(el("option", { value: "mean", text: "mean of all heads" }));
   select.replaceChildren(...options);
   if (keep !== null && [...select.options].some((o) => o.value === keep)) select.value = keep;

@@ -11,12 +11,14 @@ const errorBox = document.getElementById("error");
 let topics = [];
 
 // A cell's text, as the terminal shows it: floats to `digits` decimals (tiny ones in e-notation),
-// counts with thousands separators. JSON does not tell 4 from 4.0, so a table column of whole numbers
-// asks for `wholeAsCount`; tensors (whose 1.0 is a weight) do not.
+// counts with thousands separators. JSON.parse does not tell 4 from 4.0, so a table column whose
+// numbers are all whole asks for `wholeAsCount` (explain.py keeps a column's numbers of one kind,
+// writing a setting like dropout as text beside the counts); tensors (whose 1.0 is a weight) do not.
 function formatValue(value, digits = 4, wholeAsCount = false) {
   if (typeof value !== "number") return String(value);
   if (Number.isInteger(value) && (wholeAsCount || digits === 0)) return glassgpt.number(value);
-  if (value !== 0 && Math.abs(value) < 0.5 * 10 ** -digits) return value.toExponential(2);
+  // Python's two-digit exponent (2.98e-08, not 2.98e-8), as the terminal prints it.
+  if (value !== 0 && Math.abs(value) < 0.5 * 10 ** -digits) return value.toExponential(2).replace(/e([+-])(\d)$/, "e$10$2");
   return value.toFixed(digits);
 }
 
@@ -73,8 +75,9 @@ function dataTable(step) {
   const digits = step.digits ?? 4;
   const columns = step.columns || step.table[0].map(() => "");
   const numeric = columns.map((_, j) => step.table.every((row) => isNumber(row[j])));
-  const whole = columns.map((_, j) => numeric[j] && step.table.every((row) => Number.isInteger(row[j])));
-  const table = el("table", {});
+  // Whole when every number in the column is: a settings column mixes counts with words and yes/no.
+  const whole = columns.map((_, j) => step.table.every((row) => !isNumber(row[j]) || Number.isInteger(row[j])));
+  const table = el("table", { class: "data" });
   table.append(el("tr", {}, ...columns.map((c, j) => el("th", { class: numeric[j] ? "num" : "", text: String(c) }))));
   for (const row of step.table) {
     table.append(el("tr", {}, ...row.map((value, j) =>
