@@ -28,8 +28,9 @@ $(TEST_STAMP): $(RUN_STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,tf]'
 	touch $(TEST_STAMP)
 
+# `make demo PORT=8001`: serve on another port (8000 is the default).
 demo: $(RUN_STAMP)
-	$(BIN)/glassgpt demo
+	$(BIN)/glassgpt demo $(if $(PORT),--port $(PORT))
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .

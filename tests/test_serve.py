@@ -4,7 +4,10 @@ body cap, CORS, pages, the static site and the CLI verbs. Tiny GPT-2-vocabulary 
 import asyncio
 import json
 import logging
+import shutil
+import subprocess
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -107,6 +110,48 @@ def test_generate_refuses_out_of_bounds_values_in_words(client, change, message)
         assert message in response.json()["error"]
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/generate", {"max_tokens": "2"}), ("/generate", {"max_tokens": True}), ("/generate", {"seed": "5"}),
+    ("/generate", {"top_k": False}), ("/generate", {"temperature": "0.5"}), ("/generate", {"top_p": True}),
+    ("/generate/stream", {"max_tokens": "2"}), ("/api/inspect", {"text": "Hi", "views": "logit-lens"}),
+    ("/generate", {"prompt": 5}), ("/generate", {"max_tokens": 2.5}),
+])
+def test_numbers_and_booleans_are_strict_as_the_schema_says(client, path, body):
+    """Issue 15: an integer field took "5" and true; now only what the schema's type allows."""
+    response = client.post(path, json=body if path == "/api/inspect" else {"prompt": "Hi", **body})
+    assert response.status_code == 422, response.text
+    assert "Input should be a valid" in response.json()["error"]
+
+
+def test_integral_numbers_are_integers_as_json_schema_counts_them(client):
+    """JSON Schema's "integer" takes 2.0, so the server does too (a schema-valid request is served)."""
+    body = client.post("/generate", json={"prompt": "Hi", "max_tokens": 2.0, "seed": 7.0}).json()
+    assert body["completion_tokens"] == 2
+
+
+def test_the_published_seed_bound_is_exact_and_accepted(client):
+    """Issue 15: the schema said seed <= 9.223372036854776e18 (2**63 - 1 as a float: 2**63), which the
+    server refused. The bound is published as exclusive 2**63, exact as a float, and its edge is served."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    seed = schemas["GenerateRequest"]["properties"]["seed"]
+    [bounds] = [option for option in seed["anyOf"] if option["type"] == "integer"]
+    assert bounds["minimum"] == 0 and bounds["exclusiveMaximum"] == 2**63 and "maximum" not in bounds
+    assert isinstance(bounds["exclusiveMaximum"], int)  # not 9.223372036854776e18: floats round past it
+    edge = int(bounds["exclusiveMaximum"]) - 1
+    for seed, status in ((edge, 200), (edge + 1, 422)):
+        response = client.post("/generate", json={"prompt": "Hi", "max_tokens": 1, "seed": seed})
+        assert response.status_code == status
+
+
+@pytest.mark.parametrize("path", ["/", "/inside", "/learn.html", "/healthz", "/readyz"])
+def test_head_answers_as_get_without_the_body(client, path):
+    """Issue 15: HEAD was 405; load balancers probe with it."""
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b"" and get.content
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
 def test_generate_accepts_the_edges_of_every_range(client):
     for edge in ({"max_tokens": CAP}, {"max_tokens": 1}, {"temperature": 2.0, "top_p": 1.0, "top_k": 1},
                  {"temperature": 0.0, "seed": 2**63 - 1}, {"top_p": 1e-9, "temperature": 1.0},
@@ -160,15 +205,20 @@ def test_stream_is_server_sent_events_joining_to_the_plain_answer(client):
         assert done[key] == plain[key]
 
 
-def test_stream_reports_errors_as_an_error_event(model):
+def test_stream_refuses_a_prompt_generate_refuses_with_422_before_it_starts(model, caplog):
+    """Issue 15: the stream answered 200 and an error event (and logged a traceback at ERROR) where
+    /generate answers 422; now both answer 422, and the refusal is one log line."""
     char_tokenizer = get_tokenizer("char", text="hello ")  # 4 ids: fits the model's vocabulary
-    with TestClient(create_app(model, char_tokenizer)) as client:
+    with TestClient(create_app(model, char_tokenizer)) as client, caplog.at_level(logging.INFO):
         response = client.post("/generate/stream", json={"prompt": "hex", "max_tokens": 2})
-        assert response.status_code == 200
-        [(kind, data)] = sse_events(response.text)
-        assert kind == "error" and "'x' is not in this tokenizer's vocabulary" in data["error"]
         plain = client.post("/generate", json={"prompt": "hex", "max_tokens": 2})
-        assert plain.status_code == 422 and "'x'" in plain.json()["error"]
+    assert response.status_code == plain.status_code == 422
+    assert response.headers["content-type"] == "application/json"
+    assert "'x' is not in this tokenizer's vocabulary" in response.json()["error"]
+    assert response.json() == plain.json()
+    refusals = [r for r in caplog.records if r.name == "glassgpt.serve" and "refused" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelno < logging.ERROR and refusals[0].exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_run_generation_stops_when_cancelled(model, tokenizer):
@@ -284,6 +334,58 @@ def test_cli_serve_without_a_model_says_how_to_get_one(tmp_path, capsys, monkeyp
     assert main(["serve"]) == 2
     error = capsys.readouterr().err
     assert "runs/demo" in error and "make demo" in error and "--model" in error
+
+
+def _one_error_line(capsys) -> str:
+    error = capsys.readouterr().err
+    assert error.startswith("glassgpt: error: ") and error.count("\n") == 1, error  # no traceback
+    return error
+
+
+def test_cli_serve_answers_a_preset_without_gpt2s_vocabulary_in_one_line(capsys):
+    """Issue 15: `serve --model nano` printed a 34-line traceback; the error names the presets that work."""
+    assert main(["serve", "--model", "nano", "--port", "0"]) == 2
+    error = _one_error_line(capsys)
+    assert "nano has a vocabulary of 10,000" in error and "gpt2, gpt2-medium" in error
+    assert "verdict-162m" in error and "tinygpt" not in error.split("GPT-2's vocabulary:")[1]
+
+
+def test_cli_serve_answers_a_model_that_cannot_load_in_one_line_before_serving(tmp_path, capsys):
+    """A checkpoint that fails only when loaded (here: a tokenizer larger than the model's vocabulary)
+    is loaded before the server starts, so it is one line, not a traceback from uvicorn's start-up."""
+    save_model(GPT(TINY.replace(vocab_size=100)), tmp_path / "small", tokenizer=get_tokenizer("gpt2"))
+    assert main(["serve", "--model", str(tmp_path / "small"), "--port", "0", "--dtype", "float32"]) == 2
+    assert "only has 100 token embeddings" in _one_error_line(capsys)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_passes_port_through():
+    """Issue 15: `make demo PORT=8001` served on 8000 anyway."""
+    root = Path(__file__).resolve().parent.parent
+    for extra, expected in ((["PORT=8123"], "glassgpt demo --port 8123"), ([], "glassgpt demo")):
+        commands = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(root), "demo", *extra],
+                                  capture_output=True, text=True, check=True).stdout
+        [command] = [line.strip() for line in commands.splitlines() if "glassgpt demo" in line]
+        assert command.endswith(expected), command
+
+
+def test_cli_serve_checks_the_port_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """Issue 15: a busy port failed with uvicorn's error after the model had loaded."""
+    import socket
+
+    import glassgpt.serve
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the port is busy")
+
+    monkeypatch.setattr(glassgpt.serve, "create_app", must_not_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "gpt2", "--port", str(port), "--dtype", "float32"]) == 2
+    error = _one_error_line(capsys)
+    assert f"port {port} on 127.0.0.1 is already in use" in error and f"--port {port + 1}" in error
 
 
 # ---------------------------------------------------------------- back-pressure: 503 + Retry-After

@@ -270,8 +270,10 @@ def test_instruct_refuses_what_it_cannot_answer_in_words(instruct_client):
     assert long.status_code == 422
     assert long.json()["error"].startswith("the prompt (the instruction in the custom template) is ")
     assert "with max_tokens 40 at most 56 fit the model's context of 96" in long.json()["error"]
+    # Issue 15: the stream refuses it as /instruct does (422), before the stream starts; it used to
+    # answer 200 and an error event.
     stream = instruct_client.post("/instruct/stream", json={"instruction": "word " * 40, "max_tokens": 40})
-    assert sse_events(stream.text)[-1][0] == "error"
+    assert stream.status_code == 422 and stream.json() == long.json()
 
 
 def test_a_gpt_object_can_be_served_with_a_template(language_model, tokenizer):

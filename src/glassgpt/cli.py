@@ -527,9 +527,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     configure_cpu_threads(args.threads)  # --threads, else the cores other processes leave free now
     runs_dir = watched_run(args)
+    # serve() takes the port, then loads the model, then starts: a busy port or a model that cannot
+    # load is one `glassgpt: error:` line (main), before any wait.
     serve(args.model, host=args.host, port=args.port, lazy=args.lazy, max_tokens_cap=args.max_tokens_cap,
           max_running=args.max_running, max_waiting=args.max_waiting, cors_origins=args.cors_origin or (),
-          dtype=args.dtype, compile=args.compile, device=str(device), runs_dir=runs_dir)
+          dtype=args.dtype, compile=args.compile, device=str(device), runs_dir=runs_dir,
+          read_timeout_s=args.read_timeout, max_connections=args.max_connections)
     return 0
 
 
@@ -732,10 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = verbs.add_parser("serve", help="the web pages and the HTTP API (POST /generate, ...)")
     serve.add_argument("--model", default=None,
                        help="checkpoint directory (default runs/demo, written by `make demo`), a GPT-2 name "
-                            "found locally, or a preset (random weights)")
+                            "found locally, or a preset with GPT-2's vocabulary (gpt2, ..., verdict-162m: "
+                            "random weights; tinygpt and nano have vocabularies of their own: train them)")
     serve.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, ...")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000; checked before "
+                       "the model loads)")
     serve.add_argument("--lazy", action="store_true",
                        help="load the model on the first request, not at start-up")
     serve.add_argument("--max-tokens-cap", type=int, default=256,
@@ -754,6 +759,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                        help="a browser origin allowed to call the API, e.g. https://site.example "
                             "(repeatable)")
+    serve.add_argument("--read-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="a request's headers, and its body, must arrive within this (else 408; "
+                            "default 10)")
+    serve.add_argument("--max-connections", type=int, default=64,
+                       help="connections and requests at once; beyond them: 503 (default 64)")
     serve.add_argument("--runs", default="runs", metavar="DIR",
                        help="the training runs the /runs page shows: those under DIR (default: runs)")
     serve.add_argument("--run", dest="run_dir", metavar="DIR", default=None,

@@ -110,8 +110,11 @@ def _locate(spec: str, presets: bool = True) -> tuple[str, Path | None]:
                              f"GPT.from_preset({spec!r}) builds it with random weights")
         vocab_size, gpt2_vocab_size = PRESETS[spec].vocab_size, get_tokenizer("gpt2").vocab_size
         if vocab_size < gpt2_vocab_size:
+            usable = ", ".join(name for name, c in PRESETS.items() if c.vocab_size >= gpt2_vocab_size)
             raise ValueError(f"preset {spec} has a vocabulary of {vocab_size:,}, too small for GPT-2's "
-                             f"{gpt2_vocab_size:,} tokens; use a trained checkpoint directory instead")
+                             f"{gpt2_vocab_size:,} tokens, the only tokenizer a preset comes with; use a "
+                             f"checkpoint trained from it (glassgpt train --recipe ...) or a preset with "
+                             f"GPT-2's vocabulary: {usable}")
         return "preset", None
     raise FileNotFoundError(
         f"no model at {spec!r}: it is neither a directory, a GPT-2 name ({', '.join(GPT2_NAMES)}) nor a "

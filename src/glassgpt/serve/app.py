@@ -41,7 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,12 +55,20 @@ from glassgpt.serve.engine import (
     ModelHost,
     Ticket,
     inspect_text,
+    instruction_prompt,
     run_classification,
     run_generation,
     run_instruction,
 )
 from glassgpt.serve.metrics import install_metrics
-from glassgpt.serve.middleware import CLIENT_CLOSED, AccessLog, BodySizeLimit, ClientWatch, client_gone
+from glassgpt.serve.middleware import (
+    CLIENT_CLOSED,
+    AccessLog,
+    BodySizeLimit,
+    ClientWatch,
+    ReadDeadline,
+    client_gone,
+)
 from glassgpt.serve.runs import install_runs
 from glassgpt.serve.site import PAGES, STATIC_DIR, render_page
 
@@ -84,6 +92,14 @@ class ServeSettings:
     max_running: int = 1                # generations at once (one keeps a small CPU's cores busy)
     max_waiting: int = 8                # queued behind them; more get 503 + Retry-After
     max_body_bytes: int = 64 * 1024     # larger request bodies get 413
+    # What one connection may cost (serve/connections.py): headers and body must each arrive within
+    # read_timeout_s (else 408 and the connection closes); idle keep-alive connections close after
+    # keep_alive_s; at most max_connections connections and requests at once (beyond: 503); request
+    # line and headers at most max_header_bytes (beyond: 400).
+    read_timeout_s: float = 10.0
+    keep_alive_s: int = 5
+    max_connections: int = 64
+    max_header_bytes: int = 16 * 1024
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser
     lazy: bool = False                  # load the model on the first request instead of at start-up
     dtype: str = "float32"              # float32, bfloat16 or int8 weights (not for GPT objects)
@@ -93,9 +109,12 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_chars", "max_classify_texts", "inspect_max_tokens",
-                     "patch_max_tokens", "max_running", "max_body_bytes"):
+                     "patch_max_tokens", "max_running", "max_body_bytes", "keep_alive_s", "max_connections",
+                     "max_header_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be > 0, got {self.read_timeout_s}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))  # a list given is kept as a tuple
@@ -110,18 +129,61 @@ class ServeSettings:
 
 # ---------------------------------------------------------------- request and response bodies
 
+# Every request body is strict: an integer field takes a JSON integer, not "5" or true, and a
+# boolean takes true or false, so the published schema (generated from these models) is exactly
+# what is accepted. Unknown fields are refused.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema counts 2.0 as an integer, so the schema's "integer" accepts it; a bool is not one.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+
+
+def integer(**bounds) -> Any:
+    """An `Integer` with bounds (ge=, lt=, ...) that the schema shows even as `integer(...) | None`
+    (pydantic leaves bounds out of the schema when they follow the validator)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+# Seeds below 2**63, published as that exclusive bound (2**63 - 1 as a float is 2**63; see
+# `exact_integer_bounds` for how integer bounds reach the schema exactly).
+SEED_BOUND = 2**63
+
+
+def exact_integer_bounds(node: Any) -> None:
+    """Put an OpenAPI schema's integer bounds back to integers, in place. FastAPI's OpenAPI model types
+    every bound as a float, so seed's 2**63 came out as 9.223372036854776e18, and a client comparing
+    in floats took 2**63 + 191 for a seed the schema allows (the server refuses it)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                if isinstance(node.get(key), float) and node[key].is_integer():
+                    node[key] = int(node[key])
+        for value in node.values():
+            exact_integer_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            exact_integer_bounds(value)
+
+
 def sampling_request_model(settings: ServeSettings) -> type[BaseModel]:
     """The fields of every request that generates (/generate, /instruct): length and sampling."""
 
     class SamplingRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = STRICT
 
-        max_tokens: int = Field(min(50, settings.max_tokens_cap), ge=1, le=settings.max_tokens_cap)
+        max_tokens: Integer = Field(min(50, settings.max_tokens_cap), ge=1, le=settings.max_tokens_cap)
         temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
-        top_k: int | None = Field(None, ge=1, le=1_000_000)
+        top_k: integer(ge=1, le=1_000_000) | None = None
         top_p: float | None = Field(None, gt=0.0, le=1.0)
-        seed: int | None = Field(None, ge=0, le=2**63 - 1)
-        stop: list[str] = Field(default_factory=list, max_length=4, description="stop at any of these")
+        seed: integer(ge=0, lt=SEED_BOUND) | None = None
+        stop: list[str] = Field(default_factory=list, max_length=4, description="stop at any of these",
+                                json_schema_extra={"items": {"type": "string", "minLength": 1,
+                                                             "maxLength": 64}})
 
         @field_validator("stop")
         @classmethod
@@ -172,12 +234,15 @@ def classify_request_model(settings: ServeSettings) -> type[BaseModel]:
     Text = Annotated[str, Field(min_length=1, max_length=settings.max_prompt_chars)]
 
     class ClassifyRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={
+        # Exactly one of the two fields, as the schema's oneOf says; neither takes null (the
+        # defaults are never validated, so None marks the field that was not sent).
+        model_config = ConfigDict(**STRICT, json_schema_extra={
+            "oneOf": [{"required": ["texts"]}, {"required": ["text"]}],
             "examples": [{"texts": ["Hi, are we still on for lunch?", "You won a prize! Call now"]}]})
 
-        texts: list[Text] | None = Field(None, min_length=1, max_length=settings.max_classify_texts,
-                                         description="the texts to classify")
-        text: Text | None = Field(None, description="one text (instead of texts)")
+        texts: list[Text] = Field(None, min_length=1, max_length=settings.max_classify_texts,
+                                  description="the texts to classify")
+        text: Text = Field(None, description="one text (instead of texts)")
 
         @model_validator(mode="after")
         def _one_of_text_or_texts(self):
@@ -195,12 +260,13 @@ def inspect_request_model(settings: ServeSettings) -> type[BaseModel]:
     """POST /api/inspect's body, bounded by `settings` like `generate_request_model`."""
 
     class InspectRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = STRICT
 
         text: str = Field(min_length=1, max_length=20 * settings.inspect_max_tokens,
                           examples=["The painting was"])
         views: list[InspectView] | None = Field(
             default=None, min_length=1, max_length=len(INSPECT_VIEWS),
+            json_schema_extra={"uniqueItems": True},
             description="inside views to add under \"views\" (glassgpt.inspect_report); none: the "
                         "answer is tokens, next tokens and attention alone")
 
@@ -217,7 +283,7 @@ def patch_request_model(settings: ServeSettings) -> type[BaseModel]:
     """POST /api/patch's body: two texts of equal token counts and the token whose logit is followed."""
 
     class PatchRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = STRICT
 
         clean: str = Field(min_length=1, max_length=20 * settings.patch_max_tokens,
                            examples=["The Eiffel Tower is in"])
@@ -265,10 +331,23 @@ class ErrorResponse(BaseModel):
     error: str
 
 
+class InvalidResponse(BaseModel):
+    error: str = Field(description="every problem, in words")
+    detail: list[dict] | None = Field(None, description="pydantic's errors, when the body broke the schema")
+
+
+# Every status code a route can answer, in its OpenAPI entry (the schemathesis test checks it).
 BUSY = {503: {"model": ErrorResponse, "description": "busy (see Retry-After) or model not loaded"}}
 WRONG_MODEL = {409: {"model": ErrorResponse,
                      "description": "the served model does not do this (see GET /api/model)"}}
-BUSY_OR_WRONG = {**BUSY, **WRONG_MODEL}
+BODY = {
+    400: {"model": ErrorResponse, "description": "the body could not be read (not UTF-8 JSON)"},
+    413: {"model": ErrorResponse, "description": "the body is over the server's limit (64 KiB by default)"},
+    422: {"model": InvalidResponse,
+          "description": "the body breaks this schema, or the model cannot take it: a text its tokenizer "
+                         "cannot encode or over a token limit (limits: GET /api/model)"},
+}
+BUSY_OR_WRONG = {**BUSY, **WRONG_MODEL, **BODY}
 
 
 def _describe_problem(error: dict) -> str:
@@ -380,9 +459,12 @@ def event_stream(gate: Gate, work: Callable[[Callable[[str], None], threading.Ev
         # The stream has begun, so every outcome, failure too, is an event.
         try:
             push("done", work(lambda piece: push("piece", {"text": piece}), cancelled))
-        except Exception as error:
+        except ValueError as error:  # input the model cannot take: the client's problem, one line
+            log.warning("streamed generation refused: %s", error)
+            push("error", {"error": str(error)})
+        except Exception:
             log.exception("streamed generation failed")
-            push("error", {"error": str(error) if isinstance(error, ValueError) else "generation failed"})
+            push("error", {"error": "generation failed"})
 
     running = asyncio.ensure_future(stream_job(gated(gate, job, tokens)))
     _streams.add(running)
@@ -421,6 +503,20 @@ def task_mismatch(description: dict, allowed: tuple[str, ...]) -> str | None:
         return f"the served model is not a classifier: it is a language model; use POST /generate{other}"
     return ("the served model is not instruction-tuned (its checkpoint holds no instruction template, "
             "which glassgpt finetune instruct saves): use POST /generate to continue a prompt")
+
+
+async def refuse_early(host: ModelHost, check: Callable[[Any, Any], object]) -> None:
+    """422 now if `check(model, tokenizer)` raises ValueError: the streaming routes run the checks
+    their JSON twins answer 422 for (a prompt the tokenizer cannot encode, one too long) before the
+    stream's 200 is sent. Tokenizing is cheap next to generating: it runs outside the gate."""
+    def run():
+        check(*host.get())
+
+    try:
+        await run_in_threadpool(run)
+    except ValueError as error:
+        log.info("refused before streaming: %s", error)
+        raise HTTPException(422, str(error)) from None
 
 
 async def require_task(host: ModelHost, *allowed: str) -> None:
@@ -473,8 +569,10 @@ def install_generation_api(app: FastAPI, host: ModelHost, gate: Gate, settings: 
     @app.post("/generate/stream", responses=STREAM_RESPONSES, tags=["generate"])
     async def generate_stream(request: GenerateRequest):
         """Server-sent events: `piece` {text} as each piece is made, then `done` (the /generate
-        answer) or `error` {error}."""
+        answer) or `error` {error}. A prompt /generate refuses is refused here too (422), before the
+        stream starts."""
         await require_task(host, *LANGUAGE_MODEL)
+        await refuse_early(host, lambda model, tokenizer: tokenizer.encode(request.prompt))
 
         def work(on_piece, cancelled) -> dict:
             model, tokenizer = host.get()
@@ -524,8 +622,11 @@ def install_instruct_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Se
     @app.post("/instruct/stream", responses=STREAM_RESPONSES, tags=["instruct"])
     async def instruct_stream(request: InstructRequest):
         """Server-sent events: `piece` {text} of the response as it is made, then `done` (the
-        /instruct answer) or `error` {error}."""
+        /instruct answer) or `error` {error}. An instruction /instruct refuses is refused here too
+        (422), before the stream starts."""
         await require_task(host, "instruct")
+        await refuse_early(host, lambda model, tokenizer: instruction_prompt(
+            model, tokenizer, host.template, request.instruction, request.input, request.max_tokens))
         return event_stream(gate, lambda on_piece, cancelled: respond(request, on_piece, cancelled),
                             request.max_tokens)
 
@@ -603,7 +704,9 @@ def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Ser
         """The walk-through's topics: [{name, title}]."""
         return [{"name": name, "title": title} for name, title in explain.list_topics()]
 
-    @app.get("/api/explain/{topic}", responses=BUSY_OR_WRONG, tags=["learn"])
+    no_topic = {404: {"model": ErrorResponse, "description": "no such topic (GET /api/explain lists them)"}}
+
+    @app.get("/api/explain/{topic}", responses={**BUSY, **WRONG_MODEL, **no_topic}, tags=["learn"])
     async def explain_topic(topic: str):
         """One walk-through topic computed with the live model: {topic, title, steps: [...]}."""
         names = [name for name, _ in explain.list_topics()]
@@ -618,8 +721,13 @@ def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Ser
         return await answer(gate, work)
 
 
+# Load balancers and uptime checkers probe with HEAD: the pages and the health routes answer it as
+# GET does, without the body (uvicorn sends the headers only).
+GET_OR_HEAD = ["GET", "HEAD"]
+
+
 def install_health(app: FastAPI, host: ModelHost) -> None:
-    """GET /healthz (the process is up) and GET /readyz (the model is loaded)."""
+    """GET (or HEAD) /healthz (the process is up) and /readyz (the model is loaded)."""
 
     @app.get("/healthz", tags=["health"])
     async def healthz():
@@ -633,6 +741,9 @@ def install_health(app: FastAPI, host: ModelHost) -> None:
             raise HTTPException(503, "the model is not loaded yet", headers={"Retry-After": "1"})
         return {"status": "ready", "model": host.name, "load_time_s": host.load_time_s}
 
+    for path, endpoint in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD: the schema lists GET only
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
 
 def install_pages(app: FastAPI) -> None:
     """The pages at their URLs and as /FILE, rendered once from static/; static/ itself under /static."""
@@ -643,8 +754,8 @@ def install_pages(app: FastAPI) -> None:
 
     for url, filename in PAGES.items():
         page = route(render_page(filename))
-        app.add_api_route(url, page, methods=["GET"], include_in_schema=False)
-        app.add_api_route(f"/{filename}", page, methods=["GET"], include_in_schema=False)
+        app.add_api_route(url, page, methods=GET_OR_HEAD, include_in_schema=False)
+        app.add_api_route(f"/{filename}", page, methods=GET_OR_HEAD, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
@@ -675,6 +786,13 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     app = FastAPI(title="glassgpt", version="0.1.0", lifespan=lifespan,
                   description="Generate text with a GPT you can see through, and look inside it.")
     app.state.host, app.state.gate, app.state.settings = host, gate, settings
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            exact_integer_bounds(FastAPI.openapi(app))  # FastAPI's, cached on the app, made exact
+        return app.openapi_schema
+
+    app.openapi = openapi
     install_errors(app)
     install_generation_api(app, host, gate, settings)
     install_classify_api(app, host, gate, settings)
@@ -688,6 +806,7 @@ def create_app(model: Any = "runs/demo", tokenizer=None, settings: ServeSettings
     install_pages(app)
     # Outermost last: the access log sees everything; CORS headers reach even a 413.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ReadDeadline, seconds=settings.read_timeout_s)  # its 408 too is an answer
     app.add_middleware(ClientWatch)  # outside the body cap: a 413 is an answer, not a client leaving
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),

@@ -11,13 +11,15 @@ import time
 
 import uvicorn
 
+from glassgpt.serve.connections import server_config
+
 
 class BackgroundServer:
     """Serve an ASGI app on `host`:`port` (0 picks a free port) until the `with` block ends."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    access_log=False, lifespan="on"))
+        # The connection limits `glassgpt serve` runs with (serve/connections.py), from the app's settings.
+        self.server = uvicorn.Server(server_config(app, host, port, log_level, lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, name="glassgpt-server", daemon=True)
         self.host = host
         self.port = port

@@ -400,6 +400,21 @@ def run_classification(model: GPT, tokenizer, texts: Sequence[str], max_length: 
     return predict(model, tokenizer, list(texts), max_length=max_length)
 
 
+def instruction_prompt(model: GPT, tokenizer, template: InstructionTemplate, instruction: str,
+                       input: str, max_tokens: int) -> str:  # noqa: A002
+    """The prompt `run_instruction` continues; ValueError if the tokenizer cannot encode it or it does
+    not fit the context with room for `max_tokens` (the streaming route checks this before it starts)."""
+    prompt = template.format_prompt(instruction, input)
+    context = model.config.context_length
+    _, _, dropped = fit_prompt(tokenizer, prompt, context, max_tokens)
+    if dropped:
+        n_tokens, room = len(tokenizer.encode(prompt)), context - min(max_tokens, context // 2)
+        raise ValueError(f"the prompt (the instruction in the {template.name} template) is {n_tokens} "
+                         f"tokens; with max_tokens {max_tokens} at most {room} fit the model's context of "
+                         f"{context}. Shorten the instruction or input, or ask for fewer tokens")
+    return prompt
+
+
 def run_instruction(model: GPT, tokenizer, template: InstructionTemplate, instruction: str, input: str,  # noqa: A002
                     max_tokens: int, sampling: Sampling | None = None,
                     on_piece: Callable[[str], None] | None = None,
@@ -411,14 +426,7 @@ def run_instruction(model: GPT, tokenizer, template: InstructionTemplate, instru
     prompt the model saw and run_generation's counts. A prompt that does not fit the context is
     refused (ValueError), not cut: cutting would drop the template's start, which the model needs.
     """
-    prompt = template.format_prompt(instruction, input)
-    context = model.config.context_length
-    _, _, dropped = fit_prompt(tokenizer, prompt, context, max_tokens)
-    if dropped:
-        n_tokens, room = len(tokenizer.encode(prompt)), context - min(max_tokens, context // 2)
-        raise ValueError(f"the prompt (the instruction in the {template.name} template) is {n_tokens} "
-                         f"tokens; with max_tokens {max_tokens} at most {room} fit the model's context of "
-                         f"{context}. Shorten the instruction or input, or ask for fewer tokens")
+    prompt = instruction_prompt(model, tokenizer, template, instruction, input, max_tokens)
     result = run_generation(model, tokenizer, prompt, max_tokens, sampling, on_piece=on_piece,
                             cancelled=cancelled, compile=compile)
     return {"instruction": instruction, "input": input, "prompt": prompt,

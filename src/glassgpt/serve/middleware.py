@@ -1,5 +1,5 @@
-"""Small ASGI middlewares: a request-body size cap, a watch for clients that leave before their
-answer, and one structured access-log line per request.
+"""Small ASGI middlewares: a request-body size cap, a deadline for the body, a watch for clients
+that leave before their answer, and one structured access-log line per request.
 
 Plain ASGI (not Starlette's BaseHTTPMiddleware) so that streamed responses pass through untouched.
 """
@@ -27,11 +27,11 @@ def client_gone() -> threading.Event | None:
     return _client_gone.get()
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None:
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
+                            (b"content-length", str(len(payload)).encode()), *headers]})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -71,6 +71,51 @@ class BodySizeLimit:
                 await send(event)
 
         await self.app(scope, counting_receive, guarded_send)
+
+
+class ReadDeadline:
+    """Answer 408 and close the connection when a request's body has not arrived `seconds` after the
+    request began (a client sending it a byte at a time). The headers' deadline is the server's
+    (serve/connections.py). Once the body is in, receiving only waits for the client to leave (a
+    stream's end): no deadline then."""
+
+    def __init__(self, app, seconds: float):
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.seconds
+        body_in = started = late = False
+
+        async def timed_receive():
+            nonlocal body_in, late
+            if body_in or late:
+                return await receive()
+            try:
+                event = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                late = True
+                if not started:
+                    await _send_json(send, 408, {"error": f"request timeout: the body did not arrive within "
+                                                          f"{self.seconds:g} s"},
+                                     headers=((b"connection", b"close"),))
+                # To the app the client has gone; frameworks stop reading and give up quietly.
+                return {"type": "http.disconnect"}
+            if event["type"] != "http.request" or not event.get("more_body", False):
+                body_in = True
+            return event
+
+        async def guarded_send(event):
+            nonlocal started
+            if late and not started:
+                return  # we answered 408: what the app sends afterwards is dropped
+            started = True
+            await send(event)
+
+        await self.app(scope, timed_receive, guarded_send)
 
 
 class ClientWatch:

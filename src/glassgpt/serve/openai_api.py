@@ -36,15 +36,19 @@ import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
 from glassgpt.generate import Sampling, _first_stop, detokenize_stream, iter_tokens
 from glassgpt.serve.app import (
     CLIENT_LEFT,
     LANGUAGE_MODEL,
+    SEED_BOUND,
+    ErrorResponse,
+    Integer,
     ServeSettings,
     gated,
+    integer,
     left_early,
     require_task,
     stream_job,
@@ -80,23 +84,26 @@ Stop = str | list[str] | None
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False  # a last chunk with no choices and the usage
 
 
 class _Common(BaseModel):
     # Fields OpenAI defines that do not change glassgpt's answer (user, ...) are accepted and ignored.
-    model_config = ConfigDict(extra="ignore")
+    # Strict, as /generate is: "5" or true for an integer is a 400, as the published schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    n: Integer = Field(1, ge=1, le=MAX_CHOICES)
     stop: Stop = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: integer(ge=0, lt=SEED_BOUND) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0: penalties are not supported")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0: penalties are not supported")
     user: str | None = None
 
     def stops(self) -> tuple[str, ...]:
@@ -112,21 +119,21 @@ class _Common(BaseModel):
 
     def sampling(self, choice: int) -> Sampling:
         # n choices of one seeded request differ from each other, and the request stays reproducible.
-        seed = None if self.seed is None else (self.seed + choice) % 2**63
+        seed = None if self.seed is None else (self.seed + choice) % SEED_BOUND
         return Sampling(temperature=self.temperature, top_p=self.top_p, seed=seed)
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]] = ""
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    prompt: str | list[str] | list[Integer] | list[list[Integer]] = ""
+    max_tokens: integer(ge=0) | None = 16
+    logprobs: integer(ge=0, le=MAX_COMPLETION_LOGPROBS) | None = None
     echo: bool = False
-    best_of: int | None = None
+    best_of: Integer | None = Field(None, description="only n (or none): one answer per choice")
     suffix: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict] | None = None
@@ -141,10 +148,27 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: integer(ge=1) | None = None
+    max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    top_logprobs: integer(ge=0, le=MAX_CHAT_TOP_LOGPROBS) | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: dict | str = Field(description="{message, type, param, code}; a path that names no route: "
+                                          "\"Not Found\"")
+
+
+# Every status code a route answers, in its OpenAPI entry (the schemathesis test checks it). A body
+# that is not even UTF-8 is refused before the /v1 handlers see it, in /generate's {"error": "..."}.
+NOT_FOUND = {404: {"model": OpenAIErrorBody, "description": "no such model (GET /v1/models)"}}
+GENERATING = {
+    **NOT_FOUND,
+    400: {"description": "an invalid request, in OpenAI's error shape (a body that is not UTF-8: "
+                         "{\"error\": \"...\"})"},
+    413: {"model": ErrorResponse, "description": "the body is over the server's limit"},
+    429: {"model": OpenAIErrorBody, "description": "busy: try again after Retry-After seconds"},
+}
 
 
 def invalid_body(errors: list[dict]) -> OpenAIError:
@@ -295,6 +319,14 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
             return invalid_body(list(exc.errors())).response()
         return await elsewhere(request, exc)
 
+    # The published maxima are this server's, as /generate's are: max_tokens up to its cap.
+    tokens = settings.max_tokens_cap
+    Completion = create_model("CompletionRequest", __base__=CompletionRequest,
+                              max_tokens=(integer(ge=0, le=tokens) | None, min(16, tokens)))
+    Chat = create_model("ChatRequest", __base__=ChatRequest,
+                        max_tokens=(integer(ge=1, le=tokens) | None, None),
+                        max_completion_tokens=(integer(ge=1, le=tokens) | None, None))
+
     def model_card() -> dict:
         return {"id": host.name, "object": "model", "created": 0, "owned_by": "glassgpt"}
 
@@ -303,7 +335,7 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
         """The served model, as OpenAI lists models."""
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}", tags=["openai"])
+    @app.get("/v1/models/{model_id:path}", responses=NOT_FOUND, tags=["openai"])
     async def get_model(model_id: str):
         """The served model, if `model_id` names it."""
         if model_id != host.name:
@@ -404,8 +436,8 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return choices, usage
 
-    @app.post("/v1/completions", tags=["openai"])
-    async def completions(request: CompletionRequest):
+    @app.post("/v1/completions", responses=GENERATING, tags=["openai"])
+    async def completions(request: Completion):
         """OpenAI's legacy completions: continue each prompt `n` times; `logprobs` k gives each token's
         log-probability and the k likeliest alternatives; `echo` puts the prompt (and, with logprobs,
         its tokens' log-probabilities) in front: with max_tokens 0 that scores a text."""
@@ -471,8 +503,8 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
                  "total_tokens": len(ids) * request.n + completion_tokens}
         return choices, usage
 
-    @app.post("/v1/chat/completions", tags=["openai"])
-    async def chat_completions(request: ChatRequest):
+    @app.post("/v1/chat/completions", responses=GENERATING, tags=["openai"])
+    async def chat_completions(request: Chat):
         """OpenAI's chat completions: the messages rendered as the module's docstring says, answered
         `n` times; `logprobs` (+ `top_logprobs`) as OpenAI gives them."""
         await check(request)

@@ -113,6 +113,12 @@ def _probe_steps(path: Path) -> list[int]:
     return sorted({record["step"] for record in read_probes(path)})
 
 
+# Documented, as every status code a route answers is (tests/test_serve_schema.py checks it).
+ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+NOT_FOUND = {404: {"description": "no such run, or no snapshot at that step",
+                   "content": {"application/json": {"schema": ERROR}}}}
+
+
 def install_runs(app: FastAPI, root: str | Path) -> None:
     """GET /api/runs, /api/runs/{name} and /api/runs/{name}/probes/{step} over the runs under `root`."""
     runs = Runs(root)
@@ -122,10 +128,10 @@ def install_runs(app: FastAPI, root: str | Path) -> None:
     def list_runs():
         return {"root": str(runs.root), "runs": [runs.summary(name) for name in runs.names()]}
 
-    @app.get("/api/runs/{name}", tags=["runs"])
+    @app.get("/api/runs/{name}", responses=NOT_FOUND, tags=["runs"])
     def one_run(name: str):
         return runs.run(name)
 
-    @app.get("/api/runs/{name}/probes/{step}", tags=["runs"])
+    @app.get("/api/runs/{name}/probes/{step}", responses=NOT_FOUND, tags=["runs"])
     def one_snapshot(name: str, step: int):
         return runs.probe(name, step)
