@@ -15,13 +15,18 @@ Each engine is a `Contender`: `generate(ids, n)` -> n greedy new token ids, and 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from glassgpt.model import LayerNorm
 
 
 def available() -> dict[str, str | None]:
@@ -194,11 +199,16 @@ class _PastStep(torch.nn.Module):
 
 def export_onnx(model, path: str) -> None:
     c = model.config
+    model = copy.deepcopy(model).eval()
+    for module in model.modules():  # the tracer cannot take a traced width as layer_norm's shape
+        if isinstance(module, LayerNorm):
+            module.forward = partial(F.layer_norm, normalized_shape=(module.scale.shape[0],),
+                                     weight=module.scale, bias=module.shift, eps=module.eps)
     empty = torch.zeros(c.n_layers, 1, c.n_heads, 0, c.head_dim)
     axes = {"ids": {1: "T"}, "past_keys": {3: "S"}, "past_values": {3: "S"}, "logits": {1: "T"},
             "keys": {3: "S_T"}, "values": {3: "S_T"}}
     with torch.no_grad():
-        torch.onnx.export(_PastStep(model.eval()), (torch.zeros(1, 2, dtype=torch.long), empty, empty), path,
+        torch.onnx.export(_PastStep(model), (torch.zeros(1, 2, dtype=torch.long), empty, empty), path,
                           input_names=["ids", "past_keys", "past_values"],
                           output_names=["logits", "keys", "values"], dynamic_axes=axes,
                           opset_version=17, dynamo=False)
