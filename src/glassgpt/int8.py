@@ -111,7 +111,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             raise TypeError(f"Int8Linear takes float32 inputs, got {x.dtype}")
-        if self.compile and x.numel() == x.shape[-1] and x.device.type == "cpu":
+        one_row = x.numel() == x.shape[-1]
+        if one_row and torch.compiler.is_compiling():  # inside a compiled step: one graph, no nesting
+            return int8_matvec(x, self.weight_int8, self.scale, self.bias)
+        if self.compile and one_row and x.device.type == "cpu":
             out = _try_compiled(x, self.weight_int8, self.scale, self.bias)
             if out is not None:
                 return out
