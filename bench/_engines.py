@@ -139,13 +139,17 @@ def llama_cpp(model, directory: str, kind: str, threads: int) -> Contender:
                      n_threads_batch=threads, logits_all=all_logits, verbose=False)
 
     llm, checker = load(False), []
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:  # without logits_all the binding keeps no copy: read llama.cpp's
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
 
     def generate(ids: list[int], n: int) -> list[int]:
         llm.reset()
         llm.eval(ids)
         out = []
         for step in range(n):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
             out.append(token)
             if step + 1 < n:
                 llm.eval([token])
