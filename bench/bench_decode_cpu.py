@@ -1,41 +1,52 @@
-"""CPU decode and prefill speed: glassgpt against transformers and the tutorial's no-cache loop.
+"""CPU decode and prefill speed: glassgpt against transformers, llama.cpp, ONNX Runtime and the
+tutorial's no-cache loop, at fp32, 16-bit and 8-bit, on the same random GPT-2 small weights.
 
-    python bench/bench_decode_cpu.py                # GPT-2 small, fp32, batch 1, 2 threads
-    python bench/bench_decode_cpu.py --repeats 5    # more alternating rounds (medians are printed)
-    python bench/bench_decode_cpu.py --quick        # a 2-block model, to check the script runs
+    python bench/bench_decode_cpu.py --threads 2                 # everything, 5 alternating rounds
+    taskset -c 0,1 python bench/bench_decode_cpu.py --threads 2  # on a bigger machine: two cores
+    python bench/bench_decode_cpu.py --quick                     # a 2-block model, to check it runs
 
 One random GPT-2 small is built in transformers, saved with `save_pretrained` and loaded into
-glassgpt, so both sides hold the same weights (their greedy tokens are checked equal). The
-tutorial's model (the book "Build a Large Language Model (From Scratch)": llms-from-scratch's
-GPTModel, `pip install --no-deps llms-from-scratch`) gets the same weights too. Contenders alternate
-round by round, so load from other processes falls on all of them alike; each figure is the median
-over rounds.
+glassgpt, so both sides hold the same weights (their greedy tokens are checked equal). llama.cpp
+(GGUF F32, BF16, Q8_0 written from glassgpt's weights) and ONNX Runtime (glassgpt's modules
+exported with past keys and values; fp32 and its own int8 dynamic quantisation) get the same
+weights too (bench/_engines.py); an engine that is not installed is skipped with a note
+(`pip install .[bench]`: docs/PERFORMANCE.md says how llama-cpp-python was built). The tutorial's
+model (llms-from-scratch's GPTModel) runs the long-prompt comparison.
 
-- decode: 50 new tokens after an 8-token prompt. "decode tokens/s" counts the 49 tokens after
-  the first (time of a 50-token run minus a 1-token run, which is the prefill); "end to end" is
-  50 tokens over the whole call.
-- long prompt: 50 new tokens after a 512-token prompt, glassgpt (KV cache) against the
-  tutorial's `generate_text_simple`, which recomputes the whole window every step.
-- prefill: one forward pass over 256 tokens that also fills the KV cache.
-- reduced precision (optional, --precision): glassgpt decode in bf16 and int8 dynamic
-  quantisation, with perplexity on The Verdict against fp32 (meaningful with --model pointing at
-  trained weights, e.g. a GPT-2 directory; random weights only show the numerical drift).
+Each table holds one precision; its contenders alternate round by round, so load from other
+processes falls on all of them alike, and each figure is the median over the rounds.
+- decode tokens/s: a 16-token prompt + 128 new tokens, greedy, batch 1; the 127 tokens after the
+  first (time of a 128-token run minus a 1-token run, which is the prefill).
+- ceiling: the memory's read speed (one pass over 1 GiB, measured here with the same threads)
+  over the bytes of weights a token reads (4, 2 or 1 per parameter).
+- first token: time to the first new token after a 256-token prompt (the prefill).
+- quality (16- and 8-bit): against glassgpt fp32 on the fp32 greedy sequence, the largest logit
+  difference (every position of prompt + 128 tokens, teacher-forced), how many of the 128 greedy
+  tokens agree before the first difference, and the perplexity on The Verdict (256-token windows;
+  with random weights only the change means anything).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import tempfile
 import time
+import warnings
 from functools import partial
 
+import _engines  # bench/ is on the path when a bench runs as a script
+import numpy as np
 import torch
-from _peers import their_model  # bench/ is on the path when a bench runs as a script
+from _engines import Contender
+from _peers import their_model
 
 from glassgpt.fast import cpu_inference_kernels
 from glassgpt.generate import generate
+from glassgpt.int8 import quantize_int8
+from glassgpt.tokenizer import bundled_text, get_tokenizer
 from glassgpt.weights import load_model
 
 
@@ -79,16 +90,6 @@ def tutorial_generate(model, ids, n):
     return generate_text_simple(model, ids, n, context_size=model.pos_emb.weight.shape[0])
 
 
-def ours_prefill(model, ids):
-    with torch.inference_mode(), cpu_inference_kernels():  # as generate() runs its prefill
-        return model(ids, cache=model.new_cache(ids.shape[0]))
-
-
-def hf_prefill(model, ids):
-    with torch.inference_mode():
-        return model(ids, use_cache=True).logits
-
-
 def rounds(contenders: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each contender, calling them in turn for `repeats` rounds."""
     times = {name: [] for name in contenders}
@@ -98,123 +99,183 @@ def rounds(contenders: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def perplexity(model, ids: torch.Tensor, window: int) -> float:
-    """exp(mean next-token cross-entropy) over non-overlapping windows of `ids` (1-D)."""
-    losses, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, ids.numel() - 1, window):
-            chunk = ids[start:start + window + 1]
-            if chunk.numel() < 2:
-                break
-            logits = model(chunk[:-1].unsqueeze(0)).float()
-            loss = torch.nn.functional.cross_entropy(logits[0], chunk[1:], reduction="sum")
-            losses, count = losses + loss.item(), count + chunk.numel() - 1
-    return math.exp(losses / count)
+PROMPT_TOKENS = 16  # the decode prompt, as in issue 16's measurements
 
 
-def reduced_precision(ours, args, prompt) -> None:
-    from glassgpt.hub import resolve_model
-    from glassgpt.tokenizer import bundled_text, get_tokenizer
+def torch_contender(model, compile=False) -> Contender:
+    """A glassgpt model as a `Contender` (token ids in and out as lists, like the engines')."""
+    def gen(ids, n):
+        return generate(model, torch.tensor([ids]), n, compile=compile)[0, len(ids):].tolist()
 
-    model = ours
-    if args.model:
-        model, _, description = resolve_model(args.model)
-        print(f"\nreduced precision on {description}")
+    def logits(ids):
+        with torch.inference_mode(), cpu_inference_kernels():
+            return model(torch.tensor([ids]))[0].float().numpy()
+
+    return Contender(gen, logits)
+
+
+def hf_contender(hf) -> Contender:
+    def gen(ids, n):
+        return hf_generate(hf, torch.tensor([ids]), n)[0, len(ids):].tolist()
+
+    def logits(ids):
+        with torch.inference_mode():
+            return hf(torch.tensor([ids])).logits[0].float().numpy()
+
+    return Contender(gen, logits)
+
+
+def read_bandwidth() -> float:
+    """Bytes per second of one pass over 1 GiB (a sum), the median of 5, with torch's threads."""
+    data = torch.ones(2 ** 28)
+    data.sum()
+    return 2 ** 30 / statistics.median(seconds(data.sum) for _ in range(5))
+
+
+def contenders_for(precision: str, ours, hf, args, directory: str) -> tuple[dict[str, Contender], list[str]]:
+    """The table's contenders ({name: Contender}) and notes on those skipped."""
+    table, notes = {}, []
+    status = _engines.available()
+    if precision == "fp32":
+        table["glassgpt"] = torch_contender(ours)
+        table["glassgpt compile=True"] = torch_contender(ours, compile=True)
+        table["transformers"] = hf_contender(hf)
+        engines = {"llama.cpp F32": ("llama.cpp", _engines.llama_cpp, "F32"),
+                   "ONNX Runtime fp32": ("ONNX Runtime", _engines.onnx_runtime, "fp32")}
+    elif precision == "16-bit":
+        bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+        table["glassgpt bf16"] = torch_contender(bf16)
+        table["glassgpt bf16 compile=True"] = torch_contender(bf16, compile=True)
+        engines = {"llama.cpp BF16": ("llama.cpp", _engines.llama_cpp, "BF16")}
+        notes.append("ONNX Runtime: no bf16 matrix kernels on the CPU; transformers: not timed in 16-bit")
     else:
-        print("\nreduced precision on the random weights (perplexity shows only the numerical drift)")
-    text_ids = torch.tensor(get_tokenizer("gpt2").encode(bundled_text("the-verdict.txt")))
-    window = min(256, model.config.context_length)
-    variants = {"fp32": model, "bf16": _copy(model).to(torch.bfloat16)}
-    try:
-        variants["int8 dynamic"] = torch.ao.quantization.quantize_dynamic(_copy(model), {torch.nn.Linear},
-                                                                          dtype=torch.qint8)
-    except (AttributeError, RuntimeError, NotImplementedError) as error:
-        print(f"  int8 dynamic quantisation unavailable: {error}")
-    one = {name: (lambda m=m: ours_generate(m, prompt, 1)) for name, m in variants.items()}
-    full = {name: (lambda m=m: ours_generate(m, prompt, 50)) for name, m in variants.items()}
-    t1, t50 = rounds(one, args.repeats), rounds(full, args.repeats)
-    base_ppl = perplexity(model, text_ids, window)
-    for name, variant in variants.items():
-        decode = 49 / (t50[name] - t1[name])
-        ppl = base_ppl if name == "fp32" else perplexity(variant, text_ids, window)
-        print(f"  {name:<13} decode {decode:7.1f} tokens/s "
-              f"({decode / (49 / (t50['fp32'] - t1['fp32'])):4.2f}x fp32)"
-              f"   perplexity on The Verdict {ppl:10.2f} ({(ppl / base_ppl - 1) * 100:+.2f}%)")
+        table["glassgpt int8 (weight-only)"] = torch_contender(quantize_int8(copy.deepcopy(ours)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(ours), {torch.nn.Linear},
+                                                             dtype=torch.qint8)
+        table["glassgpt int8 dynamic (before)"] = torch_contender(dynamic)
+        engines = {"llama.cpp Q8_0": ("llama.cpp", _engines.llama_cpp, "Q8_0"),
+                   "ONNX Runtime int8 dynamic": ("ONNX Runtime", _engines.onnx_runtime, "int8")}
+    for name, (engine, make, kind) in engines.items():
+        if status[engine] is not None:
+            notes.append(f"{name}: skipped, {engine} {status[engine]}")
+            continue
+        try:
+            table[name] = make(ours, directory, kind, args.threads)
+        except Exception as error:  # an engine that fails to load is reported, not fatal
+            notes.append(f"{name}: skipped, {type(error).__name__}: {str(error).strip()[:200]}")
+    return table, notes
 
 
-def _copy(model):
-    import copy
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """How many tokens agree before the first difference."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
-    return copy.deepcopy(model)
+
+def perplexity(logits_of, ids: list[int], window: int) -> float:
+    """exp(mean next-token cross-entropy) over non-overlapping windows of `ids`."""
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1]
+        if len(chunk) < 2:
+            break
+        logits = torch.from_numpy(np.asarray(logits_of(chunk[:-1]), dtype=np.float32))
+        total += torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum").item()
+        count += len(chunk) - 1
+    return math.exp(total / count)
+
+
+def timed_table(precision, table, notes, ceiling, args, prompt, prefill_prompt, reference) -> None:
+    """Time the table's contenders in alternating rounds and print decode, ceiling and first token."""
+    n = args.new_tokens
+    one = {name: partial(c.generate, prompt, 1) for name, c in table.items()}
+    full = {name: partial(c.generate, prompt, n) for name, c in table.items()}
+    first = {name: partial(c.generate, prefill_prompt, 1) for name, c in table.items()}
+    for fn in full.values():  # warm-up: compiles, loads, first-touch of the weights
+        fn()
+    t1, tn, tf = rounds(one, args.repeats), rounds(full, args.repeats), rounds(first, args.repeats)
+    print(f"\n{precision}: decode {len(prompt)}-token prompt + {n} new tokens, batch 1, greedy; "
+          f"ceiling {ceiling:.0f} tokens/s (memory read speed / weight bytes)")
+    print(f"  {'contender':<30} {'decode tok/s':>12} {'of ceiling':>10} "
+          f"{'first token, ' + str(len(prefill_prompt)) + ' prompt':>26} {'greedy = glassgpt fp32':>23}")
+    for name, contender in table.items():
+        decode = (n - 1) / (tn[name] - t1[name])
+        same = leading_agreement(contender.generate(prompt, n), reference)
+        print(f"  {name:<30} {decode:12.1f} {decode / ceiling:10.0%} {tf[name] * 1000:23.1f} ms "
+              f"{same:>15d}/{n} tokens")
+    for note in notes:
+        print(f"  ({note})")
+
+
+def quality(table, fp32, reference_ids, text_ids, window) -> None:
+    """Logit error, greedy agreement and perplexity change of each contender against glassgpt fp32."""
+    expected = fp32.logits(reference_ids)
+    n = len(reference_ids) - PROMPT_TOKENS
+    base = perplexity(fp32.logits, text_ids, window)
+    print(f"  quality against glassgpt fp32 (perplexity on The Verdict {base:.2f}):")
+    for name, contender in table.items():
+        error = np.abs(np.asarray(contender.logits(reference_ids), dtype=np.float32) - expected).max()
+        same = leading_agreement(contender.generate(reference_ids[:PROMPT_TOKENS], n),
+                                 reference_ids[PROMPT_TOKENS:])
+        ppl = perplexity(contender.logits, text_ids, window)
+        print(f"  {name:<30} max |logit difference| {error:7.4f}   greedy agrees for {same:3d}/{n} tokens   "
+              f"perplexity {ppl:10.2f} ({(ppl / base - 1) * 100:+.3f}%)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch, llama.cpp and ONNX Runtime threads")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (medians are printed)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--precisions", default="fp32,16-bit,8-bit", help="comma-separated tables to run")
     parser.add_argument("--quick", action="store_true", help="a 2-block GPT-2, to check the script runs")
-    parser.add_argument("--skip-tutorial", action="store_true", help="leave out the no-cache loop (slow)")
-    parser.add_argument("--precision", action="store_true", help="also bf16 and int8 decode + perplexity")
-    parser.add_argument("--model", default=None, help="trained weights for --precision (a --model value)")
+    parser.add_argument("--no-quality", action="store_true", help="leave out logit error and perplexity")
+    parser.add_argument("--tutorial", action="store_true", help="also the no-cache loop, 512-token prompt")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     ours, hf = build_models(args.quick)
     generator = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, ours.config.vocab_size, (1, 8), generator=generator)
-    long_prompt = torch.randint(0, ours.config.vocab_size, (1, 512), generator=generator)
-    prefill_ids = torch.randint(0, ours.config.vocab_size, (1, 256), generator=generator)
+    vocab = ours.config.vocab_size
+    prompt = torch.randint(0, vocab, (PROMPT_TOKENS,), generator=generator).tolist()
+    prefill_prompt = torch.randint(0, vocab, (256,), generator=generator).tolist()
     print(f"GPT-2 {'(2 blocks) ' if args.quick else 'small '}{ours.num_parameters() / 1e6:.1f}M parameters, "
-          f"fp32, batch 1, {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"batch 1, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of "
+          f"{args.repeats} alternating rounds")
+    fp32 = torch_contender(ours)
+    reference = fp32.generate(prompt, args.new_tokens)
+    print(f"greedy {args.new_tokens} tokens equal to transformers': "
+          f"{reference == hf_contender(hf).generate(prompt, args.new_tokens)}")
+    bandwidth = read_bandwidth()
+    print(f"memory read speed: {bandwidth / 1e9:.1f} GB/s (one pass over 1 GiB, {args.threads} threads)")
+    text_ids = get_tokenizer("gpt2").encode(bundled_text("the-verdict.txt"))
+    bytes_per_weight = {"fp32": 4, "16-bit": 2, "8-bit": 1}
+    with tempfile.TemporaryDirectory() as directory:
+        for precision in args.precisions.split(","):
+            if precision not in bytes_per_weight:
+                parser.error(f"unknown precision {precision!r}; choose from {', '.join(bytes_per_weight)}")
+            table, notes = contenders_for(precision, ours, hf, args, directory)
+            ceiling = bandwidth / (ours.num_parameters() * bytes_per_weight[precision])
+            timed_table(precision, table, notes, ceiling, args, prompt, prefill_prompt, reference)
+            if precision != "fp32" and not args.no_quality:
+                window = min(256, ours.config.context_length)
+                quality(table, fp32, prompt + reference, text_ids, window)
+            del table
 
-    expected = hf_generate(hf, prompt, 50)
-    print(f"greedy 50 tokens equal to transformers: {torch.equal(ours_generate(ours, prompt, 50), expected)}")
-    started = time.perf_counter()
-    same = torch.equal(ours_generate(ours, prompt, 50, compile=True), expected)
-    print(f"  and with compile=True: {same} "
-          f"(first call, compiling included: {time.perf_counter() - started:.1f} s)")
-
-    runs = {"glassgpt": partial(ours_generate, ours),
-            "glassgpt compile": partial(ours_generate, ours, compile=True),
-            "transformers": partial(hf_generate, hf)}
-    one = rounds({name: partial(run, prompt, 1) for name, run in runs.items()}, args.repeats)
-    full = rounds({name: partial(run, prompt, 50) for name, run in runs.items()}, args.repeats)
-    decode = {name: 49 / (full[name] - one[name]) for name in full}
-    end_to_end = {name: 50 / full[name] for name in full}
-    print("\ndecode, 8-token prompt + 50 new tokens")
-    for name in full:
-        print(f"  {name:<16} decode {decode[name]:7.1f} tokens/s   "
-              f"end to end {end_to_end[name]:7.1f} tokens/s   "
-              f"ratio to transformers: decode {decode[name] / decode['transformers']:.2f}x, "
-              f"end to end {end_to_end[name] / end_to_end['transformers']:.2f}x")
-    floor = 34e9 / (ours.num_parameters() * 4)
-    print(f"  memory-bandwidth bound (34 GB/s / fp32 weights): {floor:.0f} tokens/s; glassgpt reaches "
-          f"{decode['glassgpt'] / floor:.0%} of it, "
-          f"{decode['glassgpt compile'] / floor:.0%} with compile=True")
-
-    prefill = rounds({"glassgpt": lambda: ours_prefill(ours, prefill_ids),
-                      "transformers": lambda: hf_prefill(hf, prefill_ids)}, args.repeats)
-    print("\nprefill, 256 tokens")
-    for name, t in prefill.items():
-        print(f"  {name:<13} {256 / t:7.1f} tokens/s")
-    print(f"  ratio glassgpt / transformers: {prefill['transformers'] / prefill['glassgpt']:.2f}x")
-
-    if not args.skip_tutorial:
+    if args.tutorial:
         tutorial = tutorial_model(ours)
+        long_prompt = torch.randint(0, vocab, (1, 512), generator=generator)
         same = torch.equal(ours_generate(ours, long_prompt, 5), tutorial_generate(tutorial, long_prompt, 5))
         long = rounds({"glassgpt": lambda: ours_generate(ours, long_prompt, 50),
                        "tutorial": lambda: tutorial_generate(tutorial, long_prompt, 50)},
-                      max(1, args.repeats - 1))
+                      max(1, args.repeats - 2))
         print(f"\nlong prompt, 512 tokens + 50 new (greedy tokens equal to the tutorial's: {same})")
         for name, t in long.items():
             print(f"  {name:<13} {50 / t:7.1f} tokens/s end to end")
         print("  ratio glassgpt (KV cache) / tutorial (no cache): "
               f"{long['tutorial'] / long['glassgpt']:.2f}x")
-
-    if args.precision:
-        reduced_precision(ours, args, prompt)
-
 
 if __name__ == "__main__":
     main()

@@ -677,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--verbose", action="store_true", help="print prefill and decode speed")
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                          help="int8: dynamic quantisation, about 2.5x faster decoding on CPU")
+                          help="int8: weight-only int8 (a scale per row), faster decoding on CPU")
     generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores "
                           "less those other processes keep busy)")
     generate.add_argument("--compile", action="store_true",
@@ -749,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=8, help="requests queued; beyond them: 503")
     serve.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                        help="weights in memory; auto: bfloat16 on CPUs with native bf16 (AVX-512 BF16/AMX), "
-                            "else float32; int8 (dynamic quantisation) decodes ~2.5x faster on CPU")
+                            "else float32; int8 (weight-only, a scale per row) decodes faster on CPU")
     serve.add_argument("--compile", action="store_true",
                        help="CPU, float32/bfloat16: compiled matrix-vector kernels for decoding; CUDA: the "
                             "graphed decode step compiled; both at start-up (seconds to a minute; needs a "

@@ -107,7 +107,7 @@ def evaluate_lm(model: GPT, ids: np.ndarray | Sequence[int], tokenizer: Tokenize
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     if spans[-1][1] < context_length:  # the remainder: a window of its own, of its own length
         batches.append([spans[-1][0]])
-    plain_head = isinstance(model.out_head.weight, torch.Tensor)
+    plain_head = isinstance(getattr(model.out_head, "weight", None), torch.Tensor)
     was_training = model.training
     model.eval()
     total_nats, n_bytes = 0.0, 0
@@ -232,7 +232,7 @@ def evaluate_model(model_spec: str | Path, data: str | Path | None = None, devic
         raise ValueError(f"context length must be positive, got {context_length}")
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    if dtype == "int8" and device == "auto":  # dynamic quantisation runs on the CPU only
+    if dtype == "int8" and device == "auto":  # int8 runs on the CPU only
         device = "cpu"
     classifier = saved_classifier(model_spec)
     if classifier is not None:

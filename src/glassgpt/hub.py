@@ -14,13 +14,13 @@ command can refuse bad input before heavy work starts; `resolve_model` loads.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError
 
+from glassgpt import int8
 from glassgpt.config import PRESETS
 from glassgpt.model import GPT
 from glassgpt.tokenizer import get_tokenizer
@@ -142,7 +142,7 @@ def resolve_model(spec: str | Path, device: str | torch.device = "cpu",
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     int8 = dtype == "int8"
     if int8 and torch.device(device).type != "cpu":
-        raise ValueError("int8 dynamic quantisation needs an fp32 model on the CPU")
+        raise ValueError("int8 weight-only quantisation needs an fp32 model on the CPU")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     kind, directory = _locate(spec, presets)
     if kind == "preset":
@@ -158,16 +158,13 @@ def resolve_model(spec: str | Path, device: str | torch.device = "cpu",
     return model.eval(), tokenizer, description
 
 
-def quantize_int8(model: GPT) -> GPT:
-    """`model` with every Linear layer quantised to int8 (dynamic quantisation, CPU only), in place.
+def quantize_int8(model: GPT, head: bool = True) -> GPT:
+    """`model` with every Linear layer held as int8 weights with a float32 scale per output row, in
+    place (`glassgpt.int8`: weight-only, activations stay float32; CPU only).
 
-    Weights are read as int8, a quarter of the bytes of fp32, and decoding on CPU is bound by
-    reading weights: 2.3-2.8x faster there for under 0.1% perplexity (docs/PERFORMANCE.md).
-    Embeddings and norms stay fp32.
+    Weights are read as int8, a quarter of the bytes of fp32, and decoding on a CPU is bound by
+    reading weights; only the weights are rounded, so the logits stay within a small documented
+    distance of fp32's (docs/PERFORMANCE.md). Embeddings and norms stay fp32; `head=False` keeps
+    the output head fp32 too.
     """
-    if model.tok_emb.weight.device.type != "cpu" or model.tok_emb.weight.dtype != torch.float32:
-        raise ValueError("int8 dynamic quantisation needs an fp32 model on the CPU")
-    with warnings.catch_warnings():  # torch points users of this API at torchao; it still works
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8,
-                                                      inplace=True)
+    return int8.quantize_int8(model, head=head)

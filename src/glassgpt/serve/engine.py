@@ -39,7 +39,7 @@ class ModelHost:
     """The served model: loaded once, at start-up or on the first request that needs it.
 
     `source` is a GPT (then `tokenizer` is required) or anything `hub.resolve_model` accepts, loaded
-    as `dtype`: "float32", "bfloat16" or "int8" (dynamic quantisation of the Linear layers: a
+    as `dtype`: "float32", "bfloat16" or "int8" (weight-only int8 Linear layers, `glassgpt.int8`: a
     quarter of the bytes to read per token, the limit of decoding on a CPU), on `device` (on CUDA,
     decoding replays a CUDA graph: `glassgpt.generate`). `compile=True`:
     decode through compiled matrix-vector kernels on a CPU (`glassgpt.generate`), compiled during
