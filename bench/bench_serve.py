@@ -16,28 +16,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
+from _server import ServeProcess  # bench/ is on the path when a bench runs as a script
 
 from glassgpt.generate import generate_text
 from glassgpt.hub import resolve_model
 
 REFERENCE_COLD_S, REFERENCE_WARM_S = 10.0, 2.5
 TARGET_COLD_S, TARGET_WARM_S = 3.0, 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def save_checkpoint(preset: str, directory: Path) -> Path:
@@ -50,27 +42,13 @@ def save_checkpoint(preset: str, directory: Path) -> Path:
 
 def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32", threads: int = 0,
             compile: bool = False) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     body = {"prompt": "Every effort moves you", "max_tokens": n_tokens, "temperature": 0.7, "top_k": 50,
             "seed": 0}
-    started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "glassgpt.cli", "serve", "--model", model,
-                               "--port", str(port), "--dtype", dtype,
-                               *(["--threads", str(threads)] if threads else []),
-                               *(["--compile"] if compile else [])],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    options = [*(["--threads", str(threads)] if threads else []), *(["--compile"] if compile else [])]
+    server = ServeProcess(["--model", model, "--dtype", dtype, *options])
+    url, ready_s = server.url, server.ready_s
     try:
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None:
-                raise RuntimeError("the server exited:\n" + server.stderr.read())
-            time.sleep(0.02)
-        ready_s = time.perf_counter() - started
+        started = time.perf_counter() - ready_s  # the launch, on this clock
         first = httpx.post(url + "/generate", json=body, timeout=120)
         first.raise_for_status()
         first_generate_s = time.perf_counter() - started
@@ -95,8 +73,7 @@ def measure(model: str, n_requests: int, n_tokens: int, dtype: str = "float32", 
         del local_model
         info = httpx.get(url + "/api/model").json()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
     latencies.sort()
     return {
         "model": info["name"], "parameters": info["parameters"], "dtype": info["dtype"], "ready_s": ready_s,

@@ -19,10 +19,7 @@ same weights:
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from _server import ServeProcess  # bench/ is on the path when a bench runs as a script
 
 import glassgpt.generate as generate_module
 from glassgpt.cuda_graphs import GraphedDecoder
@@ -38,12 +36,6 @@ from glassgpt.hub import resolve_model
 
 PROMPT = "Every effort moves you"
 SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def synchronize() -> None:
@@ -59,30 +51,14 @@ def timed(call) -> float:
     return time.perf_counter() - started
 
 
-class Server:
+class Server(ServeProcess):
     """`glassgpt serve --device cuda` in a child process, until `stop()`."""
 
     def __init__(self, checkpoint: Path, device: str, dtype: str, max_running: int, tokens: int,
                  compile: bool):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = tempfile.TemporaryFile("w+")  # the server's log, shown when something fails
-        port = self.url.rsplit(":", 1)[1]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "glassgpt", "serve", "--model", str(checkpoint), "--device", device,
-             "--dtype", dtype, "--port", port, "--max-running", str(max_running), "--max-waiting", "64",
-             "--max-tokens-cap", str(tokens), *(["--compile"] if compile else [])],
-            stdout=subprocess.DEVNULL, stderr=self.log, text=True)
-        started = time.perf_counter()
-        while True:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError("the server exited:\n" + self.tail())
-            time.sleep(0.05)
-        self.ready_s = time.perf_counter() - started
+        super().__init__(["--model", str(checkpoint), "--device", device, "--dtype", dtype,
+                          "--max-running", str(max_running), "--max-waiting", "64",
+                          "--max-tokens-cap", str(tokens), *(["--compile"] if compile else [])])
         self.model = httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
 
     def complete(self, client: httpx.Client, tokens: int, **sampling) -> tuple[float, int]:
@@ -94,14 +70,6 @@ class Server:
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code} {response.text[:300]}\nserver log:\n{self.tail()}")
         return seconds, response.json()["usage"]["completion_tokens"]
-
-    def tail(self) -> str:
-        self.log.seek(0)
-        return "".join(self.log.readlines()[-40:])
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
 
 
 def batch_one(server: Server, model, ids: torch.Tensor, tokens: int, requests: int,

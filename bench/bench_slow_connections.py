@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _server import ServeProcess  # bench/ is on the path when a bench runs as a script
 
 from glassgpt import GPT, GPTConfig
 from glassgpt.tokenizer import get_tokenizer
@@ -36,12 +36,6 @@ KINDS = {
                   b"Content-Length: 400\r\n\r\n", b'{"prompt": "' + b"a" * 386 + b'"}'),
     "silent": (b"", b""),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def slow_client(port: int, prefix: bytes, data: bytes, interval: float, out: list) -> None:
@@ -81,29 +75,16 @@ def main() -> int:
                         help="serve's --read-timeout (default: its own)")
     args = parser.parse_args()
 
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = GPTConfig(name="bench-small", vocab_size=50257, context_length=64, emb_dim=64, n_heads=2,
                            n_layers=2)
         save_model(GPT(config), Path(tmp) / "model", tokenizer=get_tokenizer("gpt2"))
-        command = [sys.executable, "-m", "glassgpt", "serve", "--model", str(Path(tmp) / "model"),
-                   "--port", str(port), "--dtype", "float32", "--threads", "1"]
+        command = ["--model", str(Path(tmp) / "model"), "--dtype", "float32", "--threads", "1"]
         if args.read_timeout is not None:
             command += ["--read-timeout", str(args.read_timeout)]
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = ServeProcess(command, timeout_s=120)
+        url, port = server.url, int(server.url.rsplit(":", 1)[1])
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(url + "/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start")
-                time.sleep(0.2)
-
             results = {kind: [] for kind in KINDS}
             threads = [threading.Thread(target=slow_client,
                                         args=(port, prefix, data, args.interval, results[kind]))
@@ -124,8 +105,7 @@ def main() -> int:
             for thread in threads:
                 thread.join()
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.stop()
 
     print(f"{args.clients} clients of each kind, a byte every {args.interval} s")
     for kind, rows in results.items():

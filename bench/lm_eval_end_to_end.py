@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
+from _server import ServeProcess  # bench/ is on the path when a bench runs as a script
 
 from glassgpt.bpe import BPETokenizer
 from glassgpt.hub import resolve_model
@@ -59,12 +58,6 @@ doc_to_target: label
 metric_list:
   - metric: acc
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def paragraphs(limit: int) -> list[str]:
@@ -126,21 +119,8 @@ def main() -> None:
         (tasks / "glassgpt_verdict.yaml").write_text(VERDICT_TASK % (scratch / "verdict.jsonl"))
         (tasks / "glassgpt_sms.yaml").write_text(SMS_TASK % (scratch / "sms.jsonl"))
 
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "glassgpt", "serve", "--model", args.model,
-                                   "--port", str(port), "--dtype", "float32", "--max-waiting", "64"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            while True:
-                try:
-                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None:
-                    raise SystemExit("the server exited; run `glassgpt serve --model ...` to see why")
-                time.sleep(0.1)
+        with ServeProcess(["--model", args.model, "--dtype", "float32", "--max-waiting", "64"]) as server:
+            url = server.url
             served = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             started = time.perf_counter()
             command = [args.lm_eval, "--model", "local-completions",
@@ -152,9 +132,6 @@ def main() -> None:
             print("$ " + " ".join(command), flush=True)
             subprocess.run(command, check=True)
             seconds = time.perf_counter() - started
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
         results = {}
         for path in (scratch / "out").rglob("results_*.json"):
             results.update(json.loads(path.read_text())["results"])
