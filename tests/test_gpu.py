@@ -5,6 +5,10 @@ marked `gpu` need CUDA and skip cleanly without it: compiled training forward, c
 graph-captured decoding, both against eager, on random weights.
 """
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -224,6 +228,12 @@ def test_busy_decoders_and_moved_weights(graphed_on_cpu, monkeypatch):
     with DECODERS.borrow(model, 1, False) as fresh:
         assert fresh not in (first, second)
     assert torch.equal(generate(model, ids, 10), expected)
+    # The decoders live on the model, and copies of the model start without them.
+    assert copy.deepcopy(model).__dict__[DECODERS.attribute] == {}
+    dead = weakref.ref(model)
+    del model, first, second, again, fresh, third
+    gc.collect()
+    assert dead() is None                                         # no global table keeps it alive
 
 
 @pytest.mark.gpu

@@ -16,7 +16,6 @@ Measurements: docs/PERFORMANCE.md ("Decode").
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -206,6 +205,18 @@ class _Pool:
     idle: list[GraphedDecoder] = field(default_factory=list)
 
 
+class _ModelDecoders(dict):
+    """The pools of one model, kept on the model itself, so that they live and die with it (a global
+    table of decoders, each holding its model, would keep every model alive). Never copied with the
+    model: a graph belongs to the memory it was captured on."""
+
+    def __deepcopy__(self, memo) -> _ModelDecoders:
+        return _ModelDecoders()
+
+    def __reduce__(self):
+        return _ModelDecoders, ()
+
+
 class _Decoders:
     """`GraphedDecoder`s per (model, batch size, compile), made on first use and kept with the model.
 
@@ -217,9 +228,9 @@ class _Decoders:
     """
 
     per_key = 8
+    attribute = "_graphed_decoders"
 
     def __init__(self):
-        self._pools: weakref.WeakKeyDictionary[GPT, dict] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     @contextmanager
@@ -227,7 +238,9 @@ class _Decoders:
         signature = tuple(p.data_ptr() for p in model.parameters())
         key, decoder, make = (batch_size, compile), None, False
         with self._lock:
-            pools = self._pools.setdefault(model, {})
+            pools = model.__dict__.get(self.attribute)
+            if pools is None:
+                pools = model.__dict__[self.attribute] = _ModelDecoders()
             pool = pools.get(key)
             if pool is None or pool.signature != signature:
                 pool = pools[key] = _Pool(signature)
