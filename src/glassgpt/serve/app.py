@@ -675,7 +675,10 @@ def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Ser
             if request.views is not None:
                 result["views"] = {view: inspect_report.report(model, tokenizer, request.text, view)
                                    for view in request.views}
-            return result
+            # Rendered here, in the worker thread, and as it is: up to layers x heads x T x T weights
+            # walked by FastAPI's jsonable_encoder would cost more than the model itself, and on the
+            # event loop, where every other request waits for it.
+            return JSONResponse(result)
 
         return await answer(gate, work)
 
