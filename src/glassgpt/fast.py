@@ -64,6 +64,21 @@ class CompileState:
         self.kernel = None
         self.failure: str | None = None
 
+    def attempt(self, call, *args, instead: str) -> torch.Tensor | None:
+        """`call(*args)`, or None where compiling fails here (a machine without the C++ compiler that
+        torch.compile needs on a CPU): the first failure is kept and warned about once, saying what
+        happens `instead`, and later calls give None at once, so decoding goes on eagerly."""
+        if self.failure is not None:
+            return None
+        try:
+            return call(*args)
+        except Exception as error:  # compilers fail in many ways; all of them mean "not here"
+            message = str(error).strip()
+            self.failure = message.splitlines()[0] if message else type(error).__name__
+            warnings.warn(f"torch.compile does not work here ({self.failure}); {instead}", RuntimeWarning,
+                          stacklevel=3)
+            return None
+
 
 COMPILED = CompileState()
 
@@ -79,22 +94,6 @@ def compiled_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # Detached, parameters are plain tensors to the compiler, which would otherwise hold their
     # shapes fixed and compile once per shape after all.
     return COMPILED.kernel(x, weight.detach(), None if bias is None else bias.detach())
-
-
-def _try_compiled_matvec(x, weight, bias) -> torch.Tensor | None:
-    """`compiled_matvec`, or None (with one warning per process) where compiling fails, e.g. on a
-    machine without the C++ compiler that torch.compile needs on a CPU: decoding then goes on with
-    the eager kernels instead of stopping."""
-    if COMPILED.failure is not None:
-        return None
-    try:
-        return compiled_matvec(x, weight, bias)
-    except Exception as error:  # compilers fail in many ways; all of them mean "not here"
-        message = str(error).strip()
-        COMPILED.failure = message.splitlines()[0] if message else type(error).__name__
-        warnings.warn(f"compile=True: torch.compile does not work here ({COMPILED.failure}); "
-                      "decoding without it", RuntimeWarning, stacklevel=2)
-        return None
 
 
 class CPULinear(TorchFunctionMode):
@@ -120,7 +119,7 @@ class CPULinear(TorchFunctionMode):
             if _cpu_inference(x, weight, bias):
                 one_row = x.numel() == x.shape[-1]
                 if self.compile and one_row and x.dtype in (torch.float32, torch.bfloat16):
-                    out = _try_compiled_matvec(x, weight, bias)
+                    out = COMPILED.attempt(compiled_matvec, x, weight, bias, instead="decoding without it")
                     if out is not None:
                         return out
                 if x.dtype == torch.float32 and (ONEDNN_FOR_ONE_ROW or (HAS_ONEDNN_LINEAR and not one_row)):

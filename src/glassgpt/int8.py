@@ -22,7 +22,6 @@ it, and measure the distance to the unquantised model. Measurements: docs/PERFOR
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -67,20 +66,6 @@ def compiled_int8_matvec(x, q, scale, bias) -> torch.Tensor:
     return COMPILED.kernel(x, q, scale, bias)
 
 
-def _try_compiled(x, q, scale, bias) -> torch.Tensor | None:
-    """`compiled_int8_matvec`, or None (with one warning per process) where torch.compile fails."""
-    if COMPILED.failure is not None:
-        return None
-    try:
-        return compiled_int8_matvec(x, q, scale, bias)
-    except Exception as error:  # compilers fail in many ways; all of them mean "not here"
-        message = str(error).strip()
-        COMPILED.failure = message.splitlines()[0] if message else type(error).__name__
-        warnings.warn(f"int8: torch.compile does not work here ({COMPILED.failure}); decoding with "
-                      "PyTorch's eager kernels instead (same numbers, slower)", RuntimeWarning, stacklevel=2)
-        return None
-
-
 class Int8Linear(nn.Module):
     """A Linear layer whose weight is int8 with a float32 scale per output row (no autograd).
 
@@ -115,7 +100,8 @@ class Int8Linear(nn.Module):
         if one_row and torch.compiler.is_compiling():  # inside a compiled step: one graph, no nesting
             return int8_matvec(x, self.weight_int8, self.scale, self.bias)
         if self.compile and one_row and x.device.type == "cpu":
-            out = _try_compiled(x, self.weight_int8, self.scale, self.bias)
+            out = COMPILED.attempt(compiled_int8_matvec, x, self.weight_int8, self.scale, self.bias,
+                                   instead="int8 decodes with PyTorch's eager kernels (same numbers, slower)")
             if out is not None:
                 return out
         # Several rows (or no compiler): widen the int8 matrix once and let PyTorch multiply.

@@ -120,7 +120,7 @@ class ProbeLog:
         self.records: list[dict] = []
         if self.path is None:
             return
-        kept = [r for r in read_probes(self.path) if keep_until is not None and r["step"] <= keep_until]
+        kept = [r for r in read_records(self.path) if keep_until is not None and r["step"] <= keep_until]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self.steps = {r["step"] for r in kept}
@@ -150,8 +150,9 @@ def finetune_probes(directory: Path | None, model: GPT, tokenizer, text: str) ->
     return probes
 
 
-def read_probes(path: Path) -> list[dict]:
-    """The snapshots of a probes.jsonl (none if it does not exist; a half-written last line is skipped)."""
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSONL file a run writes (probes.jsonl, metrics.jsonl): none if it does not
+    exist, and a half-written line (a run writing it now, or killed mid-write) skipped."""
     path = Path(path)
     if not path.is_file():
         return []

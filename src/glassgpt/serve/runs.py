@@ -21,7 +21,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException
 
 from glassgpt.train import RECIPES
-from glassgpt.watch import PROBES_FILE, read_probes
+from glassgpt.watch import PROBES_FILE, read_records
 
 METRICS_FILE = "metrics.jsonl"
 SETTINGS_FILES = ("train_config.json",)  # what a run was started with, where it says
@@ -47,19 +47,6 @@ def recipe_of(settings: dict | None) -> str | None:
         if all(settings.get(key) == value for key, value in recipe.items()):
             return name
     return None
-
-
-def read_records(path: Path) -> list[dict]:
-    """A JSONL file's records (a half-written last line, from a run writing it now, is skipped)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 class Runs:
@@ -102,7 +89,7 @@ class Runs:
 
     def probe(self, name: str, step: int) -> dict:
         directory = self.directory(name)
-        for record in read_probes(directory / PROBES_FILE):
+        for record in read_records(directory / PROBES_FILE):
             if record["step"] == step:
                 return record
         raise HTTPException(404, f"run {name!r} has no snapshot at step {step} "
@@ -110,7 +97,7 @@ class Runs:
 
 
 def _probe_steps(path: Path) -> list[int]:
-    return sorted({record["step"] for record in read_probes(path)})
+    return sorted({record["step"] for record in read_records(path)})
 
 
 # Documented, as every status code a route answers is (tests/test_serve_schema.py checks it).
