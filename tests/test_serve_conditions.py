@@ -120,6 +120,28 @@ def test_dropped_requests_stop_free_the_gate_and_are_logged_as_499(tokenizer, ca
     assert served == [200] * len(DROPPED)
 
 
+def test_a_dropped_request_of_many_prompts_scores_no_more_of_them(tokenizer, caplog):
+    """lm-eval's way of scoring: one /v1/completions request of 16 prompts, echo + logprobs and
+    max_tokens 0, one forward pass each (100 ms here). Dropped after 0.3 s, it stops after the
+    prompt under way instead of scoring the other dozen, and is logged as 499."""
+    caplog.set_level(logging.INFO, logger="glassgpt.serve.access")
+    model, counter = slow_model(delay_s=0.1)
+    app = create_app(model, tokenizer, max_tokens_cap=256, max_running=1, max_waiting=8)
+    body = {"model": "slow", "prompt": [f"Every effort moves you {i}" for i in range(16)], "echo": True,
+            "logprobs": 0, "max_tokens": 0}
+    with BackgroundServer(app) as server:
+        warm_up = counter.calls                            # the server's own start-up passes
+        client = send_raw(server.port, "/v1/completions", body)
+        wait_until(lambda: counter.calls >= warm_up + 2, timeout_s=5)
+        calls_at_drop = counter.calls
+        client.close()
+        wait_until(lambda: app.state.gate.admitted == 0, timeout_s=3)
+        assert counter.calls - calls_at_drop <= 2  # the pass under way, perhaps one more
+        time.sleep(0.1)
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "glassgpt.serve.access"]
+    assert [line["status"] for line in logged if line["path"] == "/v1/completions"] == [499]
+
+
 def test_a_request_whose_client_stays_is_not_cancelled(tokenizer):
     """The same watch sees the disconnect that follows a complete answer: that one is no cancellation."""
     model, _ = slow_model(delay_s=0.0)

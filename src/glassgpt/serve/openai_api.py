@@ -406,7 +406,11 @@ def install_openai_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Serv
         max_tokens, k = request.max_tokens, request.logprobs or 0
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         choices = []
+        job = current_job()
+        gone = cancelled if cancelled is not None else job.cancelled if job is not None else None
         for p, (ids, text) in enumerate(prepared):
+            if gone is not None and gone.is_set():  # its client left: score and generate no more
+                break
             scored = request.echo and request.logprobs is not None
             echoed = prompt_logprobs(model, tokenizer, ids, k) if scored else []
             for c in range(request.n):
