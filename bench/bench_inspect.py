@@ -9,7 +9,8 @@ length, and is called over HTTP as the /inside page calls it:
 
 - "no views": /api/inspect's plain answer (tokens, the top-10 next tokens, every head's attention);
 - each view alone: the work /api/inspect does for it (`inspect_report.report`, the server's own
-  call), in process, with the size of its JSON;
+  call), in process, with the size of its JSON; the heads view as the server runs it past its exact
+  bound (attribution patching), and with `--exact-heads` the exact ablation as well;
 - "all views": one POST /api/inspect naming every view, end to end (model work, JSON, transfer);
 - /api/patch on a clean and corrupted pair of `--patch-tokens` tokens (the server's default bound).
 
@@ -126,6 +127,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peer", action="store_true", help="time TransformerLens too (logit lens, heads)")
+    parser.add_argument("--exact-heads", action="store_true",
+                        help="also time the exact head ablation on the whole text (about 3 TFLOP at 256 "
+                             "tokens: minutes on a small CPU); the server estimates it past --patch-tokens")
     parser.add_argument("--peer-blocks", type=int, default=0,
                         help="time TransformerLens's head ablation on the first N blocks only and "
                              "scale it to all (each of its ablations is one whole forward pass, whatever "
@@ -146,7 +150,10 @@ def main() -> None:
 
     rows: dict[str, list[float]] = {}
     sizes: dict[str, int] = {}
-    app = create_app(model, tokenizer, inspect_max_tokens=args.tokens, patch_max_tokens=args.tokens,
+    reports: dict[str, dict] = {}
+    # The server's own bound for the exact heads view (--patch-tokens, its default 32): past it, the
+    # default heads_method "auto" estimates the view by attribution patching.
+    app = create_app(model, tokenizer, inspect_max_tokens=args.tokens, patch_max_tokens=args.patch_tokens,
                      max_body_bytes=1 << 20)
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=None) as http:
         def post(path: str, body: dict) -> httpx.Response:
@@ -161,11 +168,16 @@ def main() -> None:
             seconds, response = timed(lambda: post("/api/inspect", {"text": text}), "no views (HTTP)")
             rows.setdefault("no views (HTTP)", []).append(seconds)
             sizes["no views (HTTP)"] = len(response.content)
-            for view in INSPECT_VIEWS:
-                seconds, report = timed(lambda view=view: inspect_report.report(model, tokenizer, text, view),
-                                        view)
-                rows.setdefault(view, []).append(seconds)
-                sizes[view] = len(json.dumps(report))
+            timings = [(view, view, "exact") for view in INSPECT_VIEWS if view != "heads"]
+            timings.append(("heads", "heads (attribution)", "attribution"))
+            if args.exact_heads:
+                timings.append(("heads", "heads (exact)", "exact"))
+            for view, name, method in timings:
+                seconds, report = timed(lambda view=view, method=method: inspect_report.report(
+                    model, tokenizer, text, view, method=method), name)
+                rows.setdefault(name, []).append(seconds)
+                sizes[name] = len(json.dumps(report))
+                reports[name] = report
             seconds, response = timed(lambda: post("/api/inspect", everything), "all views (HTTP)")
             rows.setdefault("all views (HTTP)", []).append(seconds)
             sizes["all views (HTTP)"] = len(response.content)
@@ -175,6 +187,16 @@ def main() -> None:
             sizes[f"/api/patch, {args.patch_tokens} tokens (HTTP)"] = len(response.content)
             print(f"round {round_ + 1}: "
                   + ", ".join(f"{name} {times[-1]:.2f} s" for name, times in rows.items()), flush=True)
+
+    if args.exact_heads:  # how close the estimate the server sends is to the exact view, on this text
+        baseline = reports["heads (exact)"]["logit"]
+        exact, estimate = (torch.tensor(reports[name]["logits"]) - baseline
+                           for name in ("heads (exact)", "heads (attribution)"))
+        correlation = torch.corrcoef(torch.stack([exact.flatten(), estimate.flatten()]))[0, 1]
+        print(f"heads: attribution against exact, correlation of the changes {correlation:.3f}, "
+              f"max |difference| {(exact - estimate).abs().max():.3f} "
+              f"(largest change {exact.abs().max():.3f}), "
+              f"the same head most important: {bool(exact.abs().argmax() == estimate.abs().argmax())}")
 
     peer: dict[str, tuple[float, float]] = {}  # view -> TransformerLens's wall and CPU seconds
     if args.peer:

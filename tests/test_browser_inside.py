@@ -134,6 +134,7 @@ def test_every_view_tab_shows_the_apis_numbers(server, page, model, tokenizer):
     for block, row in enumerate(heads["logits"]):
         assert grid[block + 1].locator("td").all_inner_texts() == [signed(v - heads["logit"], 3) for v in row]
     assert f"{heads['logit']:.3f}" in page.inner_text("#heads-caption")
+    assert heads["method"] == "exact" and "Estimated" not in page.inner_text("#heads-caption")
     shoot(page, "heads")
 
     # Embeddings: one point per distinct token of the tab's own text; a search shows its neighbours.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,7 +37,8 @@ COMMON = ["--text", TEXT, "--tokenizer", "char", "--model", "nano", "--context-l
           "--val-fraction", "0.2", "--epochs", "1", "--lr", "3e-3", "--eval-every", "3", "--no-progress",
           "--threads", "1", "--sample-prompt", "hello", "--sample-tokens", "8", "--grad-accum", "2",
           "--batch-size", "2", "--device", "cpu"]  # gloo, also on a machine with GPUs
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# PYTHONFAULTHANDLER: a worker that crashes in native code prints its Python stack before torchrun's report.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 TIMEOUT = 180
 
 # Run by node 1 in place of `-m glassgpt`: the process that gets rank 1 kills itself (SIGKILL: no
@@ -79,6 +81,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def worker_output(result: subprocess.CompletedProcess) -> str:
+    """The end of what the workers printed, before torchrun's own report of the failure (which names
+    no cause: "exitcode -11")."""
+    report = re.search(r"^\S*E\d{4} .* failed \(exitcode", result.stderr, re.MULTILINE)
+    return result.stderr[:report.start() if report else None][-6000:]
+
+
 def standalone(n: int, args: list[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                "-m", "glassgpt", "train", *args]
@@ -110,14 +119,14 @@ def two_nodes(args: list[str], entry: list[str], env: dict) -> list[subprocess.C
 def test_fsdp_on_two_processes_matches_one_resumes_exactly_and_loads_into_one(tmp_path, capsys):
     out = tmp_path / "fsdp"
     first = standalone(2, COMMON + ["--fsdp", "--max-steps", "3", "--out", str(out)])
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, worker_output(first)
     state = load_state(out)
     assert "optimizer" not in state  # the optimizer state is in the shards, each process's part
     assert [p.name for p in out.iterdir() if p.name.startswith(("shards-", ".shards-"))] == [state["shards"]]
 
     # Resumed on 2 processes, the run goes on exactly as one process at the same global batch.
     second = standalone(2, ["--resume", str(out), "--max-steps", "6"])
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, worker_output(second)
     assert "resumed" in second.stdout + second.stderr
     records = metrics(out)
     assert [r["step"] for r in records if r["event"] == "step"] == [1, 2, 3, 4, 5, 6]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from glassgpt import inspect as views_lib
 from glassgpt import inspect_report
 from glassgpt.serve import create_app
 from glassgpt.serve.app import INSPECT_VIEWS
@@ -63,12 +64,31 @@ def test_views_are_bounded_and_checked(client):
     assert "once" in error({"text": TEXT, "views": ["heads", "heads"]})
     assert error({"text": TEXT, "views": []})
     assert error({"text": TEXT, "views": list(INSPECT_VIEWS) + ["residual"]})  # more than there are
-    # the heads view's tighter cap (6 here), before any work; the others keep the text cap (10)
-    assert client.post("/api/inspect", json={"text": " a" * 6, "views": ["heads"]}).status_code == 200
-    assert error({"text": " a" * 7, "views": ["heads"]}).startswith(
+    # the exact heads view's tighter cap (6 here), before any work; the others keep the text cap (10)
+    exact = {"views": ["heads"], "heads_method": "exact"}
+    assert client.post("/api/inspect", json={"text": " a" * 6, **exact}).status_code == 200
+    assert error({"text": " a" * 7, **exact}).startswith(
         "text is 7 tokens; the heads view takes at most 6")
+    assert error({"text": TEXT, "views": ["heads"], "heads_method": "guess"}).startswith("heads_method:")
     assert client.post("/api/inspect", json={"text": " a" * 10, "views": ["residual"]}).status_code == 200
     assert error({"text": " a" * 11, "views": ["residual"]}).startswith("text is 11 tokens")
+
+
+def test_heads_past_the_exact_bound_are_estimated_and_say_so(client, model, tokenizer):
+    """heads_method "auto" (the default): exact up to patch_max_tokens (6), attribution patching past
+    it, up to the text cap (10); "attribution" asks for the estimate on any text."""
+    short, long = " a b c", " the cat sat on the mat and"   # 3 and 7 tokens
+    views = {"views": ["heads"]}
+    within = client.post("/api/inspect", json={"text": short, **views}).json()["views"]["heads"]
+    assert within["method"] == "exact"
+    assert within == inspect_report.report(model, tokenizer, short, "heads", method="exact")
+    past = client.post("/api/inspect", json={"text": long, **views}).json()["views"]["heads"]
+    assert past["method"] == "attribution"
+    ids = tokenizer.encode(long)
+    torch.testing.assert_close(torch.tensor(past["logits"]),
+                               views_lib.attribute_heads(model, ids, past["target"]["id"]), atol=1e-5, rtol=0)
+    asked = client.post("/api/inspect", json={"text": short, **views, "heads_method": "attribution"}).json()
+    assert asked["views"]["heads"]["method"] == "attribution"
 
 
 # ---------------------------------------------------------------- POST /api/patch

@@ -594,7 +594,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     check_model_spec(args.model)
     model, tokenizer, _ = resolve_model(args.model, device=args.device, dtype=args.dtype)
     result = report(model, tokenizer, args.text, args.view, corrupt=args.corrupt, target=args.target,
-                    block=args.block, top=args.top)
+                    block=args.block, top=args.top, method=args.method)
     if args.json:
         print(json.dumps(result))
     else:
@@ -794,6 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--target", metavar="TOKEN",
                          help="patch, heads: the one token (a classifier: the label) whose logit is "
                               "followed; default: the model's top prediction for TEXT")
+    inspect.add_argument("--method", choices=["exact", "attribution"], default="exact",
+                         help="heads: silence each head and run the model (exact, default), or estimate "
+                              "that from one backward pass (attribution: seconds on long texts)")
     inspect.add_argument("--block", type=int, default=None, help="neurons: which block (default: the last)")
     inspect.add_argument("--top", type=int, default=None, metavar="K",
                          help="top tokens (logit-lens, 5), units (neurons, 10) or neighbours (embeddings, 5)")

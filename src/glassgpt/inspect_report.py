@@ -14,6 +14,9 @@ from glassgpt.model import GPT
 
 VIEWS = ("logit-lens", "patch", "heads", "embeddings", "neurons", "residual")
 DEFAULT_TOP = {"logit-lens": 5, "neurons": 10, "embeddings": 5}
+# How the heads view silences each head: run the model with it zeroed (`ablate_heads`), or estimate
+# that from one backward pass (`attribute_heads`: seconds where the exact view takes minutes).
+HEADS_METHODS = ("exact", "attribution")
 
 
 def output_names(model: GPT, tokenizer, ids: list[int]) -> list[str]:
@@ -47,16 +50,18 @@ def _tokens(tokenizer, ids: list[int]) -> list[dict]:
 
 
 def report(model: GPT, tokenizer, text: str, view: str, corrupt: str | None = None, target: str | None = None,
-           block: int | None = None, top: int | None = None) -> dict:
+           block: int | None = None, top: int | None = None, method: str = "exact") -> dict:
     """One view of `text` as JSON-able data (see docs/INSIDE.md for each view's fields).
 
     `corrupt`: the patching view's second text (as many tokens as `text`); `target`: the token (or
     label) the patching and head views follow, by default the model's top prediction for `text`;
     `block`: the neurons view's block (default the last); `top`: how many top tokens, neurons or
-    neighbours to list.
+    neighbours to list; `method`: the heads view's, one of `HEADS_METHODS`.
     """
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; choose one of: {', '.join(VIEWS)}")
+    if method not in HEADS_METHODS:
+        raise ValueError(f"unknown heads method {method!r}; choose one of: {', '.join(HEADS_METHODS)}")
     if view == "patch" and corrupt is None:
         raise ValueError("the patch view needs a corrupted text (--corrupt TEXT) with as many tokens as the "
                          "clean one")
@@ -91,8 +96,10 @@ def report(model: GPT, tokenizer, text: str, view: str, corrupt: str | None = No
             result["corrupt_logit"] = views.target_logit(model, corrupt_ids, target_id)
             result["logits"] = views.patch_residual(model, ids, corrupt_ids, target_id).tolist()
         else:
+            silenced = views.ablate_heads if method == "exact" else views.attribute_heads
+            result["method"] = method
             result["logit"] = views.target_logit(model, ids, target_id)
-            result["logits"] = views.ablate_heads(model, ids, target_id).tolist()
+            result["logits"] = silenced(model, ids, target_id).tolist()
     elif view == "residual":
         found = views.residual_contributions(model, ids)
         result.update(names=found["names"], norms=found["norms"].tolist())
@@ -167,10 +174,13 @@ def print_report(result: dict, console=None) -> None:
                          *[Text(f"{v:.3f}", style=heat(v, low, high)) for v in row])
     elif view == "heads":
         baseline, target = result["logit"], repr(result["target"]["text"])
-        grid = table(f"head ablation: the change in the logit of {target} when one head is silenced",
+        estimated = result.get("method") == "attribution"
+        grid = table(f"head ablation: the change in the logit of {target} when one head is silenced"
+                     + (" (estimated by attribution patching)" if estimated else ""),
                      "", [f"head {h}" for h in range(len(result["logits"][0]))],
                      f"baseline {baseline:.3f}. Red: the prediction needed that head; "
-                     "green: the head was arguing against it.")
+                     "green: the head was arguing against it."
+                     + (" A first-order estimate: confirm a cell with --method exact." if estimated else ""))
         changes = [v - baseline for row in result["logits"] for v in row]
         scale = max(map(abs, changes)) or 1.0
         for layer, row in enumerate(result["logits"]):

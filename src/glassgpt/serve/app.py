@@ -36,10 +36,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
@@ -87,8 +88,10 @@ class ServeSettings:
     max_tokens_cap: int = 256           # the most tokens one request may ask for
     max_prompt_chars: int = 20_000      # longer prompts, texts, instructions: 422 before tokenizing
     max_classify_texts: int = 64        # texts one POST /classify may send
-    inspect_max_tokens: int = 48        # /api/inspect returns layers x heads x T x T weights
-    patch_max_tokens: int = 32          # /api/patch and the heads view: layers (x heads) x T passes
+    # /api/inspect returns layers x heads x T x T weights: 51 MB of JSON for GPT-2 small at 256, about
+    # a second's work on two cores, and every view of such a text a few more (docs/PERFORMANCE.md).
+    inspect_max_tokens: int = 256
+    patch_max_tokens: int = 32          # /api/patch and the exact heads view: layers (x heads) x T passes
     max_running: int = 1                # generations at once (one keeps a small CPU's cores busy)
     max_waiting: int = 8                # queued behind them; more get 503 + Retry-After
     max_body_bytes: int = 64 * 1024     # larger request bodies get 413
@@ -269,6 +272,12 @@ def inspect_request_model(settings: ServeSettings) -> type[BaseModel]:
             json_schema_extra={"uniqueItems": True},
             description="inside views to add under \"views\" (glassgpt.inspect_report); none: the "
                         "answer is tokens, next tokens and attention alone")
+        heads_method: Literal["auto", "exact", "attribution"] = Field(
+            default="auto",
+            description="the heads view: exact (each head silenced, one pass of the rest of the model per "
+                        "head; texts up to patch_max_tokens), attribution (estimated from one backward "
+                        "pass: any text /api/inspect takes), or auto: exact when the text is within "
+                        "that bound, else attribution. The view's \"method\" says which ran.")
 
         @model_validator(mode="after")
         def _distinct(self):
@@ -631,6 +640,12 @@ def install_instruct_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Se
                             request.max_tokens)
 
 
+def json_response(content: Any) -> Response:
+    """`content` as JSON, numpy arrays included, rendered by orjson: for answers of millions of numbers
+    (/api/inspect's attention), which Python's json module writes several times slower."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
 def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: ServeSettings) -> None:
     """GET /api/model, POST /api/inspect and the walk-through, GET /api/explain[/{topic}]."""
     InspectRequest = inspect_request_model(settings)
@@ -667,18 +682,24 @@ def install_inspect_api(app: FastAPI, host: ModelHost, gate: Gate, settings: Ser
             if n_tokens > inspect_limit(model):
                 raise ValueError(f"text is {n_tokens} tokens; /api/inspect takes at most "
                                  f"{inspect_limit(model)} (attention grows with the square of the length)")
-            # Silencing each head costs one forward pass per head: the same tight bound as patching.
-            if "heads" in (request.views or ()) and n_tokens > patch_limit(model):
+            # Silencing each head exactly costs a pass of the rest of the model per head: the same
+            # tight bound as patching. Past it, "auto" estimates (one backward pass) instead.
+            heads_method = request.heads_method
+            if heads_method == "auto":
+                heads_method = "exact" if n_tokens <= patch_limit(model) else "attribution"
+            if "heads" in (request.views or ()) and heads_method == "exact" and n_tokens > patch_limit(model):
                 raise ValueError(f"text is {n_tokens} tokens; the heads view takes at most "
-                                 f"{patch_limit(model)} (one forward pass per head)")
+                                 f"{patch_limit(model)} exactly (one forward pass per head); heads_method "
+                                 f"\"attribution\" or \"auto\" estimates it for longer texts")
             result = inspect_text(model, tokenizer, request.text)
             if request.views is not None:
-                result["views"] = {view: inspect_report.report(model, tokenizer, request.text, view)
+                result["views"] = {view: inspect_report.report(model, tokenizer, request.text, view,
+                                                                method=heads_method)
                                    for view in request.views}
             # Rendered here, in the worker thread, and as it is: up to layers x heads x T x T weights
             # walked by FastAPI's jsonable_encoder would cost more than the model itself, and on the
             # event loop, where every other request waits for it.
-            return JSONResponse(result)
+            return json_response(result)
 
         return await answer(gate, work)
 

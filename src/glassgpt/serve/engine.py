@@ -440,15 +440,18 @@ def inspect_text(model: GPT, tokenizer, text: str, top: int = 10) -> dict:
     """Tokens of `text`, the `top` most likely next tokens and every head's attention weights.
 
     Attention comes from the explicit path (`record_attention`): weights[layer][head][i][j]
-    is how much token i looks at token j, each row summing to 1.
+    is how much token i looks at token j, each row summing to 1; "attention" is a numpy array
+    (n_layers, n_heads, T, T), which `json_response` writes as nested lists.
     """
     ids = tokenizer.encode(text)
     with torch.inference_mode():
         logits, weights = record_attention(model, torch.tensor([ids], device=model.tok_emb.weight.device))
         probs = torch.softmax(logits[0, -1].double(), dim=-1)
         top_probs, top_ids = probs.topk(min(top, probs.shape[0]))
-        # float64 before rounding, so 0.1234 serialises as 0.1234 and not 0.12340000271797180.
-        attention = [torch.round(w[0].double(), decimals=4).tolist() for w in weights]
+        # float64 before rounding, so 0.1234 serialises as 0.1234 and not 0.12340000271797180; one
+        # array, not nested lists: layers x heads x T x T numbers are written straight from it
+        # (`json_response`), where a Python float each cost more than the model itself.
+        attention = torch.round(torch.cat(weights).double(), decimals=4).cpu().numpy()
     top_ids = top_ids.tolist()
     return {
         "tokens": [{"id": i, "text": s} for i, s in zip(ids, tokenizer.token_strings(ids), strict=True)],

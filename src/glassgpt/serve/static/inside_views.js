@@ -113,12 +113,17 @@ const insideViews = (() => {
 
   // ------------------------------------------------------------ head ablation
 
-  // report: {tokens, target: {id, text}, logit, logits[block][head]}
+  // report: {tokens, target: {id, text}, method, logit, logits[block][head]}
   function heads(report) {
     const baseline = report.logit;
+    // Past the server's exact bound the grid is attribution patching's estimate: say so.
+    const estimated = report.method === "attribution"
+      ? " Estimated by attribution patching (one backward pass; the text is longer than the exact view " +
+        "takes): a first-order guess, close for most heads; check a cell that matters on a shorter text."
+      : "";
     document.getElementById("heads-caption").textContent =
       `Target "${visible(report.target.text)}" (id ${report.target.id}), the model's top next token: its logit is ` +
-      `${baseline.toFixed(3)} with every head. Each cell: the change when that one head is silenced.`;
+      `${baseline.toFixed(3)} with every head. Each cell: the change when that one head is silenced.` + estimated;
     const changes = report.logits.flat().map((v) => Math.abs(v - baseline));
     const scale = Math.max(...changes) || 1;
     document.getElementById("heads-grid").replaceChildren(
