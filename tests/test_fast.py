@@ -13,7 +13,6 @@ from conftest import random_ids, random_model
 
 from glassgpt import get_preset
 from glassgpt.fast import (
-    HAS_ONEDNN_BF16,
     HAS_ONEDNN_LINEAR,
     ONEDNN_FOR_ONE_ROW,
     CPULinear,
@@ -21,7 +20,7 @@ from glassgpt.fast import (
     cpu_inference_kernels,
     matvec,
 )
-from glassgpt.generate import generate, iter_tokens
+from glassgpt.generate import generate
 
 # With and without Q/K/V biases, tied and untied heads.
 CONFIGS = {
@@ -66,7 +65,7 @@ def test_the_mode_sends_each_product_to_the_kernel_chosen_for_this_cpu(rows):
     assert kernels_used(x, weight, bias) == {"mkldnn::_linear_pointwise" if onednn else "aten::linear"}
 
 
-def test_training_and_autocast_keep_pytorchs_own_linear_and_bf16_stays_bf16():
+def test_training_autocast_and_other_dtypes_keep_pytorchs_own_linear():
     x = torch.randn(3, 64, requires_grad=True)
     weight = torch.randn(48, 64, requires_grad=True)
     with cpu_inference_kernels():
@@ -140,54 +139,3 @@ def test_the_mode_stays_out_of_calls_where_it_would_change_nothing(rows, monkeyp
         useful = one_row_onednn if rows == 1 else fast.HAS_ONEDNN_LINEAR
         assert isinstance(fast.cpu_inference_kernels(rows=rows), CPULinear) == useful
         assert isinstance(fast.cpu_inference_kernels(compile=True, rows=rows), CPULinear)
-
-
-needs_bf16 = pytest.mark.skipif(not HAS_ONEDNN_BF16, reason="needs a CPU with bf16 instructions for oneDNN")
-
-
-@needs_bf16
-@pytest.mark.parametrize("rows", [1, 5])
-def test_bf16_products_run_on_packed_weights_with_the_same_numbers(rows):
-    """bf16 goes to oneDNN on a weight packed once (fast.PACKED), repacked when the weight changes."""
-    import glassgpt.fast as fast
-
-    x = torch.randn(rows, 64).bfloat16()
-    weight, bias = torch.randn(48, 64).bfloat16(), torch.randn(48).bfloat16()
-    with torch.inference_mode():
-        expected = F.linear(x, weight, bias)
-        with cpu_inference_kernels(rows=rows, dtype=torch.bfloat16):
-            result = F.linear(x, weight, bias)
-    torch.testing.assert_close(result, expected, atol=0, rtol=1e-2)  # bf16's rounding, no more
-    with torch.inference_mode(), torch.autograd.profiler.profile() as prof, CPULinear():
-        F.linear(x, weight, bias)
-    assert {e.name for e in prof.function_events} & {"mkldnn::_linear_pointwise", "aten::linear"} == {
-        "mkldnn::_linear_pointwise"}
-    packed = fast.PACKED(weight)
-    assert fast.PACKED(weight) is packed                              # kept: packed once
-    with torch.no_grad():
-        weight.mul_(-1)                                               # changed in place: packed again
-    with torch.inference_mode():
-        expected = F.linear(x, weight, bias)
-        with CPULinear():
-            result = F.linear(x, weight, bias)
-    torch.testing.assert_close(result, expected, atol=0, rtol=1e-2)
-    assert fast.PACKED(weight) is not packed
-
-
-@needs_bf16
-def test_bf16_decoding_on_packed_weights_gives_the_plain_bf16_models_tokens_and_logits(monkeypatch):
-    import glassgpt.generate as generate_module
-
-    config = CONFIGS["gpt2"]
-    model = random_model(config).to(torch.bfloat16)
-    ids = random_ids(config, 1, 5, seed=4)
-    def decode() -> tuple[list[int], torch.Tensor]:
-        steps = []
-        tokens = list(iter_tokens(model, ids[0], 16, observe=lambda logits, next_ids: steps.append(logits)))
-        return tokens, torch.cat(steps).float()
-
-    tokens, logits = decode()
-    monkeypatch.setattr(generate_module, "HAS_ONEDNN_BF16", False)   # PyTorch's own bf16 linear
-    plain_tokens, plain_logits = decode()
-    assert tokens == plain_tokens
-    torch.testing.assert_close(logits, plain_logits, atol=0.05, rtol=0)

@@ -41,39 +41,6 @@ HAS_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64")
 # oneDNN is faster for products of several rows on x86-64; for one row (decoding) only where MKL's
 # matrix-vector kernel is the slow one (AMD; on Intel, MKL's is the faster).
 ONEDNN_FOR_ONE_ROW = HAS_ONEDNN_LINEAR and "AuthenticAMD" in _cpu_vendor()
-# bf16 products go to oneDNN with the weight reordered once ("packed") into the blocked layout its
-# bf16 kernel reads: twice the speed of PyTorch's bf16 F.linear for one row on an AVX-512 Xeon, the
-# same numbers (docs/PERFORMANCE.md). Needs a CPU with bf16 instructions, which oneDNN reports.
-HAS_ONEDNN_BF16 = (HAS_ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                   and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-class PackedWeights:
-    """Each bf16 weight reordered for oneDNN, made on a product's first use and kept beside it.
-
-    Keyed weakly by the weight tensor, so a model that goes away takes its packed copies with it;
-    a weight changed in place since (its version counter moved: a fine-tuning step, `load_state_dict`)
-    is packed again. The copies cost as much memory again as the bf16 weights.
-    """
-
-    def __init__(self):
-        from torch.utils.weak import WeakTensorKeyDictionary
-
-        self._packed = WeakTensorKeyDictionary()
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        try:
-            version = (weight._version, weight.data_ptr())
-        except RuntimeError:  # a tensor made in inference mode keeps no version counter
-            version = (None, weight.data_ptr())
-        found = self._packed.get(weight)
-        if found is None or found[0] != version:
-            found = (version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
-            self._packed[weight] = found
-        return found[1]
-
-
-PACKED = PackedWeights()
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -135,8 +102,7 @@ class CPULinear(TorchFunctionMode):
 
     The same function, x @ W.T + b, differing only by rounding order: in fp32 through oneDNN's
     kernel (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for
-    products of several rows, and of one row on AMD processors; in bf16 through the same op with
-    the weight packed once (`PACKED`) where the CPU has bf16 instructions; or, with `compile=True`, one-row
+    products of several rows, and of one row on AMD processors; or, with `compile=True`, one-row
     products in fp32 or bf16 through `compiled_matvec`, which needs the C++ compiler torch.compile
     uses on a CPU and costs seconds on first use (faster still on AMD; not faster than MKL on Intel).
     """
@@ -158,8 +124,6 @@ class CPULinear(TorchFunctionMode):
                         return out
                 if x.dtype == torch.float32 and (ONEDNN_FOR_ONE_ROW or (HAS_ONEDNN_LINEAR and not one_row)):
                     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-                if x.dtype == torch.bfloat16 and HAS_ONEDNN_BF16 and weight.dim() == 2:
-                    return torch.ops.mkldnn._linear_pointwise(x, PACKED(weight), bias, "none", [], "")
         return func(*args, **kwargs)
 
 
@@ -169,18 +133,13 @@ def _cpu_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
-def cpu_inference_kernels(compile: bool = False, rows: int | None = None,
-                          dtype: torch.dtype = torch.float32) -> CPULinear | nullcontext:
+def cpu_inference_kernels(compile: bool = False, rows: int | None = None) -> CPULinear | nullcontext:
     """A context manager: faster kernels for the CPU's inference matrix products (`CPULinear`).
 
     Use it around inference calls: `with torch.inference_mode(), cpu_inference_kernels(): model(ids)`.
     `rows`, the token rows a call feeds when the caller knows them: where the mode would hand every
     product of such a call back to PyTorch (one row on an Intel CPU, say), it is not entered at all,
-    sparing each of the step's few hundred operations its dispatch. `dtype`, the model's: bf16 products
-    go to oneDNN's bf16 kernel where the CPU has one.
+    sparing each of the step's few hundred operations its dispatch.
     """
-    if dtype == torch.bfloat16:
-        useful = HAS_ONEDNN_BF16
-    else:
-        useful = ONEDNN_FOR_ONE_ROW if rows == 1 else HAS_ONEDNN_LINEAR
+    useful = ONEDNN_FOR_ONE_ROW if rows == 1 else HAS_ONEDNN_LINEAR
     return CPULinear(compile) if compile or useful else nullcontext()

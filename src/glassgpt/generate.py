@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from glassgpt.cuda_graphs import DECODERS
-from glassgpt.fast import HAS_ONEDNN_BF16, cpu_inference_kernels
+from glassgpt.fast import cpu_inference_kernels
 from glassgpt.model import GPT
 
 
@@ -160,19 +160,16 @@ def _check_prompt(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
 def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
     """The model call every decoding step makes, chosen once before the loop (which never knows).
 
-    On a CPU, fp32 matrix products go to multi-threaded kernels and bf16 ones to oneDNN's bf16 kernel
-    on packed weights (see glassgpt.fast); with compile=True, one-token products in fp32 or bf16 go
-    to compiled ones. The kernel mode stays out
+    On a CPU, fp32 matrix products go to multi-threaded kernels (see glassgpt.fast); with
+    compile=True, one-token products in fp32 or bf16 go to compiled ones. The kernel mode stays out
     of calls it would not change (one-row steps on Intel), sparing their operations its dispatch.
     """
     weight = model.tok_emb.weight
-    if weight.device.type != "cpu" or not (weight.dtype == torch.float32 or (
-            weight.dtype == torch.bfloat16 and (compile or HAS_ONEDNN_BF16))):
+    if weight.device.type != "cpu" or not (weight.dtype == torch.float32
+                                           or (compile and weight.dtype == torch.bfloat16)):
         return model
-    # A kernel mode holds no state (bf16's packed weights live in fast.PACKED), so these two serve
-    # every call (and every thread).
-    one_row = cpu_inference_kernels(compile, rows=1, dtype=weight.dtype)
-    several_rows = cpu_inference_kernels(compile, dtype=weight.dtype)
+    # A kernel mode holds no state, so these two serve every call (and every thread).
+    one_row, several_rows = cpu_inference_kernels(compile, rows=1), cpu_inference_kernels(compile)
 
     def call(fed: torch.Tensor, **inputs) -> torch.Tensor:
         with one_row if fed.numel() == 1 else several_rows:
