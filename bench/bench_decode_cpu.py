@@ -138,18 +138,23 @@ def contenders_for(precision: str, ours, hf, args, directory: str) -> tuple[dict
     status = _engines.available()
     if precision == "fp32":
         table["glassgpt"] = torch_contender(ours)
-        table["glassgpt compile=True"] = torch_contender(ours, compile=True)
+        if args.compile:
+            table["glassgpt compile=True"] = torch_contender(ours, compile=True)
         table["transformers"] = hf_contender(hf)
         engines = {"llama.cpp F32": ("llama.cpp", _engines.llama_cpp, "F32"),
                    "ONNX Runtime fp32": ("ONNX Runtime", _engines.onnx_runtime, "fp32")}
     elif precision == "16-bit":
         bf16 = copy.deepcopy(ours).to(torch.bfloat16)
         table["glassgpt bf16"] = torch_contender(bf16)
-        table["glassgpt bf16 compile=True"] = torch_contender(bf16, compile=True)
+        if args.compile:
+            table["glassgpt bf16 compile=True"] = torch_contender(bf16, compile=True)
         engines = {"llama.cpp BF16": ("llama.cpp", _engines.llama_cpp, "BF16")}
         notes.append("ONNX Runtime: no bf16 matrix kernels on the CPU; transformers: not timed in 16-bit")
     else:
-        table["glassgpt int8 (weight-only)"] = torch_contender(quantize_int8(copy.deepcopy(ours)))
+        int8 = quantize_int8(copy.deepcopy(ours))
+        table["glassgpt int8 (weight-only)"] = torch_contender(int8)
+        if args.compile:
+            table["glassgpt int8 compile=True"] = torch_contender(int8, compile=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(ours), {torch.nn.Linear},
@@ -232,6 +237,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,16-bit,8-bit", help="comma-separated tables to run")
     parser.add_argument("--quick", action="store_true", help="a 2-block GPT-2, to check the script runs")
     parser.add_argument("--no-quality", action="store_true", help="leave out logit error and perplexity")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="leave out the compile=True contenders (their compiling takes minutes)")
     parser.add_argument("--tutorial", action="store_true", help="also the no-cache loop, 512-token prompt")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -20,7 +20,7 @@ from glassgpt.fast import (
     cpu_inference_kernels,
     matvec,
 )
-from glassgpt.generate import generate
+from glassgpt.generate import generate, iter_tokens
 
 # With and without Q/K/V biases, tied and untied heads.
 CONFIGS = {
@@ -104,7 +104,8 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits():
 
 
 def test_a_machine_where_compiling_fails_still_decodes(monkeypatch):
-    """No C++ compiler (say): one warning, then the eager kernels, with the same tokens."""
+    """No C++ compiler (say): one warning, then the eager kernels, with the same tokens. (A padded
+    batch decodes step by step with compiled products; the whole-step path is tested below.)"""
     import glassgpt.fast as fast
 
     def broken(*args, **kwargs):
@@ -115,10 +116,30 @@ def test_a_machine_where_compiling_fails_still_decodes(monkeypatch):
     config = CONFIGS["verdict-162m"]
     model = random_model(config)
     ids = random_ids(config, 1, 4, seed=3)
+    padding = torch.ones_like(ids)
+    with pytest.warns(RuntimeWarning, match="No working C\\+\\+ compiler found"):
+        out = generate(model, ids, 6, compile=True, attention_mask=padding)
+    assert torch.equal(out, generate(model, ids, 6))
+    assert fast.COMPILED.failure == "InvalidCxxCompiler: No working C++ compiler found"
+
+
+def test_where_the_whole_step_cannot_compile_decoding_goes_on_uncompiled(monkeypatch):
+    import glassgpt.cuda_graphs as cuda_graphs
+
+    def no_compiler(function, **options):
+        def broken(*args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return broken
+
+    monkeypatch.setattr(cuda_graphs.torch, "compile", no_compiler)
+    monkeypatch.setattr(cuda_graphs.CPU_STEP, "failure", None)
+    config = CONFIGS["gpt2"]
+    model = random_model(config)
+    ids = random_ids(config, 1, 4, seed=3)
     with pytest.warns(RuntimeWarning, match="No working C\\+\\+ compiler found"):
         out = generate(model, ids, 6, compile=True)
     assert torch.equal(out, generate(model, ids, 6))
-    assert fast.COMPILED.failure == "InvalidCxxCompiler: No working C++ compiler found"
+    assert cuda_graphs.CPU_STEP.failure == "InvalidCxxCompiler: No working C++ compiler found"
 
 
 def test_compiled_decoding_of_bf16_weights_matches_fp32_within_bf16_rounding():
@@ -139,3 +160,53 @@ def test_the_mode_stays_out_of_calls_where_it_would_change_nothing(rows, monkeyp
         useful = one_row_onednn if rows == 1 else fast.HAS_ONEDNN_LINEAR
         assert isinstance(fast.cpu_inference_kernels(rows=rows), CPULinear) == useful
         assert isinstance(fast.cpu_inference_kernels(compile=True, rows=rows), CPULinear)
+
+
+# ---------------------------------------------------------------- the whole decode step compiled (CPU)
+
+def decode_with_logits(model, ids, n, **settings) -> tuple[list[int], torch.Tensor]:
+    steps = []
+    tokens = list(iter_tokens(model, ids[0], n, observe=lambda logits, _: steps.append(logits.clone()),
+                              **settings))
+    return tokens, torch.cat(steps).float()
+
+
+def test_compiled_cpu_decoding_runs_one_compiled_step_and_matches_eager_decoding():
+    """compile=True on a CPU: a static-cache decoder whose whole step is compiled (cuda_graphs), the
+    same tokens and logits as eager decoding, greedy and sampled."""
+    from glassgpt.cuda_graphs import DECODERS
+
+    config = CONFIGS["verdict-162m"]
+    model = random_model(config)
+    ids = random_ids(config, 1, 5, seed=5)
+    tokens, logits = decode_with_logits(model, ids, 20, compile=True)
+    expected_tokens, expected_logits = decode_with_logits(model, ids, 20)
+    assert tokens == expected_tokens
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    pools = model.__dict__[DECODERS.attribute]
+    assert list(pools) == [(1, True, 32)]  # batch 1, compiled, a cache of min(context 32, 128) slots
+    decoder = pools[(1, True, 32)].idle[0]
+    assert decoder._compiled is not None and not decoder.use_graph
+    sampled = dict(temperature=0.9, top_k=20, seed=3)
+    assert decode_with_logits(model, ids, 20, compile=True, **sampled)[0] == decode_with_logits(
+        model, ids, 20, **sampled)[0]
+
+
+def test_compiled_cpu_decoding_of_int8_and_bf16_models_keeps_their_tokens():
+    """int8 layers trace into the compiled step; and the step reads the weights as they are now: a
+    change in place (a training step, say) is decoded with, never the weights it was compiled with."""
+    from glassgpt.int8 import quantize_int8
+
+    config = CONFIGS["gpt2"]
+    ids = random_ids(config, 1, 5, seed=6)
+    int8 = quantize_int8(random_model(config))
+    assert decode_with_logits(int8, ids, 16, compile=True)[0] == decode_with_logits(int8, ids, 16)[0]
+
+    bf16 = random_model(config).to(torch.bfloat16)
+    tokens, logits = decode_with_logits(bf16, ids, 16, compile=True)
+    expected_tokens, expected_logits = decode_with_logits(bf16, ids, 16)
+    assert tokens == expected_tokens
+    torch.testing.assert_close(logits, expected_logits, atol=0.05, rtol=0)
+    with torch.no_grad():
+        bf16.out_head.weight.mul_(-1)           # in place: same memory, new numbers
+    assert decode_with_logits(bf16, ids, 16, compile=True)[0] == decode_with_logits(bf16, ids, 16)[0]

@@ -8,9 +8,13 @@ a `StaticKVCache`, whose buffers have one shape for the whole sequence and whose
 on the device: positions and the causal mask are computed there, and attention reads the whole
 buffer with the unwritten slots masked out. The step is compiled once (`torch.compile` fuses the
 small kernels) and captured; there is no host-device synchronisation until the end.
-`glassgpt.generate` decodes through a `GraphedDecoder` on CUDA (`decoder_for`), for every sampling
+`glassgpt.generate` decodes through a `GraphedDecoder` on CUDA (`DECODERS`), for every sampling
 mode: the graph computes the logits, the sampler picks the token outside it and feeds it back.
-Measurements: docs/PERFORMANCE.md ("Decode").
+On a CPU, `generate(..., compile=True)` decodes through the same decoder without a graph: the whole
+step compiled once into fused C++ loops (gpt-fast's way), where per-product compiling pays a call
+overhead 49 times a token. (Inductor's "freezing", which folds the weights into the step as
+constants, made bf16 faster still but let a decoder made after a weight update reuse the old
+weights: not used.) Measurements: docs/PERFORMANCE.md ("Decode", "CPU decode").
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ from dataclasses import dataclass, field
 import torch
 
 from glassgpt.config import GPTConfig
+from glassgpt.fast import CompileState
 from glassgpt.model import GPT, KVCache, LayerCache
 
 _CAPTURING = threading.Lock()
+# Compiling the CPU decode step needs the C++ compiler torch.compile uses on a CPU; where it fails,
+# decoders go on running their step eagerly (one warning).
+CPU_STEP = CompileState()
 
 
 class StaticLayerCache(LayerCache):
@@ -111,12 +119,12 @@ class GraphedDecoder:
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(batch_size, model.config.vocab_size, dtype=model.tok_emb.weight.dtype,
                                   device=device)
-        self._step = torch.compile(self._decode_step, fullgraph=True) if compile else self._decode_step
+        self._compiled = torch.compile(self._decode_step, fullgraph=True) if compile else None
         self.use_graph = device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.started = False
 
-    def _decode_step(self) -> None:
+    def _decode_step(self) -> torch.Tensor:
         """Feed `token` at the cache's position; leave the greedy next token in `token`.
 
         A sampler overwrites `token` with its own choice before the next step (`step(next_ids)`).
@@ -124,6 +132,15 @@ class GraphedDecoder:
         logits = static_forward(self.model, self.token, self.cache)[:, -1]  # (B, vocab)
         self.logits.copy_(logits)
         self.token.copy_(logits.argmax(dim=-1, keepdim=True))
+        return self.logits
+
+    def _step(self) -> None:
+        if self._compiled is None:
+            self._decode_step()
+        elif self.use_graph:
+            self._compiled()
+        elif CPU_STEP.attempt(self._compiled, instead="decoding with the step uncompiled") is None:
+            self._decode_step()
 
     def _capture(self) -> None:
         # Warm-up runs compile and autotune; they must happen on a side stream before capture.
@@ -234,9 +251,12 @@ class _Decoders:
         self._lock = threading.Lock()
 
     @contextmanager
-    def borrow(self, model: GPT, batch_size: int, compile: bool) -> Iterator[GraphedDecoder | None]:
+    def borrow(self, model: GPT, batch_size: int, compile: bool,
+               max_length: int | None = None) -> Iterator[GraphedDecoder | None]:
+        """An idle decoder for `model` (or a new one), held for the `with` block; `max_length`, the
+        static cache's length (default the context): a CPU step attends over all of it."""
         signature = tuple(p.data_ptr() for p in model.parameters())
-        key, decoder, make = (batch_size, compile), None, False
+        key, decoder, make = (batch_size, compile, max_length), None, False
         with self._lock:
             pools = model.__dict__.get(self.attribute)
             if pools is None:
@@ -250,7 +270,7 @@ class _Decoders:
                 pool.made += 1
                 make = True
         if make:
-            decoder = GraphedDecoder(model, batch_size, compile=compile)
+            decoder = GraphedDecoder(model, batch_size, max_length, compile=compile)
         try:
             yield decoder
         finally:

@@ -178,14 +178,26 @@ def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
     return call
 
 
-def _graphed(model: GPT, total_length: int, attention_mask: torch.Tensor | None, use_cache: bool) -> bool:
-    """Whether decoding runs through a CUDA graph (`cuda_graphs.GraphedDecoder`).
+def _graphed(model: GPT, total_length: int, attention_mask: torch.Tensor | None, use_cache: bool,
+             compile: bool) -> bool:
+    """Whether decoding runs through a `cuda_graphs.GraphedDecoder`: a CUDA graph, or on a CPU with
+    compile=True the whole step compiled once.
 
-    On CUDA, when the rows share their positions (no padding) and the sequence fits the context:
-    the last new token is never fed back, so it needs no slot in the static cache.
+    When the rows share their positions (no padding) and the sequence fits the context: the last
+    new token is never fed back, so it needs no slot in the static cache.
     """
-    return (use_cache and attention_mask is None and _model_device(model).type == "cuda"
+    device = _model_device(model).type
+    return (use_cache and attention_mask is None and (device == "cuda" or (device == "cpu" and compile))
             and total_length - 1 <= model.config.context_length)
+
+
+def _static_length(model: GPT, total_length: int) -> int | None:
+    """The static cache a decoder gets: the context on a GPU (one graph serves every length); on a
+    CPU, whose compiled step attends over every slot, the next power of two from 128 that holds the
+    sequence (at most the context), so a short answer does not read a long cache each token."""
+    if _model_device(model).type != "cpu":
+        return None
+    return min(model.config.context_length, max(128, 1 << (total_length - 1).bit_length()))
 
 
 def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.Tensor,
@@ -200,7 +212,8 @@ def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.T
     between steps is unaffected. `observe(logits, next_ids)`, if given, sees each step's
     last-position logits (B, vocab), the very ones the sampler picked from, before the step yields.
     On CUDA the model calls are replays of a captured graph where `_graphed` allows (the sampler,
-    whichever it is, picks from the graph's logits and hands its choice back), else eager calls.
+    whichever it is, picks from the graph's logits and hands its choice back), on a CPU with
+    compile=True calls of the compiled step, else eager calls.
     `slide` and `cancelled`: see `iter_tokens`.
     """
     batch, prompt_length = ids.shape
@@ -219,9 +232,10 @@ def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.T
 
     was_training = model.training
     model.eval()
-    graphed = _graphed(model, total, attention_mask, use_cache)
+    graphed = _graphed(model, total, attention_mask, use_cache, compile)
     try:
-        with DECODERS.borrow(model, batch, compile) if graphed else contextlib.nullcontext() as decoder:
+        with (DECODERS.borrow(model, batch, compile, _static_length(model, total)) if graphed
+              else contextlib.nullcontext()) as decoder:
             yield from _sampled_steps(model, forward, decoder, tokens, mask, prompt_length, sampling,
                                       generator, finished, use_cache, observe, slide, cancelled)
     finally:
