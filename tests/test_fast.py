@@ -20,6 +20,7 @@ from glassgpt.fast import (
     cpu_inference_kernels,
     matvec,
 )
+from glassgpt.cuda_graphs import COMPILES_CPU_STEP
 from glassgpt.generate import generate, iter_tokens
 
 # With and without Q/K/V biases, tied and untied heads.
@@ -123,6 +124,10 @@ def test_a_machine_where_compiling_fails_still_decodes(monkeypatch):
     assert fast.COMPILED.failure == "InvalidCxxCompiler: No working C++ compiler found"
 
 
+needs_cpu_step = pytest.mark.skipif(not COMPILES_CPU_STEP, reason="torch < 2.13 compiles per product")
+
+
+@needs_cpu_step
 def test_where_the_whole_step_cannot_compile_decoding_goes_on_uncompiled(monkeypatch):
     import glassgpt.cuda_graphs as cuda_graphs
 
@@ -171,6 +176,7 @@ def decode_with_logits(model, ids, n, **settings) -> tuple[list[int], torch.Tens
     return tokens, torch.cat(steps).float()
 
 
+@needs_cpu_step
 def test_compiled_cpu_decoding_runs_one_compiled_step_and_matches_eager_decoding():
     """compile=True on a CPU: a static-cache decoder whose whole step is compiled (cuda_graphs), the
     same tokens and logits as eager decoding, greedy and sampled."""
@@ -192,6 +198,7 @@ def test_compiled_cpu_decoding_runs_one_compiled_step_and_matches_eager_decoding
         model, ids, 20, **sampled)[0]
 
 
+@needs_cpu_step
 def test_compiled_cpu_decoding_of_int8_and_bf16_models_keeps_their_tokens():
     """int8 layers trace into the compiled step; and the step reads the weights as they are now: a
     change in place (a training step, say) is decoded with, never the weights it was compiled with."""

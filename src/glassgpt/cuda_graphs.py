@@ -34,6 +34,9 @@ _CAPTURING = threading.Lock()
 # Compiling the CPU decode step needs the C++ compiler torch.compile uses on a CPU; where it fails,
 # decoders go on running their step eagerly (one warning).
 CPU_STEP = CompileState()
+# Measured faster than per-product compiling on torch 2.13 (docs/PERFORMANCE.md); on torch 2.11 the
+# int8 model's compiled step ran at a third of its eager speed, so older releases keep that path.
+COMPILES_CPU_STEP = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 13)
 
 
 class StaticLayerCache(LayerCache):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from glassgpt.cuda_graphs import DECODERS
+from glassgpt.cuda_graphs import COMPILES_CPU_STEP, DECODERS
 from glassgpt.fast import cpu_inference_kernels
 from glassgpt.model import GPT
 
@@ -187,7 +187,8 @@ def _graphed(model: GPT, total_length: int, attention_mask: torch.Tensor | None,
     new token is never fed back, so it needs no slot in the static cache.
     """
     device = _model_device(model).type
-    return (use_cache and attention_mask is None and (device == "cuda" or (device == "cpu" and compile))
+    return (use_cache and attention_mask is None
+            and (device == "cuda" or (device == "cpu" and compile and COMPILES_CPU_STEP))
             and total_length - 1 <= model.config.context_length)
 
 
