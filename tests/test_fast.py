@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import random_ids, random_model
 
 from glassgpt import get_preset
+from glassgpt.cuda_graphs import COMPILES_CPU_STEP
 from glassgpt.fast import (
     HAS_ONEDNN_LINEAR,
     ONEDNN_FOR_ONE_ROW,
@@ -20,7 +21,6 @@ from glassgpt.fast import (
     cpu_inference_kernels,
     matvec,
 )
-from glassgpt.cuda_graphs import COMPILES_CPU_STEP
 from glassgpt.generate import generate, iter_tokens
 
 # With and without Q/K/V biases, tied and untied heads.
