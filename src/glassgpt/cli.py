@@ -752,8 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "else float32; int8 (weight-only, a scale per row) decodes faster on CPU")
     serve.add_argument("--compile", action="store_true",
                        help="CPU: the whole decode step compiled once (torch 2.13+); CUDA: the graphed "
-                            "decode step compiled; on start-up or first use (seconds to a minute; needs a C++ "
-                            "compiler)")
+                            "decode step compiled; on start-up or first use (seconds to a minute; needs "
+                            "a C++ compiler)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores "
                        "less those other processes keep busy)")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
