@@ -198,7 +198,8 @@ def _static_length(model: GPT, total_length: int) -> int | None:
     sequence (at most the context), so a short answer does not read a long cache each token."""
     if _model_device(model).type != "cpu":
         return None
-    return min(model.config.context_length, max(128, 1 << (total_length - 1).bit_length()))
+    slots = total_length - 1  # the last new token is never fed back
+    return min(model.config.context_length, max(128, 1 << (slots - 1).bit_length()))
 
 
 def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.Tensor,
