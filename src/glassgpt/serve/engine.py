@@ -42,8 +42,8 @@ class ModelHost:
     as `dtype`: "float32", "bfloat16" or "int8" (weight-only int8 Linear layers, `glassgpt.int8`: a
     quarter of the bytes to read per token, the limit of decoding on a CPU), on `device` (on CUDA,
     decoding replays a CUDA graph: `glassgpt.generate`). `compile=True`:
-    decode through compiled matrix-vector kernels on a CPU (`glassgpt.generate`), compiled during
-    the warm-up.
+    decode through the compiled decode step on a CPU (`glassgpt.generate`), compiled during the
+    warm-up.
 
     What the model does (`task_of`) comes from the checkpoint: a classification head makes it a
     classifier; an instruction template in its glassgpt.json (or `template=` for a GPT object)
