@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import random_ids, random_model
 
 import glassgpt.int8 as int8
-from glassgpt import get_preset
+from glassgpt import cpu_kernels, get_preset
 from glassgpt.generate import generate
 from glassgpt.int8 import Int8Linear, dequantized_model, quantize_int8, quantize_rows
 
@@ -95,6 +95,8 @@ def test_a_machine_where_compiling_fails_still_decodes_int8(monkeypatch):
 
     monkeypatch.setattr(int8, "compiled_int8_matvec", broken)
     monkeypatch.setattr(int8.COMPILED, "failure", None)
+    monkeypatch.setattr(cpu_kernels, "build", broken)  # glassgpt's own kernels are built by the same compiler
+    monkeypatch.setattr(cpu_kernels, "_BUILT", {})
     model = quantize_int8(random_model(CONFIG))
     ids = random_ids(CONFIG, 1, 4, seed=3)
     with pytest.warns(RuntimeWarning, match="No working C\\+\\+ compiler found"):

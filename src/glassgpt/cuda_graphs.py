@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from glassgpt import cpu_kernels
 from glassgpt.config import GPTConfig
-from glassgpt.fast import CompileState
+from glassgpt.fast import CompileState, CPULinear
+from glassgpt.int8 import Int8Linear
 from glassgpt.model import GPT, KVCache, LayerCache
 
 _CAPTURING = threading.Lock()
@@ -122,6 +124,13 @@ class GraphedDecoder:
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(batch_size, model.config.vocab_size, dtype=model.tok_emb.weight.dtype,
                                   device=device)
+        # On a CPU, one-row bf16 and int8 products go to glassgpt's own kernels (glassgpt.cpu_kernels),
+        # built here, before a trace of the step needs them.
+        on_cpu = device.type == "cpu"
+        self._bf16_kernels = (on_cpu and model.tok_emb.weight.dtype == torch.bfloat16
+                              and cpu_kernels.ops() is not None)
+        if on_cpu and any(isinstance(module, Int8Linear) for module in model.modules()):
+            cpu_kernels.ops()
         self._compiled = torch.compile(self._decode_step, fullgraph=True) if compile else None
         self.use_graph = device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -132,7 +141,8 @@ class GraphedDecoder:
 
         A sampler overwrites `token` with its own choice before the next step (`step(next_ids)`).
         """
-        logits = static_forward(self.model, self.token, self.cache)[:, -1]  # (B, vocab)
+        with CPULinear() if self._bf16_kernels else nullcontext():
+            logits = static_forward(self.model, self.token, self.cache)[:, -1]  # (B, vocab)
         self.logits.copy_(logits)
         self.token.copy_(logits.argmax(dim=-1, keepdim=True))
         return self.logits

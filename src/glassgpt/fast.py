@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from glassgpt import cpu_kernels
+
 
 def _cpu_vendor() -> str:
     """'AuthenticAMD', 'GenuineIntel', ... (from /proc/cpuinfo on Linux, else the platform's words)."""
@@ -100,7 +102,8 @@ class CPULinear(TorchFunctionMode):
     """While active, `F.linear` on a CPU without autograd runs on faster kernels; all else is
     untouched.
 
-    The same function, x @ W.T + b, differing only by rounding order: in fp32 through oneDNN's
+    The same function, x @ W.T + b, differing only by rounding order: one-row products in bf16
+    through glassgpt's own kernel (`glassgpt.cpu_kernels`) where it is built; in fp32 through oneDNN's
     kernel (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for
     products of several rows, and of one row on AMD processors; or, with `compile=True`, one-row
     products in fp32 or bf16 through `compiled_matvec`, which needs the C++ compiler torch.compile
@@ -118,6 +121,9 @@ class CPULinear(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if _cpu_inference(x, weight, bias):
                 one_row = x.numel() == x.shape[-1]
+                if (one_row and x.dtype == torch.bfloat16 and weight.is_contiguous()
+                        and (kernels := _built_kernels()) is not None):
+                    return kernels.bf16_matvec(x.contiguous(), weight, bias)
                 if self.compile and one_row and x.dtype in (torch.float32, torch.bfloat16):
                     out = COMPILED.attempt(compiled_matvec, x, weight, bias, instead="decoding without it")
                     if out is not None:
@@ -127,19 +133,30 @@ class CPULinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _built_kernels():
+    """glassgpt's own CPU kernels, built on first use; inside a compiled step only if already built
+    (a trace does not build; `cuda_graphs.GraphedDecoder` builds them before compiling)."""
+    return cpu_kernels.loaded() if torch.compiler.is_compiling() else cpu_kernels.ops()
+
+
 def _cpu_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """A CPU product of one dtype throughout, with no autograd and no autocast to honour."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
-def cpu_inference_kernels(compile: bool = False, rows: int | None = None) -> CPULinear | nullcontext:
+def cpu_inference_kernels(compile: bool = False, rows: int | None = None,
+                          dtype: torch.dtype = torch.float32) -> CPULinear | nullcontext:
     """A context manager: faster kernels for the CPU's inference matrix products (`CPULinear`).
 
     Use it around inference calls: `with torch.inference_mode(), cpu_inference_kernels(): model(ids)`.
-    `rows`, the token rows a call feeds when the caller knows them: where the mode would hand every
-    product of such a call back to PyTorch (one row on an Intel CPU, say), it is not entered at all,
-    sparing each of the step's few hundred operations its dispatch.
+    `rows` and `dtype`, the token rows a call feeds and the model's dtype, when the caller knows them:
+    where the mode would hand every product of such a call back to PyTorch (one fp32 row on an Intel
+    CPU, say), it is not entered at all, sparing each of the step's few hundred operations its dispatch.
     """
-    useful = ONEDNN_FOR_ONE_ROW if rows == 1 else HAS_ONEDNN_LINEAR
+    if rows == 1:
+        useful = (ONEDNN_FOR_ONE_ROW if dtype == torch.float32
+                  else dtype == torch.bfloat16 and cpu_kernels.ops() is not None)
+    else:
+        useful = HAS_ONEDNN_LINEAR and dtype == torch.float32
     return CPULinear(compile) if compile or useful else nullcontext()

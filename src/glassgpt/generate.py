@@ -160,16 +160,17 @@ def _check_prompt(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
 def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
     """The model call every decoding step makes, chosen once before the loop (which never knows).
 
-    On a CPU, fp32 matrix products go to multi-threaded kernels (see glassgpt.fast); with
-    compile=True, one-token products in fp32 or bf16 go to compiled ones. The kernel mode stays out
+    On a CPU, fp32 matrix products go to multi-threaded kernels and one-token bf16 products to
+    glassgpt's own (see glassgpt.fast); with compile=True, the other one-token products in fp32 or bf16
+    go to compiled ones. The kernel mode stays out
     of calls it would not change (one-row steps on Intel), sparing their operations its dispatch.
     """
     weight = model.tok_emb.weight
-    if weight.device.type != "cpu" or not (weight.dtype == torch.float32
-                                           or (compile and weight.dtype == torch.bfloat16)):
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return model
     # A kernel mode holds no state, so these two serve every call (and every thread).
-    one_row, several_rows = cpu_inference_kernels(compile, rows=1), cpu_inference_kernels(compile)
+    one_row = cpu_inference_kernels(compile, rows=1, dtype=weight.dtype)
+    several_rows = cpu_inference_kernels(compile, dtype=weight.dtype)
 
     def call(fed: torch.Tensor, **inputs) -> torch.Tensor:
         with one_row if fed.numel() == 1 else several_rows:

@@ -11,8 +11,9 @@ times the speed. How the bytes are cut decides what the answer keeps:
   `y = (x @ q.T) * scale + bias`. The only error is each weight's rounding, at most half a step
   (`scale / 2`), a relative error of about 0.3% of the row's largest weight.
 
-`Int8Linear.forward` on one token row (decoding) runs `int8_matvec` compiled by torch.compile into
-one loop that reads each int8 weight once and widens it in registers; on several rows (a prompt)
+`Int8Linear.forward` on one token row (decoding) runs glassgpt's own CPU kernel
+(`glassgpt.cpu_kernels`: it reads each int8 weight once and widens it in registers), or where that
+cannot be built, `int8_matvec` compiled by torch.compile into such a loop; on several rows (a prompt)
 the int8 matrix is widened to float32 once per call and multiplied by PyTorch's own kernels, the
 widening costing little against a product of many rows. Both compute the same function as the
 float32 model whose weights are `q * scale` (`dequantized_model`), to float32 rounding; tests prove
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glassgpt import cpu_kernels
 from glassgpt.fast import CompileState
 
 QMAX = 127  # symmetric: -127..127, so that 0 is exact and the range is the same on both sides
@@ -70,8 +72,9 @@ class Int8Linear(nn.Module):
     """A Linear layer whose weight is int8 with a float32 scale per output row (no autograd).
 
     Holds buffers, not parameters: it is for inference (`quantize_int8` builds it from a trained
-    `nn.Linear`). `compile=False` keeps every product on PyTorch's eager kernels (for tests, or a
-    machine without a C++ compiler; the warning path does the same on its own).
+    `nn.Linear`). `compile=False` keeps every product on PyTorch's eager kernels, neither glassgpt's
+    own nor compiled ones (for tests, or a machine without a C++ compiler; the warning paths do the
+    same on their own).
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, compile: bool = True):
@@ -97,6 +100,11 @@ class Int8Linear(nn.Module):
         if x.dtype != torch.float32:
             raise TypeError(f"Int8Linear takes float32 inputs, got {x.dtype}")
         one_row = x.numel() == x.shape[-1]
+        if self.compile and one_row and x.device.type == "cpu":
+            # glassgpt's own kernel where it is built (inside a compiled step too: torch.compile calls it).
+            kernels = cpu_kernels.loaded() if torch.compiler.is_compiling() else cpu_kernels.ops()
+            if kernels is not None:
+                return kernels.int8_matvec(x.contiguous(), self.weight_int8, self.scale, self.bias)
         if one_row and torch.compiler.is_compiling():  # inside a compiled step: one graph, no nesting
             return int8_matvec(x, self.weight_int8, self.scale, self.bias)
         if self.compile and one_row and x.device.type == "cpu":
