@@ -1,7 +1,8 @@
-"""glassgpt.cpu_kernels: each compiled path of the bf16 and int8 one-row kernels equals PyTorch's product.
+"""glassgpt.cpu_kernels: each compiled path of the one-row kernels equals PyTorch's product.
 
-The references are PyTorch's own: `F.linear` in float32 on the dequantised int8 weight (`q * scale`)
-and on the bf16 values widened to float32. The int8 kernel must match to float32 rounding; the bf16
+The references are PyTorch's own: `F.linear` in float32 (for the fp32 kernel), on the dequantised int8
+weight (`q * scale`) and on the bf16 values widened. The fp32 and int8 kernels must match to float32
+rounding; the bf16
 kernel accumulates in float32 and rounds once, so it must lie within half a bf16 step of the float32
 result (and within a step of PyTorch's own bf16 product). Every instruction-set path this processor
 can run is built and checked (AVX-512 with bf16 dot products, AVX-512, AVX2, plain C++), so the paths
@@ -70,6 +71,21 @@ def test_int8_matvec_equals_the_dequantised_float32_product(target, shape, bias)
 @pytest.mark.parametrize("target", PATHS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
+def test_f32_matvec_equals_pytorchs_product(target, shape, bias):
+    generator = torch.Generator().manual_seed(sum(shape) + 2)
+    n_rows, k_size = shape
+    weight = torch.randn(n_rows, k_size, generator=generator)
+    b = torch.randn(n_rows, generator=generator) if bias else None
+    x = torch.randn(1, 1, k_size, generator=generator)
+    out = kernels(target).f32_matvec(x, weight, b)
+    expected = F.linear(x, weight, b)
+    assert out.shape == expected.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * k_size ** 0.5)
+
+
+@pytest.mark.parametrize("target", PATHS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
 def test_bf16_matvec_rounds_the_float32_product_once(target, shape, bias):
     generator = torch.Generator().manual_seed(sum(shape) + 1)
     n_rows, k_size = shape
@@ -98,6 +114,10 @@ def test_the_kernels_refuse_what_they_cannot_compute_with_clear_errors():
         built.int8_matvec(torch.randn(16), q, scale[:4], None)
     with pytest.raises(RuntimeError, match="bfloat16 tensors only"):
         built.bf16_matvec(torch.randn(16), torch.randn(8, 16).bfloat16(), None)
+    with pytest.raises(RuntimeError, match="float32 tensors only"):
+        built.f32_matvec(torch.randn(16), torch.randn(8, 16), torch.randn(8).double())
+    with pytest.raises(RuntimeError, match="bias must be a contiguous vector of 8"):
+        built.f32_matvec(torch.randn(16), torch.randn(8, 16), torch.randn(9))
     with pytest.raises(RuntimeError, match="contiguous"):
         built.bf16_matvec(torch.randn(16).bfloat16(), torch.randn(16, 8).bfloat16().t(), None)
 
@@ -113,13 +133,16 @@ def test_torch_compile_traces_the_kernels_into_a_graph():
     assert built is not None and torch.equal(compiled(x), step(x))
 
 
-def test_bf16_decoding_uses_the_kernel_and_matches_pytorchs_products(monkeypatch):
-    """A bf16 model decodes through the kernel (one call per weight matrix per token) with the logits
-    PyTorch's own bf16 products give, to bf16 rounding; with the kernels off, decoding still works."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_uses_the_kernels_and_matches_pytorchs_products(dtype, monkeypatch):
+    """An fp32 or bf16 model decodes through the kernel (one call per weight matrix per token) with the
+    logits PyTorch's own products give (fp32: to 1e-5; bf16: to its rounding); with the kernels off,
+    decoding still works."""
     kernels("native")
     config = get_preset("gpt2", vocab_size=97, context_length=32, emb_dim=64, n_heads=4, n_layers=2)
-    model = random_model(config).to(torch.bfloat16)
+    model = random_model(config).to(dtype)
     ids = random_ids(config, 1, 5, seed=4)[0]
+    name = "glassgpt::f32_matvec" if dtype == torch.float32 else "glassgpt::bf16_matvec"
 
     def decode():
         steps = []
@@ -128,11 +151,12 @@ def test_bf16_decoding_uses_the_kernel_and_matches_pytorchs_products(monkeypatch
 
     with torch.autograd.profiler.profile() as profile:
         tokens, logits = decode()
-    calls = sum(event.count for event in profile.key_averages() if event.key == "glassgpt::bf16_matvec")
+    calls = sum(event.count for event in profile.key_averages() if event.key == name)
     assert calls == 7 * (4 * config.n_layers + 1)  # 7 one-token steps after the prompt's
     monkeypatch.setattr(cpu_kernels, "_BUILT", {"native": "off for this test"})
     plain_tokens, plain_logits = decode()
-    torch.testing.assert_close(logits, plain_logits, atol=0.05, rtol=0)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(logits, plain_logits, atol=tolerance, rtol=0)
     assert tokens == plain_tokens
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_ids, random_model
 
-from glassgpt import get_preset
+from glassgpt import cpu_kernels, get_preset
 from glassgpt.cuda_graphs import COMPILES_CPU_STEP
 from glassgpt.fast import (
     HAS_ONEDNN_LINEAR,
@@ -48,12 +48,14 @@ def test_prefill_and_decode_logits_equal_the_default_kernels(name):
 def kernels_used(x, weight, bias) -> set[str]:
     with torch.inference_mode(), torch.autograd.profiler.profile() as prof, cpu_inference_kernels():
         F.linear(x, weight, bias)
-    return {event.name for event in prof.function_events} & {"mkldnn::_linear_pointwise", "aten::linear"}
+    return {event.name for event in prof.function_events} & {"mkldnn::_linear_pointwise", "aten::linear",
+                                                             "glassgpt::f32_matvec"}
 
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_the_mode_sends_each_product_to_the_kernel_chosen_for_this_cpu(rows):
-    """Not a pass-through: several rows go to oneDNN on x86-64, one row on AMD only; same results."""
+    """Not a pass-through: one row goes to glassgpt's own kernel where it is built (else to oneDNN on
+    AMD only), several rows to oneDNN on x86-64; same results."""
     x, weight, bias = torch.randn(rows, 64), torch.randn(48, 64), torch.randn(48)
     with torch.inference_mode():
         expected = F.linear(x, weight, bias)
@@ -63,7 +65,10 @@ def test_the_mode_sends_each_product_to_the_kernel_chosen_for_this_cpu(rows):
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(unbiased, x @ weight.T, atol=1e-5, rtol=1e-5)
     onednn = ONEDNN_FOR_ONE_ROW if rows == 1 else HAS_ONEDNN_LINEAR
-    assert kernels_used(x, weight, bias) == {"mkldnn::_linear_pointwise" if onednn else "aten::linear"}
+    expected = {"mkldnn::_linear_pointwise" if onednn else "aten::linear"}
+    if rows == 1 and cpu_kernels.ops() is not None:
+        expected = {"glassgpt::f32_matvec"}
+    assert kernels_used(x, weight, bias) == expected
 
 
 def test_training_autocast_and_other_dtypes_keep_pytorchs_own_linear():
@@ -114,6 +119,8 @@ def test_a_machine_where_compiling_fails_still_decodes(monkeypatch):
 
     monkeypatch.setattr(fast, "compiled_matvec", broken)
     monkeypatch.setattr(fast.COMPILED, "failure", None)
+    monkeypatch.setattr(cpu_kernels, "build", broken)  # glassgpt's own kernels need the same compiler
+    monkeypatch.setattr(cpu_kernels, "_BUILT", {})
     config = CONFIGS["verdict-162m"]
     model = random_model(config)
     ids = random_ids(config, 1, 4, seed=3)
@@ -160,11 +167,19 @@ def test_compiled_decoding_of_bf16_weights_matches_fp32_within_bf16_rounding():
 def test_the_mode_stays_out_of_calls_where_it_would_change_nothing(rows, monkeypatch):
     import glassgpt.fast as fast
 
+    # Without glassgpt's own kernels (a machine that cannot build them):
+    monkeypatch.setattr(cpu_kernels, "_BUILT", {"native": "not here"})
     for one_row_onednn in (True, False):  # an AMD, then an Intel processor
         monkeypatch.setattr(fast, "ONEDNN_FOR_ONE_ROW", one_row_onednn)
         useful = one_row_onednn if rows == 1 else fast.HAS_ONEDNN_LINEAR
         assert isinstance(fast.cpu_inference_kernels(rows=rows), CPULinear) == useful
         assert isinstance(fast.cpu_inference_kernels(compile=True, rows=rows), CPULinear)
+        assert not isinstance(fast.cpu_inference_kernels(rows=rows, dtype=torch.bfloat16), CPULinear)
+    # With them, one-row fp32 and bf16 products go to them; prompts of bf16 models have nothing to gain.
+    monkeypatch.setattr(cpu_kernels, "_BUILT", {"native": cpu_kernels.build("native")})
+    for dtype in (torch.float32, torch.bfloat16):
+        useful = rows == 1 or (fast.HAS_ONEDNN_LINEAR and dtype == torch.float32)
+        assert isinstance(fast.cpu_inference_kernels(rows=rows, dtype=dtype), CPULinear) == useful
 
 
 # ---------------------------------------------------------------- the whole decode step compiled (CPU)

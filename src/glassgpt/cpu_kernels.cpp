@@ -1,17 +1,19 @@
-// glassgpt's CPU matrix-vector kernels: one token row times a bf16 or int8 weight matrix.
+// glassgpt's CPU matrix-vector kernels: one token row times a float32, bf16 or int8 weight matrix.
 //
 // Decoding one token reads every weight once, so on a CPU its speed is the speed at which the weights
 // stream from memory. PyTorch's own one-row products in bf16 and int8 stream them at about half of
-// what the memory gives (docs/PERFORMANCE.md), so these two kernels do only that: each thread walks
-// its own block of weight rows front to back, asks for the bytes a few kilobytes ahead of where it
-// reads (a software prefetch: with the widening and multiplying between loads, the processor alone
-// keeps too few reads in flight to fill the memory's bandwidth), and multiplies in registers.
+// what the memory gives, and the fp32 one a little below it (docs/PERFORMANCE.md), so these kernels
+// do only that: each thread walks its own block of weight rows front to back, asks for the bytes a
+// few kilobytes ahead of where it reads (a software prefetch: with the widening and multiplying
+// between loads, the processor alone keeps too few reads in flight to fill the memory's bandwidth),
+// and multiplies in registers.
 //
+//   f32_matvec(x, weight, bias):       x fp32 (..., K) of one row, weight fp32 (N, K) -> fp32 (..., N)
 //   bf16_matvec(x, weight, bias):      x bf16 (..., K) of one row, weight bf16 (N, K) -> bf16 (..., N)
 //   int8_matvec(x, q, scale, bias):    x fp32 (..., K) of one row, q int8 (N, K), scale fp32 (N,)
 //                                      -> fp32 (..., N), out[n] = scale[n] * sum_k x[k] q[n, k] + bias[n]
 //
-// Both accumulate in fp32 (bf16 rounds once, at the end). Each has a path per instruction set, chosen
+// All accumulate in fp32 (bf16 rounds once, at the end). Each has a path per instruction set, chosen
 // when the file is compiled (glassgpt/cpu_kernels.py compiles it for the machine it runs on):
 // AVX-512 with its bf16 dot product, AVX-512, AVX2 with FMA, and plain C++ for everything else.
 // The threads are PyTorch's own (at::parallel_for), so `torch.set_num_threads` governs them too.
@@ -96,6 +98,41 @@ void dot_rows_int8(const float* x, const int8_t* w, int64_t k_size, int64_t rows
     const int8_t* row = w + r * k_size;
     float sum = sums[r];
     for (int64_t i = k; i < k_size; ++i) sum += x[i] * float(row[i]);
+    out[r] = sum;
+  }
+}
+
+void dot_rows_f32(const float* x, const float* w, int64_t k_size, int64_t rows, float* out) {
+  int64_t k = 0;
+  float sums[kRows] = {};
+#if defined(__AVX512F__)
+  if (rows == kRows) {
+    __m512 acc[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; k + 16 <= k_size; k += 16) {
+      __m512 xs = _mm512_loadu_ps(x + k);
+      for (int64_t r = 0; r < kRows; ++r) prefetch(w + r * k_size + k + kPrefetchBytes / 4);
+      for (int64_t r = 0; r < kRows; ++r)
+        acc[r] = _mm512_fmadd_ps(xs, _mm512_loadu_ps(w + r * k_size + k), acc[r]);
+    }
+    for (int64_t r = 0; r < kRows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (rows == kRows) {
+    __m256 acc[kRows] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; k + 8 <= k_size; k += 8) {
+      __m256 xs = _mm256_loadu_ps(x + k);
+      if (k % 16 == 0)
+        for (int64_t r = 0; r < kRows; ++r) prefetch(w + r * k_size + k + kPrefetchBytes / 4);
+      for (int64_t r = 0; r < kRows; ++r)
+        acc[r] = _mm256_fmadd_ps(xs, _mm256_loadu_ps(w + r * k_size + k), acc[r]);
+    }
+    for (int64_t r = 0; r < kRows; ++r) sums[r] = sum_lanes(acc[r]);
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = w + r * k_size;
+    float sum = sums[r];
+    for (int64_t i = k; i < k_size; ++i) sum += x[i] * row[i];
     out[r] = sum;
   }
 }
@@ -209,6 +246,24 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return out;
 }
 
+at::Tensor f32_matvec(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_one_row(x, weight, bias, "f32_matvec");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                  (!bias || bias->scalar_type() == at::kFloat),
+              "f32_matvec: float32 tensors only");
+  int64_t n_rows = weight.size(0), k_size = weight.size(1);
+  at::Tensor out = output_like(x, n_rows, at::kFloat);
+  const float* xs = x.data_ptr<float>();
+  const float* weights = weight.data_ptr<float>();
+  const float* biases = bias ? bias->data_ptr<float>() : nullptr;
+  float* result = out.data_ptr<float>();
+  over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
+    dot_rows_f32(xs, weights + first * k_size, k_size, rows, sums);
+    for (int64_t r = 0; r < rows; ++r) result[first + r] = sums[r] + (biases ? biases[first + r] : 0.0f);
+  });
+  return out;
+}
+
 at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_one_row(x, weight, bias, "bf16_matvec");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
@@ -246,10 +301,12 @@ std::string instruction_set() {
 TORCH_LIBRARY(GLASSGPT_OPS, m) {
   m.def("int8_matvec(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor");
   m.def("bf16_matvec(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("f32_matvec(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("instruction_set() -> str", &instruction_set);
 }
 
 TORCH_LIBRARY_IMPL(GLASSGPT_OPS, CPU, m) {
   m.impl("int8_matvec", &int8_matvec);
   m.impl("bf16_matvec", &bf16_matvec);
+  m.impl("f32_matvec", &f32_matvec);
 }

@@ -1,13 +1,13 @@
-"""glassgpt's own CPU matrix-vector kernels for decoding in bf16 and int8, compiled for this machine.
+"""glassgpt's own CPU matrix-vector kernels for decoding in fp32, bf16 and int8, compiled for this machine.
 
 A decoded token is little but products of one row with every weight matrix, so on a CPU it goes as
 fast as the weights stream from memory. PyTorch's one-row kernels stream bf16 and int8 weights at
-about half the memory's speed; `cpu_kernels.cpp` (about 200 lines) does only this product, with a
-path per instruction set (AVX-512 with its bf16 dot product, AVX-512, AVX2) and software prefetches
+about half the memory's speed (fp32 a little below it); `cpu_kernels.cpp` does only this product,
+with a path per instruction set (AVX-512 with its bf16 dot product, AVX-512, AVX2) and software prefetches
 (why: the C++ file's header). It is compiled on first use by `torch.utils.cpp_extension` with the C++
 compiler torch.compile already needs on a CPU (about 10 s, once: the build is kept under
-`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions) and registers two PyTorch operators,
-`torch.ops.glassgpt.bf16_matvec` and `torch.ops.glassgpt.int8_matvec`, which torch.compile sees
+`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions) and registers three PyTorch operators,
+`torch.ops.glassgpt.f32_matvec`, `.bf16_matvec` and `.int8_matvec`, which torch.compile sees
 through their shape functions here, so a compiled decode step calls them too.
 
 They are optional: where the build fails (no compiler) or the processor has neither AVX2 nor
@@ -58,19 +58,22 @@ def build(target: str = "native") -> SimpleNamespace:
     from torch.utils import cpp_extension
 
     ops = namespace(target)
-    fingerprint = hashlib.sha256(f"{torch.__version__} {TARGETS[target]} {_cpu_flags()}".encode()).hexdigest()
+    machine = f"{torch.__version__} {TARGETS[target]} {_cpu_flags()}"
+    fingerprint = hashlib.sha256(machine.encode()).hexdigest()
     cpp_extension.load(name=f"{ops}_cpu_kernels_{fingerprint[:12]}", sources=[str(SOURCE)],
                        extra_cflags=["-O3", "-fopenmp", f"-DGLASSGPT_OPS={ops}", *TARGETS[target]],
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     _register_shapes(ops)
     library = getattr(torch.ops, ops)
-    return SimpleNamespace(bf16_matvec=library.bf16_matvec, int8_matvec=library.int8_matvec,
-                           instruction_set=library.instruction_set(), namespace=ops)
+    return SimpleNamespace(f32_matvec=library.f32_matvec, bf16_matvec=library.bf16_matvec,
+                           int8_matvec=library.int8_matvec, instruction_set=library.instruction_set(),
+                           namespace=ops)
 
 
 def ops(target: str = "native") -> SimpleNamespace | None:
-    """The kernels for decoding (`.bf16_matvec`, `.int8_matvec`), built on first use; None where they
-    are off (`GLASSGPT_CPU_KERNELS=0`), cannot be built here, or would not be faster than PyTorch's.
+    """The kernels for decoding (`.f32_matvec`, `.bf16_matvec`, `.int8_matvec`), built on first use;
+    None where they are off (`GLASSGPT_CPU_KERNELS=0`), cannot be built here, or would not be faster
+    than PyTorch's.
     The first failure is warned about once; later calls answer at once."""
     built = _BUILT.get(target)
     if built is None:
@@ -116,6 +119,8 @@ def _register_shapes(ops: str) -> None:
         lambda x, q, scale, bias: one_row_output(x, q.shape[0], torch.float32))
     torch.library.register_fake(f"{ops}::bf16_matvec")(
         lambda x, weight, bias: one_row_output(x, weight.shape[0], torch.bfloat16))
+    torch.library.register_fake(f"{ops}::f32_matvec")(
+        lambda x, weight, bias: one_row_output(x, weight.shape[0], torch.float32))
 
 
 def _cpu_flags() -> str:

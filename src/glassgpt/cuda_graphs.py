@@ -29,7 +29,6 @@ import torch
 from glassgpt import cpu_kernels
 from glassgpt.config import GPTConfig
 from glassgpt.fast import CompileState, CPULinear
-from glassgpt.int8 import Int8Linear
 from glassgpt.model import GPT, KVCache, LayerCache
 
 _CAPTURING = threading.Lock()
@@ -124,13 +123,11 @@ class GraphedDecoder:
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(batch_size, model.config.vocab_size, dtype=model.tok_emb.weight.dtype,
                                   device=device)
-        # On a CPU, one-row bf16 and int8 products go to glassgpt's own kernels (glassgpt.cpu_kernels),
-        # built here, before a trace of the step needs them.
-        on_cpu = device.type == "cpu"
-        self._bf16_kernels = (on_cpu and model.tok_emb.weight.dtype == torch.bfloat16
-                              and cpu_kernels.ops() is not None)
-        if on_cpu and any(isinstance(module, Int8Linear) for module in model.modules()):
-            cpu_kernels.ops()
+        # On a CPU, one-row products go to glassgpt's own kernels (glassgpt.cpu_kernels; int8 layers
+        # call them themselves), built here, before a trace of the step needs them.
+        dtype = model.tok_emb.weight.dtype
+        self._kernel_mode = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                             and cpu_kernels.ops() is not None)
         self._compiled = torch.compile(self._decode_step, fullgraph=True) if compile else None
         self.use_graph = device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -141,7 +138,7 @@ class GraphedDecoder:
 
         A sampler overwrites `token` with its own choice before the next step (`step(next_ids)`).
         """
-        with CPULinear() if self._bf16_kernels else nullcontext():
+        with CPULinear() if self._kernel_mode else nullcontext():
             logits = static_forward(self.model, self.token, self.cache)[:, -1]  # (B, vocab)
         self.logits.copy_(logits)
         self.token.copy_(logits.argmax(dim=-1, keepdim=True))

@@ -102,9 +102,9 @@ class CPULinear(TorchFunctionMode):
     """While active, `F.linear` on a CPU without autograd runs on faster kernels; all else is
     untouched.
 
-    The same function, x @ W.T + b, differing only by rounding order: one-row products in bf16
-    through glassgpt's own kernel (`glassgpt.cpu_kernels`) where it is built; in fp32 through oneDNN's
-    kernel (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for
+    The same function, x @ W.T + b, differing only by rounding order: one-row products in fp32 and
+    bf16 through glassgpt's own kernels (`glassgpt.cpu_kernels`) where they are built; in fp32 through
+    oneDNN's kernel (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for
     products of several rows, and of one row on AMD processors; or, with `compile=True`, one-row
     products in fp32 or bf16 through `compiled_matvec`, which needs the C++ compiler torch.compile
     uses on a CPU and costs seconds on first use (faster still on AMD; not faster than MKL on Intel).
@@ -121,9 +121,10 @@ class CPULinear(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if _cpu_inference(x, weight, bias):
                 one_row = x.numel() == x.shape[-1]
-                if (one_row and x.dtype == torch.bfloat16 and weight.is_contiguous()
-                        and (kernels := _built_kernels()) is not None):
-                    return kernels.bf16_matvec(x.contiguous(), weight, bias)
+                if one_row and weight.is_contiguous() and (kernels := _built_kernels()) is not None:
+                    matvec = kernels.f32_matvec if x.dtype == torch.float32 else kernels.bf16_matvec
+                    if x.dtype in (torch.float32, torch.bfloat16):
+                        return matvec(x.contiguous(), weight, bias)
                 if self.compile and one_row and x.dtype in (torch.float32, torch.bfloat16):
                     out = COMPILED.attempt(compiled_matvec, x, weight, bias, instead="decoding without it")
                     if out is not None:
@@ -155,8 +156,8 @@ def cpu_inference_kernels(compile: bool = False, rows: int | None = None,
     CPU, say), it is not entered at all, sparing each of the step's few hundred operations its dispatch.
     """
     if rows == 1:
-        useful = (ONEDNN_FOR_ONE_ROW if dtype == torch.float32
-                  else dtype == torch.bfloat16 and cpu_kernels.ops() is not None)
+        useful = (dtype in (torch.float32, torch.bfloat16) and cpu_kernels.ops() is not None
+                  or ONEDNN_FOR_ONE_ROW and dtype == torch.float32)
     else:
         useful = HAS_ONEDNN_LINEAR and dtype == torch.float32
     return CPULinear(compile) if compile or useful else nullcontext()
