@@ -33,6 +33,7 @@ PATHS = [pytest.param(target, marks=pytest.mark.skipif(not runnable, reason=f"no
          for target, runnable in RUNNABLE.items()]
 # Odd sizes reach every remainder: rows that do not fill a pass, columns the vector loops leave.
 SHAPES = [(2304, 768), (37, 100), (1, 7), (3, 64)]
+CONFIG = get_preset("gpt2", vocab_size=97, context_length=32, emb_dim=64, n_heads=4, n_layers=2)
 
 
 def kernels(target: str):
@@ -133,16 +134,16 @@ def test_torch_compile_traces_the_kernels_into_a_graph():
     assert built is not None and torch.equal(compiled(x), step(x))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decoding_uses_the_kernels_and_matches_pytorchs_products(dtype, monkeypatch):
-    """An fp32 or bf16 model decodes through the kernel (one call per weight matrix per token) with the
-    logits PyTorch's own products give (fp32: to 1e-5; bf16: to its rounding); with the kernels off,
-    decoding still works."""
+def kernel_calls(profile, name: str) -> int:
+    return sum(event.count for event in profile.key_averages() if event.key == name)
+
+
+def test_bf16_decoding_uses_the_kernel_and_matches_pytorchs_products(monkeypatch):
+    """A bf16 model decodes through the kernel by default (one call per weight matrix per token) with the
+    logits PyTorch's own bf16 products give, to bf16 rounding; with the kernels off, decoding still works."""
     kernels("native")
-    config = get_preset("gpt2", vocab_size=97, context_length=32, emb_dim=64, n_heads=4, n_layers=2)
-    model = random_model(config).to(dtype)
-    ids = random_ids(config, 1, 5, seed=4)[0]
-    name = "glassgpt::f32_matvec" if dtype == torch.float32 else "glassgpt::bf16_matvec"
+    model = random_model(CONFIG).to(torch.bfloat16)
+    ids = random_ids(CONFIG, 1, 5, seed=4)[0]
 
     def decode():
         steps = []
@@ -151,13 +152,37 @@ def test_decoding_uses_the_kernels_and_matches_pytorchs_products(dtype, monkeypa
 
     with torch.autograd.profiler.profile() as profile:
         tokens, logits = decode()
-    calls = sum(event.count for event in profile.key_averages() if event.key == name)
-    assert calls == 7 * (4 * config.n_layers + 1)  # 7 one-token steps after the prompt's
+    # 7 one-token steps after the prompt, a call for each weight matrix
+    assert kernel_calls(profile, "glassgpt::bf16_matvec") == 7 * (4 * CONFIG.n_layers + 1)
     monkeypatch.setattr(cpu_kernels, "_BUILT", {"native": "off for this test"})
     plain_tokens, plain_logits = decode()
-    tolerance = 1e-5 if dtype == torch.float32 else 0.05
-    torch.testing.assert_close(logits, plain_logits, atol=tolerance, rtol=0)
+    torch.testing.assert_close(logits, plain_logits, atol=0.05, rtol=0)
     assert tokens == plain_tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_static_cache_decoder_steps_through_the_kernels(dtype, monkeypatch):
+    """The step `compile=True` compiles (here run uncompiled, which is what its trace records) sends every
+    one-row product to the kernels, with PyTorch's logits: fp32 to 1e-5, bf16 to its rounding."""
+    from glassgpt.cuda_graphs import GraphedDecoder
+
+    kernels("native")
+    model = random_model(CONFIG).to(dtype)
+    ids = random_ids(CONFIG, 1, 5, seed=4)
+
+    def decode():
+        decoder = GraphedDecoder(model, max_length=16, compile=False)
+        steps = [decoder.prefill(ids).float().clone()]
+        steps += [decoder.step().float().clone() for _ in range(6)]
+        return torch.cat(steps)
+
+    with torch.autograd.profiler.profile() as profile:
+        logits = decode()
+    name = "glassgpt::f32_matvec" if dtype == torch.float32 else "glassgpt::bf16_matvec"
+    assert kernel_calls(profile, name) == 6 * (4 * CONFIG.n_layers + 1)
+    monkeypatch.setattr(cpu_kernels, "_BUILT", {"native": "off for this test"})
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(logits, decode(), atol=tolerance, rtol=0)
 
 
 def test_off_switch_and_a_missing_compiler_leave_pytorchs_kernels(monkeypatch):

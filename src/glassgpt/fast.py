@@ -156,8 +156,10 @@ def cpu_inference_kernels(compile: bool = False, rows: int | None = None,
     CPU, say), it is not entered at all, sparing each of the step's few hundred operations its dispatch.
     """
     if rows == 1:
-        useful = (dtype in (torch.float32, torch.bfloat16) and cpu_kernels.ops() is not None
-                  or ONEDNN_FOR_ONE_ROW and dtype == torch.float32)
+        # fp32 on Intel: MKL's one-row product is as fast as glassgpt's own kernel there, and eager
+        # decoding through the mode was slower (its dispatch); a compiled step enters it itself.
+        useful = (ONEDNN_FOR_ONE_ROW if dtype == torch.float32
+                  else dtype == torch.bfloat16 and cpu_kernels.ops() is not None)
     else:
         useful = HAS_ONEDNN_LINEAR and dtype == torch.float32
     return CPULinear(compile) if compile or useful else nullcontext()
