@@ -199,3 +199,12 @@ def test_off_switch_and_a_missing_compiler_leave_pytorchs_kernels(monkeypatch):
     with pytest.warns(RuntimeWarning, match="could not be built \\(c\\+\\+: command not found\\)"):
         assert cpu_kernels.ops() is None
     assert cpu_kernels.ops() is None and cpu_kernels.loaded() is None  # answered at once, warned once
+
+
+def test_only_a_first_build_says_it_is_compiling(capsys, monkeypatch):
+    kernels("native")  # built by now: loading it again says nothing
+    cpu_kernels.build("native")
+    assert "compiling" not in capsys.readouterr().err
+    monkeypatch.setattr(cpu_kernels, "_kept", lambda *args: False)
+    cpu_kernels.build("native")
+    assert "compiling its CPU kernels for this processor" in capsys.readouterr().err

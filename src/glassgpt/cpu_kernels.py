@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -60,7 +61,10 @@ def build(target: str = "native") -> SimpleNamespace:
     ops = namespace(target)
     machine = f"{torch.__version__} {TARGETS[target]} {_cpu_flags()}"
     fingerprint = hashlib.sha256(machine.encode()).hexdigest()
-    cpp_extension.load(name=f"{ops}_cpu_kernels_{fingerprint[:12]}", sources=[str(SOURCE)],
+    name = f"{ops}_cpu_kernels_{fingerprint[:12]}"
+    if target == "native" and not _kept(cpp_extension, name):
+        print("glassgpt: compiling its CPU kernels for this processor (once, about 10-40 s)", file=sys.stderr)
+    cpp_extension.load(name=name, sources=[str(SOURCE)],
                        extra_cflags=["-O3", "-fopenmp", f"-DGLASSGPT_OPS={ops}", *TARGETS[target]],
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     _register_shapes(ops)
@@ -107,6 +111,14 @@ def _try_build(target: str) -> SimpleNamespace | str:
     if target == "native" and built.instruction_set not in FAST_PATHS:
         return f"this processor has no AVX2 or AVX-512 (path: {built.instruction_set})"
     return built
+
+
+def _kept(cpp_extension, name: str) -> bool:
+    """Whether an earlier process left a build of `name` (then loading it takes a moment)."""
+    try:
+        return (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists()
+    except Exception:  # a private helper of torch's: if it changes, only the notice is lost
+        return True
 
 
 def _register_shapes(ops: str) -> None:
