@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_ids, random_model
 
+import glassgpt.int8 as int8
 from glassgpt import cpu_kernels, get_preset
 from glassgpt.generate import iter_tokens
 from glassgpt.int8 import quantize_rows
@@ -62,7 +63,9 @@ def test_int8_matvec_equals_the_dequantised_float32_product(target, shape, bias)
     n_rows, k_size = shape
     q, scale = quantize_rows(torch.randn(n_rows, k_size, generator=generator))
     b = torch.randn(n_rows, generator=generator) if bias else None
-    for x in (torch.randn(k_size, generator=generator), torch.randn(1, 1, k_size, generator=generator)):
+    # One row (decoding), and a few (a short prompt, a batch): each weight row meets them all.
+    for x_shape in ((k_size,), (1, 1, k_size), (3, k_size), (2, 5, k_size)):
+        x = torch.randn(x_shape, generator=generator)
         out = kernels(target).int8_matvec(x, q, scale, b)
         expected = F.linear(x, q.float() * scale[:, None], b)
         assert out.shape == expected.shape and out.dtype == torch.float32
@@ -106,7 +109,7 @@ def test_the_kernels_refuse_what_they_cannot_compute_with_clear_errors():
     built = kernels("native")
     q, scale = quantize_rows(torch.randn(8, 16))
     with pytest.raises(RuntimeError, match="one row"):
-        built.int8_matvec(torch.randn(2, 16), q, scale, None)
+        built.bf16_matvec(torch.randn(2, 16).bfloat16(), torch.randn(8, 16).bfloat16(), None)
     with pytest.raises(RuntimeError, match="does not take rows of 12"):
         built.int8_matvec(torch.randn(12), q, scale, None)
     with pytest.raises(RuntimeError, match="float32 x, int8 q"):
@@ -208,3 +211,17 @@ def test_only_a_first_build_says_it_is_compiling(capsys, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_kept", lambda *args: False)
     cpu_kernels.build("native")
     assert "compiling its CPU kernels for this processor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows", [1, 7, int8.KERNEL_ROWS, int8.KERNEL_ROWS + 1])
+def test_an_int8_layer_sends_up_to_kernel_rows_to_the_kernel(rows):
+    """Decoding, short prompts and small batches go to the kernel (weights read once for all rows);
+    longer prompts widen the matrix for PyTorch's product. Both are the dequantised float32 layer."""
+    kernels("native")
+    layer = int8.Int8Linear.from_linear(torch.nn.Linear(96, 40))
+    x = torch.randn(1, rows, 96)
+    with torch.inference_mode(), torch.autograd.profiler.profile() as profile:
+        out = layer(x)
+    assert kernel_calls(profile, "glassgpt::int8_matvec") == (1 if rows <= int8.KERNEL_ROWS else 0)
+    expected = F.linear(x, layer.dequantized_weight(), layer.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@
 //
 //   f32_matvec(x, weight, bias):       x fp32 (..., K) of one row, weight fp32 (N, K) -> fp32 (..., N)
 //   bf16_matvec(x, weight, bias):      x bf16 (..., K) of one row, weight bf16 (N, K) -> bf16 (..., N)
-//   int8_matvec(x, q, scale, bias):    x fp32 (..., K) of one row, q int8 (N, K), scale fp32 (N,)
+//   int8_matvec(x, q, scale, bias):    x fp32 (..., K) of one or a few rows, q int8 (N, K), scale fp32 (N,)
 //                                      -> fp32 (..., N), out[n] = scale[n] * sum_k x[k] q[n, k] + bias[n]
 //
 // All accumulate in fp32 (bf16 rounds once, at the end). Each has a path per instruction set, chosen
@@ -205,10 +205,11 @@ void over_rows(int64_t n_rows, DotRows dot_rows) {
   });
 }
 
-void check_one_row(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   const char* name) {
+void check_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const char* name, bool one_row = true) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), name, ": CPU tensors only");
-  TORCH_CHECK(x.dim() >= 1 && x.numel() == x.size(-1), name, ": x must hold one row, got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1 && (!one_row || x.numel() == x.size(-1)), name, ": x must hold one row, got ",
+              x.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), name, ": weight ", weight.sizes(),
               " does not take rows of ", x.size(-1));
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), name, ": contiguous tensors only");
@@ -224,30 +225,35 @@ at::Tensor output_like(const at::Tensor& x, int64_t n_rows, at::ScalarType dtype
 
 at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
-  check_one_row(x, q, bias, "int8_matvec");
+  check_rows(x, q, bias, "int8_matvec", /*one_row=*/false);
   TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar &&
                   scale.scalar_type() == at::kFloat,
               "int8_matvec: needs float32 x, int8 q and float32 scale");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == q.size(0) && scale.is_contiguous(),
               "int8_matvec: one scale per weight row");
   TORCH_CHECK(!bias || bias->scalar_type() == at::kFloat, "int8_matvec: float32 bias");
-  int64_t n_rows = q.size(0), k_size = q.size(1);
+  int64_t n_rows = q.size(0), k_size = q.size(1), tokens = x.numel() / k_size;
   at::Tensor out = output_like(x, n_rows, at::kFloat);
   const float* xs = x.data_ptr<float>();
   const int8_t* weights = q.data_ptr<int8_t>();
   const float* scales = scale.data_ptr<float>();
   const float* biases = bias ? bias->data_ptr<float>() : nullptr;
   float* result = out.data_ptr<float>();
+  // A few token rows (a short prompt, a batch): each pair of weight rows is read from memory once and
+  // meets every token row while it sits in the cache, instead of PyTorch widening the whole matrix.
   over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
-    dot_rows_int8(xs, weights + first * k_size, k_size, rows, sums);
-    for (int64_t r = 0; r < rows; ++r)
-      result[first + r] = sums[r] * scales[first + r] + (biases ? biases[first + r] : 0.0f);
+    for (int64_t token = 0; token < tokens; ++token) {
+      dot_rows_int8(xs + token * k_size, weights + first * k_size, k_size, rows, sums);
+      float* row_out = result + token * n_rows;
+      for (int64_t r = 0; r < rows; ++r)
+        row_out[first + r] = sums[r] * scales[first + r] + (biases ? biases[first + r] : 0.0f);
+    }
   });
   return out;
 }
 
 at::Tensor f32_matvec(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  check_one_row(x, weight, bias, "f32_matvec");
+  check_rows(x, weight, bias, "f32_matvec");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
                   (!bias || bias->scalar_type() == at::kFloat),
               "f32_matvec: float32 tensors only");
@@ -265,7 +271,7 @@ at::Tensor f32_matvec(const at::Tensor& x, const at::Tensor& weight, const std::
 }
 
 at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  check_one_row(x, weight, bias, "bf16_matvec");
+  check_rows(x, weight, bias, "bf16_matvec");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
                   (!bias || bias->scalar_type() == at::kBFloat16),
               "bf16_matvec: bfloat16 tensors only");

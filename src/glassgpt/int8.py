@@ -11,13 +11,14 @@ times the speed. How the bytes are cut decides what the answer keeps:
   `y = (x @ q.T) * scale + bias`. The only error is each weight's rounding, at most half a step
   (`scale / 2`), a relative error of about 0.3% of the row's largest weight.
 
-`Int8Linear.forward` on one token row (decoding) runs glassgpt's own CPU kernel
-(`glassgpt.cpu_kernels`: it reads each int8 weight once and widens it in registers), or where that
-cannot be built, `int8_matvec` compiled by torch.compile into such a loop; on several rows (a prompt)
-the int8 matrix is widened to float32 once per call and multiplied by PyTorch's own kernels, the
-widening costing little against a product of many rows. Both compute the same function as the
-float32 model whose weights are `q * scale` (`dequantized_model`), to float32 rounding; tests prove
-it, and measure the distance to the unquantised model. Measurements: docs/PERFORMANCE.md.
+`Int8Linear.forward` on up to `KERNEL_ROWS` token rows (decoding, a short prompt, a small batch)
+runs glassgpt's own CPU kernel (`glassgpt.cpu_kernels`: it reads each int8 weight once and widens it
+in registers), or where that cannot be built, one row through `int8_matvec` compiled by torch.compile
+into such a loop. On more rows (a long prompt) the int8 matrix is widened to float32 once per call
+and multiplied by PyTorch's own kernels, the widening costing little against a product of many rows.
+All compute the same function as the float32 model whose weights are `q * scale`
+(`dequantized_model`), to float32 rounding; tests prove it, and measure the distance to the
+unquantised model. Measurements: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 
 COMPILED = CompileState()
+# Up to this many token rows go to glassgpt's own kernel, which reads the int8 weights once for all
+# of them; beyond it, widening the matrix once and using PyTorch's float32 product is faster (the
+# crossover, measured between 32 and 64 rows: docs/PERFORMANCE.md).
+KERNEL_ROWS = 32
 
 
 def compiled_int8_matvec(x, q, scale, bias) -> torch.Tensor:
@@ -99,8 +104,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             raise TypeError(f"Int8Linear takes float32 inputs, got {x.dtype}")
-        one_row = x.numel() == x.shape[-1]
-        if self.compile and one_row and x.device.type == "cpu":
+        rows = x.numel() // max(x.shape[-1], 1)
+        one_row = rows == 1
+        if self.compile and rows <= KERNEL_ROWS and x.device.type == "cpu":
             # glassgpt's own kernel where it is built (inside a compiled step too: torch.compile calls it).
             kernels = cpu_kernels.loaded() if torch.compiler.is_compiling() else cpu_kernels.ops()
             if kernels is not None:
