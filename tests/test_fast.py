@@ -175,15 +175,13 @@ def test_the_mode_stays_out_of_calls_where_it_would_change_nothing(rows, monkeyp
         assert isinstance(fast.cpu_inference_kernels(rows=rows), CPULinear) == useful
         assert isinstance(fast.cpu_inference_kernels(compile=True, rows=rows), CPULinear)
         assert not isinstance(fast.cpu_inference_kernels(rows=rows, dtype=torch.bfloat16), CPULinear)
-    # With them, one-row bf16 products go to them; prompts of bf16 models have nothing to gain.
+    # With them, the model's own `Linear` layers send one-row products there: the mode has nothing
+    # to add to a one-row step; prompts of bf16 models have nothing to gain either.
     monkeypatch.setattr(cpu_kernels, "_BUILT", {"native": cpu_kernels.build("native")})
     for one_row_onednn in (True, False):
         monkeypatch.setattr(fast, "ONEDNN_FOR_ONE_ROW", one_row_onednn)
         for dtype in (torch.float32, torch.bfloat16):
-            if rows == 1:
-                useful = one_row_onednn if dtype == torch.float32 else True
-            else:
-                useful = fast.HAS_ONEDNN_LINEAR and dtype == torch.float32
+            useful = rows > 1 and fast.HAS_ONEDNN_LINEAR and dtype == torch.float32
             assert isinstance(fast.cpu_inference_kernels(rows=rows, dtype=dtype), CPULinear) == useful
 
 

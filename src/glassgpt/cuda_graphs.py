@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from glassgpt import cpu_kernels
 from glassgpt.config import GPTConfig
-from glassgpt.fast import CompileState, CPULinear
+from glassgpt.fast import CompileState
 from glassgpt.model import GPT, KVCache, LayerCache
 
 _CAPTURING = threading.Lock()
@@ -123,11 +123,10 @@ class GraphedDecoder:
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(batch_size, model.config.vocab_size, dtype=model.tok_emb.weight.dtype,
                                   device=device)
-        # On a CPU, one-row products go to glassgpt's own kernels (glassgpt.cpu_kernels; int8 layers
-        # call them themselves), built here, before a trace of the step needs them.
-        dtype = model.tok_emb.weight.dtype
-        self._kernel_mode = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                             and cpu_kernels.ops() is not None)
+        # On a CPU, the model's layers send one-row products to glassgpt's own kernels
+        # (glassgpt.cpu_kernels), built here, before a trace of the step needs them.
+        if device.type == "cpu":
+            cpu_kernels.ops()
         self._compiled = torch.compile(self._decode_step, fullgraph=True) if compile else None
         self.use_graph = device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -138,8 +137,7 @@ class GraphedDecoder:
 
         A sampler overwrites `token` with its own choice before the next step (`step(next_ids)`).
         """
-        with CPULinear() if self._kernel_mode else nullcontext():
-            logits = static_forward(self.model, self.token, self.cache)[:, -1]  # (B, vocab)
+        logits = static_forward(self.model, self.token, self.cache)[:, -1]  # (B, vocab)
         self.logits.copy_(logits)
         self.token.copy_(logits.argmax(dim=-1, keepdim=True))
         return self.logits

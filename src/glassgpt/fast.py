@@ -1,9 +1,11 @@
-"""Faster kernels for inference matrix products on a CPU, changing nothing in the model.
+"""Faster kernels for inference matrix products on a CPU, changing no number the model computes.
 
 One decoded token is little but matrix-vector products over every weight, so decoding on a CPU is
-bound by how fast those products read memory. PyTorch's CPU build sends every fp32 product to MKL,
-whose matrix-vector kernel runs on one thread on AMD processors; oneDNN, the other CPU library
-inside the same PyTorch, splits the same products over all threads. `cpu_inference_kernels()`
+bound by how fast those products read memory. The model's layers are `Linear`, an `nn.Linear` that
+sends those one-row products to glassgpt's own kernels (`glassgpt.cpu_kernels`) where they are
+built. Without them: PyTorch's CPU build sends every fp32 product to MKL, whose matrix-vector
+kernel runs on one thread on AMD processors; oneDNN, the other CPU library inside the same
+PyTorch, splits the same products over all threads. `cpu_inference_kernels()`
 routes the model's `F.linear` calls to the kernel that was measured faster for the processor and
 the number of rows, or with `compile=True` one-row products to a compiled matrix-vector loop;
 `glassgpt.generate` enters it around each CPU decoding step. Measurements on AMD and Intel
@@ -19,6 +21,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from glassgpt import cpu_kernels
@@ -134,6 +137,24 @@ class CPULinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class Linear(nn.Linear):
+    """`nn.Linear`, whose one-row inference products on a CPU (decoding a token) go to glassgpt's own
+    kernels (`glassgpt.cpu_kernels`, fp32 and bf16); every other call is `F.linear`, as in nn.Linear.
+
+    The model's layers are these, so decoding reaches the kernels without a TorchFunctionMode, whose
+    dispatch of every other operation of a step cost more than the kernels gained (docs/PERFORMANCE.md).
+    Training (autograd on), autocast, other devices and dtypes, and prompts keep PyTorch's own product.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if (x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
+                and _cpu_inference(x, weight, bias) and (kernels := _built_kernels()) is not None):
+            matvec = kernels.f32_matvec if x.dtype == torch.float32 else kernels.bf16_matvec
+            return matvec(x.contiguous(), weight, bias)
+        return F.linear(x, weight, bias)
+
+
 def _built_kernels():
     """glassgpt's own CPU kernels, built on first use; inside a compiled step only if already built
     (a trace does not build; `cuda_graphs.GraphedDecoder` builds them before compiling)."""
@@ -156,10 +177,9 @@ def cpu_inference_kernels(compile: bool = False, rows: int | None = None,
     CPU, say), it is not entered at all, sparing each of the step's few hundred operations its dispatch.
     """
     if rows == 1:
-        # fp32 on Intel: MKL's one-row product is as fast as glassgpt's own kernel there, and eager
-        # decoding through the mode was slower (its dispatch); a compiled step enters it itself.
-        useful = (ONEDNN_FOR_ONE_ROW if dtype == torch.float32
-                  else dtype == torch.bfloat16 and cpu_kernels.ops() is not None)
+        # The model's `Linear` layers send one-row products to glassgpt's kernels themselves; without
+        # them, one fp32 row goes to oneDNN on AMD only.
+        useful = ONEDNN_FOR_ONE_ROW and dtype == torch.float32 and cpu_kernels.ops() is None
     else:
         useful = HAS_ONEDNN_LINEAR and dtype == torch.float32
     return CPULinear(compile) if compile or useful else nullcontext()

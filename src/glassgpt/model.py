@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glassgpt.config import GPTConfig, get_preset
+from glassgpt.fast import Linear  # nn.Linear; decoding a token on a CPU uses glassgpt's own kernels
 
 
 class LayerNorm(nn.Module):
@@ -77,8 +78,8 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_out // n_heads
         # One matrix computes queries, keys and values together: its rows are [W_query; W_key; W_value].
         # (Same numbers as three separate projections, in one matrix product instead of three.)
-        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
+        self.qkv = Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.out_proj = Linear(d_out, d_out, bias=out_bias)
         self.dropout = dropout
         self.attn_dropout = nn.Dropout(dropout)
         # Passes the attention weights through unchanged: forward hooks on it read them on the
@@ -159,9 +160,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, emb_dim: int, hidden_dim: int, activation: str = "gelu", bias: bool = True):
         super().__init__()
-        self.expand = nn.Linear(emb_dim, hidden_dim, bias=bias)
+        self.expand = Linear(emb_dim, hidden_dim, bias=bias)
         self.activation = GELU() if activation == "gelu" else nn.ReLU()
-        self.contract = nn.Linear(hidden_dim, emb_dim, bias=bias)
+        self.contract = Linear(hidden_dim, emb_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.contract(self.activation(self.expand(x)))
@@ -210,7 +211,7 @@ class GPT(nn.Module):
                            if config.final_norm else nn.Identity())
         # A classifier (config.n_classes > 0, see glassgpt.classify) scores classes instead of tokens.
         n_outputs = config.n_classes or config.vocab_size
-        self.out_head = nn.Linear(config.emb_dim, n_outputs, bias=config.head_bias)
+        self.out_head = Linear(config.emb_dim, n_outputs, bias=config.head_bias)
         if config.tie_weights:
             # Weight tying: reading a token in and writing it out use the same matrix (GPT-2 does
             # this; it saves vocab_size * emb_dim parameters, 38.6M for GPT-2 small).
