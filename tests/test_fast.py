@@ -183,6 +183,8 @@ def test_the_mode_stays_out_of_calls_where_it_would_change_nothing(rows, monkeyp
         for dtype in (torch.float32, torch.bfloat16):
             useful = rows > 1 and fast.HAS_ONEDNN_LINEAR and dtype == torch.float32
             assert isinstance(fast.cpu_inference_kernels(rows=rows, dtype=dtype), CPULinear) == useful
+            compiled = fast.cpu_inference_kernels(compile=True, rows=rows, dtype=dtype)
+            assert isinstance(compiled, CPULinear) == (rows > 1)
 
 
 # ---------------------------------------------------------------- the whole decode step compiled (CPU)

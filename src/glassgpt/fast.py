@@ -149,7 +149,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         if (x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
-                and _cpu_inference(x, weight, bias) and (kernels := _built_kernels()) is not None):
+                and _cpu_inference(x, weight, bias) and not torch.jit.is_tracing()  # (an ONNX export)
+                and (kernels := _built_kernels()) is not None):
             matvec = kernels.f32_matvec if x.dtype == torch.float32 else kernels.bf16_matvec
             return matvec(x.contiguous(), weight, bias)
         return F.linear(x, weight, bias)
@@ -176,10 +177,10 @@ def cpu_inference_kernels(compile: bool = False, rows: int | None = None,
     where the mode would hand every product of such a call back to PyTorch (one fp32 row on an Intel
     CPU, say), it is not entered at all, sparing each of the step's few hundred operations its dispatch.
     """
+    if rows == 1 and cpu_kernels.ops() is not None:
+        return nullcontext()  # the model's `Linear` layers send one-row products to the kernels themselves
     if rows == 1:
-        # The model's `Linear` layers send one-row products to glassgpt's kernels themselves; without
-        # them, one fp32 row goes to oneDNN on AMD only.
-        useful = ONEDNN_FOR_ONE_ROW and dtype == torch.float32 and cpu_kernels.ops() is None
+        useful = ONEDNN_FOR_ONE_ROW and dtype == torch.float32  # without glassgpt's: oneDNN on AMD only
     else:
         useful = HAS_ONEDNN_LINEAR and dtype == torch.float32
     return CPULinear(compile) if compile or useful else nullcontext()
