@@ -157,8 +157,11 @@ def contenders_for(precision: str, ours, hf, args, directory: str) -> tuple[dict
             table["glassgpt int8 compile=True"] = torch_contender(int8, compile=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(ours), {torch.nn.Linear},
-                                                             dtype=torch.qint8)
+            plain = copy.deepcopy(ours)
+            for module in plain.modules():  # torch.ao's dynamic quantisation takes exact nn.Linear only
+                if isinstance(module, torch.nn.Linear):
+                    module.__class__ = torch.nn.Linear
+            dynamic = torch.ao.quantization.quantize_dynamic(plain, {torch.nn.Linear}, dtype=torch.qint8)
         table["glassgpt int8 dynamic (before)"] = torch_contender(dynamic)
         engines = {"llama.cpp Q8_0": ("llama.cpp", _engines.llama_cpp, "Q8_0"),
                    "ONNX Runtime int8 dynamic": ("ONNX Runtime", _engines.onnx_runtime, "int8")}

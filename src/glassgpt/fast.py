@@ -148,8 +148,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if (x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
-                and _cpu_inference(x, weight, bias) and not torch.jit.is_tracing()  # (an ONNX export)
+        if (not torch.jit.is_tracing()  # (an ONNX export records PyTorch's own product)
+                and x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16)
+                and weight.is_contiguous() and _cpu_inference(x, weight, bias)
                 and (kernels := _built_kernels()) is not None):
             matvec = kernels.f32_matvec if x.dtype == torch.float32 else kernels.bf16_matvec
             return matvec(x.contiguous(), weight, bias)
