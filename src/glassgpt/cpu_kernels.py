@@ -89,12 +89,15 @@ def ops(target: str = "native") -> SimpleNamespace | None:
 
 
 def loaded() -> SimpleNamespace | None:
-    """The native kernels if `ops()` has already built them, else None; never builds.
-
-    What a compiled decode step reads while torch.compile traces it (building is no work for a trace).
-    """
+    """The native kernels if `ops()` has already built them, else None; never builds."""
     built = _BUILT.get("native")
     return built if isinstance(built, SimpleNamespace) else None
+
+
+def for_this_call() -> SimpleNamespace | None:
+    """What a layer calls: `ops()`, except while torch.compile traces a step, where it is `loaded()`
+    (a trace does not build; `cuda_graphs.GraphedDecoder` builds them before compiling its step)."""
+    return loaded() if torch.compiler.is_compiling() else ops()
 
 
 def _try_build(target: str) -> SimpleNamespace | str:

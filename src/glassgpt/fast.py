@@ -105,9 +105,8 @@ class CPULinear(TorchFunctionMode):
     """While active, `F.linear` on a CPU without autograd runs on faster kernels; all else is
     untouched.
 
-    The same function, x @ W.T + b, differing only by rounding order: one-row products in fp32 and
-    bf16 through glassgpt's own kernels (`glassgpt.cpu_kernels`) where they are built; in fp32 through
-    oneDNN's kernel (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for
+    The same function, x @ W.T + b, differing only by rounding order: in fp32 through oneDNN's
+    kernel (`mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for CPU linears) for
     products of several rows, and of one row on AMD processors; or, with `compile=True`, one-row
     products in fp32 or bf16 through `compiled_matvec`, which needs the C++ compiler torch.compile
     uses on a CPU and costs seconds on first use (faster still on AMD; not faster than MKL on Intel).
@@ -124,10 +123,6 @@ class CPULinear(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if _cpu_inference(x, weight, bias):
                 one_row = x.numel() == x.shape[-1]
-                if one_row and weight.is_contiguous() and (kernels := _built_kernels()) is not None:
-                    matvec = kernels.f32_matvec if x.dtype == torch.float32 else kernels.bf16_matvec
-                    if x.dtype in (torch.float32, torch.bfloat16):
-                        return matvec(x.contiguous(), weight, bias)
                 if self.compile and one_row and x.dtype in (torch.float32, torch.bfloat16):
                     out = COMPILED.attempt(compiled_matvec, x, weight, bias, instead="decoding without it")
                     if out is not None:
@@ -151,16 +146,10 @@ class Linear(nn.Linear):
         if (not torch.jit.is_tracing()  # (an ONNX export records PyTorch's own product)
                 and x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16)
                 and weight.is_contiguous() and _cpu_inference(x, weight, bias)
-                and (kernels := _built_kernels()) is not None):
+                and (kernels := cpu_kernels.for_this_call()) is not None):
             matvec = kernels.f32_matvec if x.dtype == torch.float32 else kernels.bf16_matvec
             return matvec(x.contiguous(), weight, bias)
         return F.linear(x, weight, bias)
-
-
-def _built_kernels():
-    """glassgpt's own CPU kernels, built on first use; inside a compiled step only if already built
-    (a trace does not build; `cuda_graphs.GraphedDecoder` builds them before compiling)."""
-    return cpu_kernels.loaded() if torch.compiler.is_compiling() else cpu_kernels.ops()
 
 
 def _cpu_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

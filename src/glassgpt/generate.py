@@ -160,10 +160,10 @@ def _check_prompt(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
 def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
     """The model call every decoding step makes, chosen once before the loop (which never knows).
 
-    On a CPU, fp32 matrix products go to multi-threaded kernels and one-token bf16 products to
-    glassgpt's own (see glassgpt.fast); with compile=True, the other one-token products in fp32 or bf16
-    go to compiled ones. The kernel mode stays out
-    of calls it would not change (one-row steps on Intel), sparing their operations its dispatch.
+    On a CPU, one-token products go to glassgpt's own kernels through the model's own layers
+    (`fast.Linear`); prompts' fp32 products go to multi-threaded kernels (see glassgpt.fast), and
+    without glassgpt's kernels, compile=True sends one-token products to compiled ones. The kernel
+    mode stays out of calls it would not change, sparing their operations its dispatch.
     """
     weight = model.tok_emb.weight
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):

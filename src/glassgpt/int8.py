@@ -108,8 +108,7 @@ class Int8Linear(nn.Module):
         one_row = rows == 1
         if self.compile and rows <= KERNEL_ROWS and x.device.type == "cpu":
             # glassgpt's own kernel where it is built (inside a compiled step too: torch.compile calls it).
-            kernels = cpu_kernels.loaded() if torch.compiler.is_compiling() else cpu_kernels.ops()
-            if kernels is not None:
+            if (kernels := cpu_kernels.for_this_call()) is not None:
                 return kernels.int8_matvec(x.contiguous(), self.weight_int8, self.scale, self.bias)
         if one_row and torch.compiler.is_compiling():  # inside a compiled step: one graph, no nesting
             return int8_matvec(x, self.weight_int8, self.scale, self.bias)
