@@ -10,9 +10,9 @@ compiler torch.compile already needs on a CPU (about 10 s, once: the build is ke
 `torch.ops.glassgpt.f32_matvec`, `.bf16_matvec` and `.int8_matvec`, which torch.compile sees
 through their shape functions here, so a compiled decode step calls them too.
 
-They are optional: where the build fails (no compiler) or the processor has neither AVX2 nor
-AVX-512, `ops()` says None once with a warning and decoding keeps PyTorch's kernels, computing the
-same numbers. `GLASSGPT_CPU_KERNELS=0` turns them off. Tests hold each path to PyTorch's product.
+They are optional: where the build fails (no compiler: one warning) or the processor has neither
+AVX2 nor AVX-512, `ops()` says None and decoding keeps PyTorch's kernels, computing the same
+numbers. `GLASSGPT_CPU_KERNELS=0` turns them off. Tests hold each path to PyTorch's product.
 Measurements: docs/PERFORMANCE.md ("CPU decode").
 """
 
@@ -138,13 +138,19 @@ def _register_shapes(ops: str) -> None:
         lambda x, weight, bias: one_row_output(x, weight.shape[0], torch.float32))
 
 
-def _cpu_flags() -> str:
-    """The processor's feature flags (Linux), or its name elsewhere."""
+def cpu_info(*fields: str) -> str:
+    """The value of the first /proc/cpuinfo line that starts with one of `fields` ("flags",
+    "vendor_id", ...; Linux), or the processor's name as the platform gives it elsewhere."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith(("flags", "Features")):
+                if line.startswith(fields):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor()
+
+
+def _cpu_flags() -> str:
+    """The processor's feature flags (x86 "flags", Arm "Features")."""
+    return cpu_info("flags", "Features")

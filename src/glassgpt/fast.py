@@ -26,26 +26,13 @@ from torch.overrides import TorchFunctionMode
 
 from glassgpt import cpu_kernels
 
-
-def _cpu_vendor() -> str:
-    """'AuthenticAMD', 'GenuineIntel', ... (from /proc/cpuinfo on Linux, else the platform's words)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 # Measured on x86-64 only (AMD and Intel); elsewhere (Arm) PyTorch's default BLAS stays in charge.
 HAS_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64")
                      and torch.backends.mkldnn.is_available()
                      and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 # oneDNN is faster for products of several rows on x86-64; for one row (decoding) only where MKL's
 # matrix-vector kernel is the slow one (AMD; on Intel, MKL's is the faster).
-ONEDNN_FOR_ONE_ROW = HAS_ONEDNN_LINEAR and "AuthenticAMD" in _cpu_vendor()
+ONEDNN_FOR_ONE_ROW = HAS_ONEDNN_LINEAR and "AuthenticAMD" in cpu_kernels.cpu_info("vendor_id")
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
