@@ -24,10 +24,13 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -223,6 +226,15 @@ at::Tensor output_like(const at::Tensor& x, int64_t n_rows, at::ScalarType dtype
   return at::empty(sizes, x.options().dtype(dtype));
 }
 
+// out = weight x + bias for one fp32 row x; weight (n_rows, k_size).
+void f32_matvec_into(const float* x, const float* weight, const float* bias, int64_t n_rows, int64_t k_size,
+                     float* out) {
+  over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
+    dot_rows_f32(x, weight + first * k_size, k_size, rows, sums);
+    for (int64_t r = 0; r < rows; ++r) out[first + r] = sums[r] + (bias ? bias[first + r] : 0.0f);
+  });
+}
+
 at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
   check_rows(x, q, bias, "int8_matvec", /*one_row=*/false);
@@ -262,11 +274,7 @@ at::Tensor f32_matvec(const at::Tensor& x, const at::Tensor& weight, const std::
   const float* xs = x.data_ptr<float>();
   const float* weights = weight.data_ptr<float>();
   const float* biases = bias ? bias->data_ptr<float>() : nullptr;
-  float* result = out.data_ptr<float>();
-  over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
-    dot_rows_f32(xs, weights + first * k_size, k_size, rows, sums);
-    for (int64_t r = 0; r < rows; ++r) result[first + r] = sums[r] + (biases ? biases[first + r] : 0.0f);
-  });
+  f32_matvec_into(xs, weights, biases, n_rows, k_size, out.data_ptr<float>());
   return out;
 }
 
@@ -289,6 +297,148 @@ at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std:
   return out;
 }
 
+// ---- One decoded token through the whole model, in one call ----
+//
+// Between its 49 products a GPT-2 small token runs about a hundred small operations (norms, the
+// attention over the cache, GELU, residual adds). Called one by one from Python each costs a few
+// microseconds, and more after every product, which has streamed megabytes of weights through the
+// caches the interpreter was using: together as much as a sixth of the token. glassgpt/cpu_step.py
+// calls this once a token instead. It computes what model.py's pre-norm GPT computes for one token
+// of a batch of one, in fp32 (int8 layers: their weights times their row scales), writing the
+// token's keys and values into the model's own KV cache.
+
+// A layer's matrix: fp32 (N, K), or int8 (N, K) with an fp32 scale per row; an optional fp32 bias.
+void layer_into(const float* x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& bias, float* out) {
+  int64_t n_rows = weight.size(0), k_size = weight.size(1);
+  const float* biases = bias ? bias->data_ptr<float>() : nullptr;
+  if (weight.scalar_type() == at::kFloat) return f32_matvec_into(x, weight.data_ptr<float>(), biases, n_rows,
+                                                                 k_size, out);
+  const int8_t* weights = weight.data_ptr<int8_t>();
+  const float* scales = scale->data_ptr<float>();
+  over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
+    dot_rows_int8(x, weights + first * k_size, k_size, rows, sums);
+    for (int64_t r = 0; r < rows; ++r)
+      out[first + r] = sums[r] * scales[first + r] + (biases ? biases[first + r] : 0.0f);
+  });
+}
+
+// LayerNorm: (x - mean) / sqrt(biased variance + eps) * scale + shift.
+void layer_norm_into(const float* x, int64_t size, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& shift, double eps, float* out) {
+  double sum = 0.0, squares = 0.0;
+  for (int64_t i = 0; i < size; ++i) sum += x[i];
+  double mean = sum / size;
+  for (int64_t i = 0; i < size; ++i) squares += (x[i] - mean) * (x[i] - mean);
+  float inverse = float(1.0 / std::sqrt(squares / size + eps));
+  const float* scales = scale.data_ptr<float>();
+  const float* shifts = shift ? shift->data_ptr<float>() : nullptr;
+  for (int64_t i = 0; i < size; ++i)
+    out[i] = (x[i] - float(mean)) * inverse * scales[i] + (shifts ? shifts[i] : 0.0f);
+}
+
+// The new token's query attends over the cached keys 0..position, its own included: per head,
+// softmax(q . k_j / sqrt(head_dim)) weighs the values. qkv holds [query; key; value], heads side by
+// side in each; keys and values are one layer's cache (1, heads, slots, head_dim), written at position.
+void attend_into(const float* qkv, at::Tensor& keys, at::Tensor& values, int64_t heads, int64_t position,
+                 float* context) {
+  int64_t slots = keys.size(2), head_dim = keys.size(3), width = heads * head_dim;
+  float* all_keys = keys.data_ptr<float>();
+  float* all_values = values.data_ptr<float>();
+  float scale = 1.0f / std::sqrt(float(head_dim));
+  // Long caches split the heads over the threads; a short one is less work than waking them.
+  int64_t grain = position >= 256 ? 1 : heads;
+  at::parallel_for(0, heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(position + 1);
+    for (int64_t h = begin; h < end; ++h) {
+      float* head_keys = all_keys + h * slots * head_dim;
+      float* head_values = all_values + h * slots * head_dim;
+      size_t bytes = head_dim * sizeof(float);
+      std::memcpy(head_keys + position * head_dim, qkv + width + h * head_dim, bytes);
+      std::memcpy(head_values + position * head_dim, qkv + 2 * width + h * head_dim, bytes);
+      const float* query = qkv + h * head_dim;
+      float largest = -INFINITY;
+      for (int64_t j = 0; j <= position; ++j) {
+        float score = 0.0f;
+        for (int64_t d = 0; d < head_dim; ++d) score += query[d] * head_keys[j * head_dim + d];
+        weights[j] = score * scale;
+        largest = std::max(largest, weights[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j <= position; ++j) total += weights[j] = std::exp(weights[j] - largest);
+      float* out = context + h * head_dim;
+      std::fill(out, out + head_dim, 0.0f);
+      for (int64_t j = 0; j <= position; ++j) {
+        float weight = weights[j] / total;
+        for (int64_t d = 0; d < head_dim; ++d) out[d] += weight * head_values[j * head_dim + d];
+      }
+    }
+  });
+}
+
+inline float gelu_tanh(float x) {  // GPT-2's GELU, as F.gelu(approximate="tanh")
+  return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+// `blocks`: per block, in this order, norm1 scale and shift; qkv, out_proj, expand and contract as
+// (weight, scale or None, bias or None) each; norm2 scale and shift (kBlockEntries in all). `caches`: per
+// block its keys and values. `ending`: the final norm's scale and shift (None: no final norm), then the head
+// as (weight, scale, bias). Returns the logits (1, 1, n_outputs).
+constexpr int64_t kBlockEntries = 16;
+
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& token_embedding,
+                       const at::Tensor& position_embedding, const OptionalTensors& blocks,
+                       at::TensorList caches, const OptionalTensors& ending, int64_t n_heads, double eps,
+                       bool gelu) {
+  int64_t width = token_embedding.size(1), n_blocks = int64_t(caches.size()) / 2;
+  TORCH_CHECK(int64_t(blocks.size()) == n_blocks * kBlockEntries && ending.size() == 5,
+              "decode_step: ", blocks.size(), " block entries for ", n_blocks, " blocks");
+  TORCH_CHECK(0 <= token && token < token_embedding.size(0) && 0 <= position &&
+                  position < position_embedding.size(0) && position < caches[0].size(2),
+              "decode_step: token ", token, " or position ", position, " out of range");
+  auto entry = [&](int64_t block, int64_t index) { return blocks.get(block * kBlockEntries + index); };
+  auto options = token_embedding.options();
+  at::Tensor stream = at::empty({width}, options), normed = at::empty({width}, options);
+  at::Tensor qkv = at::empty({3 * width}, options), context = at::empty({width}, options);
+  at::Tensor sublayer = at::empty({width}, options);
+  int64_t hidden = entry(0, 8)->size(0);
+  at::Tensor expanded = at::empty({hidden}, options);
+  float* x = stream.data_ptr<float>();
+  const float* token_row = token_embedding.data_ptr<float>() + token * width;
+  const float* position_row = position_embedding.data_ptr<float>() + position * width;
+  for (int64_t i = 0; i < width; ++i) x[i] = token_row[i] + position_row[i];
+
+  for (int64_t block = 0; block < n_blocks; ++block) {
+    // x = x + out_proj(attention(norm1(x)))
+    layer_norm_into(x, width, *entry(block, 0), entry(block, 1), eps, normed.data_ptr<float>());
+    layer_into(normed.data_ptr<float>(), *entry(block, 2), entry(block, 3), entry(block, 4),
+               qkv.data_ptr<float>());
+    at::Tensor keys = caches[2 * block], values = caches[2 * block + 1];
+    attend_into(qkv.data_ptr<float>(), keys, values, n_heads, position, context.data_ptr<float>());
+    layer_into(context.data_ptr<float>(), *entry(block, 5), entry(block, 6), entry(block, 7),
+               sublayer.data_ptr<float>());
+    for (int64_t i = 0; i < width; ++i) x[i] += sublayer.data_ptr<float>()[i];
+    // x = x + contract(activation(expand(norm2(x))))
+    layer_norm_into(x, width, *entry(block, 14), entry(block, 15), eps, normed.data_ptr<float>());
+    float* h = expanded.data_ptr<float>();
+    layer_into(normed.data_ptr<float>(), *entry(block, 8), entry(block, 9), entry(block, 10), h);
+    for (int64_t i = 0; i < hidden; ++i) h[i] = gelu ? gelu_tanh(h[i]) : std::max(h[i], 0.0f);
+    layer_into(h, *entry(block, 11), entry(block, 12), entry(block, 13), sublayer.data_ptr<float>());
+    for (int64_t i = 0; i < width; ++i) x[i] += sublayer.data_ptr<float>()[i];
+  }
+  const float* last = x;
+  if (ending.get(0)) {
+    layer_norm_into(x, width, *ending.get(0), ending.get(1), eps, normed.data_ptr<float>());
+    last = normed.data_ptr<float>();
+  }
+  const at::Tensor& head = *ending.get(2);
+  at::Tensor logits = at::empty({1, 1, head.size(0)}, options);
+  layer_into(last, head, ending.get(3), ending.get(4), logits.data_ptr<float>());
+  return logits;
+}
+
 // Which path this build compiled in (glassgpt/cpu_kernels.py uses the kernels only where it is fast).
 std::string instruction_set() {
 #if defined(__AVX512BF16__)
@@ -308,6 +458,9 @@ TORCH_LIBRARY(GLASSGPT_OPS, m) {
   m.def("int8_matvec(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor");
   m.def("bf16_matvec(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("f32_matvec(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("decode_step(int token, int position, Tensor token_embedding, Tensor position_embedding, "
+        "Tensor?[] blocks, Tensor(a!)[] caches, Tensor?[] ending, int n_heads, float eps, bool gelu) "
+        "-> Tensor");
   m.def("instruction_set() -> str", &instruction_set);
 }
 
@@ -315,4 +468,5 @@ TORCH_LIBRARY_IMPL(GLASSGPT_OPS, CPU, m) {
   m.impl("int8_matvec", &int8_matvec);
   m.impl("bf16_matvec", &bf16_matvec);
   m.impl("f32_matvec", &f32_matvec);
+  m.impl("decode_step", &decode_step);
 }

@@ -70,7 +70,8 @@ def build(target: str = "native") -> SimpleNamespace:
     _register_shapes(ops)
     library = getattr(torch.ops, ops)
     return SimpleNamespace(f32_matvec=library.f32_matvec, bf16_matvec=library.bf16_matvec,
-                           int8_matvec=library.int8_matvec, instruction_set=library.instruction_set(),
+                           int8_matvec=library.int8_matvec, decode_step=library.decode_step,
+                           instruction_set=library.instruction_set(),
                            namespace=ops)
 
 

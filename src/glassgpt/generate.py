@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from glassgpt import cpu_step
 from glassgpt.cuda_graphs import COMPILES_CPU_STEP, DECODERS
 from glassgpt.fast import cpu_inference_kernels
 from glassgpt.model import GPT
@@ -160,8 +161,10 @@ def _check_prompt(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | 
 def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
     """The model call every decoding step makes, chosen once before the loop (which never knows).
 
-    On a CPU, one-token products go to glassgpt's own kernels through the model's own layers
-    (`fast.Linear`); prompts' fp32 products go to multi-threaded kernels (see glassgpt.fast), and
+    On a CPU, a decoded token of a batch of one is one call of the whole step in glassgpt's kernels
+    where that computes what the model does (`glassgpt.cpu_step`); other one-token products go to
+    glassgpt's own kernels through the model's own layers (`fast.Linear`); prompts' fp32 products go
+    to multi-threaded kernels (see glassgpt.fast), and
     without glassgpt's kernels, compile=True sends one-token products to compiled ones. The kernel
     mode stays out of calls it would not change, sparing their operations its dispatch.
     """
@@ -171,8 +174,15 @@ def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
     # A kernel mode holds no state, so these two serve every call (and every thread).
     one_row = cpu_inference_kernels(compile, rows=1, dtype=weight.dtype)
     several_rows = cpu_inference_kernels(compile, dtype=weight.dtype)
+    steps = []  # the model's one-call decode step, looked for at the first decoded token (in eval mode)
 
     def call(fed: torch.Tensor, **inputs) -> torch.Tensor:
+        cache = inputs.get("cache")
+        if cpu_step.serves(cache, inputs.get("attention_mask"), fed):
+            if not steps:
+                steps.append(cpu_step.for_model(model))
+            if steps[0] is not None:
+                return steps[0](int(fed), cache)
         with one_row if fed.numel() == 1 else several_rows:
             return model(fed, **inputs)
 
