@@ -30,6 +30,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -304,26 +305,55 @@ at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std:
 // microseconds, and more after every product, which has streamed megabytes of weights through the
 // caches the interpreter was using: together as much as a sixth of the token. glassgpt/cpu_step.py
 // calls this once a token instead. It computes what model.py's pre-norm GPT computes for one token
-// of a batch of one, in fp32 (int8 layers: their weights times their row scales), writing the
-// token's keys and values into the model's own KV cache.
+// of a batch of one and writes the token's keys and values into the model's own KV cache.
+//
+// T is the model's dtype: float, or bf16. The arithmetic is fp32 throughout; a bf16 model's values are
+// rounded to bf16 wherever the model's own operations hand back a bf16 tensor (`kept`), so both round
+// at the same points. int8 layers (in a float model) compute with their weights times their row scales.
 
-// A layer's matrix: fp32 (N, K), or int8 (N, K) with an fp32 scale per row; an optional fp32 bias.
+template <typename T>
+inline float kept(float value) {  // the value as a T tensor holds it
+  if constexpr (std::is_same_v<T, float>) return value;
+  else return float(T(value));
+}
+
+// out = kept(weight x + bias): weight fp32, bf16 (then T is bf16) or int8 with an fp32 scale per row.
+template <typename T>
 void layer_into(const float* x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-                const std::optional<at::Tensor>& bias, float* out) {
+                const std::optional<at::Tensor>& bias, float* out, std::vector<uint16_t>& x_bf16) {
   int64_t n_rows = weight.size(0), k_size = weight.size(1);
-  const float* biases = bias ? bias->data_ptr<float>() : nullptr;
-  if (weight.scalar_type() == at::kFloat) return f32_matvec_into(x, weight.data_ptr<float>(), biases, n_rows,
-                                                                 k_size, out);
-  const int8_t* weights = weight.data_ptr<int8_t>();
-  const float* scales = scale->data_ptr<float>();
-  over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
-    dot_rows_int8(x, weights + first * k_size, k_size, rows, sums);
+  const T* biases = bias ? bias->data_ptr<T>() : nullptr;
+  auto finish = [&](int64_t first, int64_t rows, const float* sums, const float* scales) {
     for (int64_t r = 0; r < rows; ++r)
-      out[first + r] = sums[r] * scales[first + r] + (biases ? biases[first + r] : 0.0f);
-  });
+      out[first + r] = kept<T>(sums[r] * (scales ? scales[first + r] : 1.0f) +
+                               (biases ? float(biases[first + r]) : 0.0f));
+  };
+  if (weight.scalar_type() == at::kFloat) {
+    const float* weights = weight.data_ptr<float>();
+    over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
+      dot_rows_f32(x, weights + first * k_size, k_size, rows, sums);
+      finish(first, rows, sums, nullptr);
+    });
+  } else if (weight.scalar_type() == at::kChar) {
+    const int8_t* weights = weight.data_ptr<int8_t>();
+    const float* scales = scale->data_ptr<float>();
+    over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
+      dot_rows_int8(x, weights + first * k_size, k_size, rows, sums);
+      finish(first, rows, sums, scales);
+    });
+  } else {
+    x_bf16.resize(k_size);  // x holds bf16 values already: this only packs them
+    for (int64_t i = 0; i < k_size; ++i) x_bf16[i] = at::BFloat16(x[i]).x;
+    auto weights = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+    over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
+      dot_rows_bf16(x_bf16.data(), weights + first * k_size, k_size, rows, sums);
+      finish(first, rows, sums, nullptr);
+    });
+  }
 }
 
 // LayerNorm: (x - mean) / sqrt(biased variance + eps) * scale + shift.
+template <typename T>
 void layer_norm_into(const float* x, int64_t size, const at::Tensor& scale,
                      const std::optional<at::Tensor>& shift, double eps, float* out) {
   double sum = 0.0, squares = 0.0;
@@ -331,36 +361,38 @@ void layer_norm_into(const float* x, int64_t size, const at::Tensor& scale,
   double mean = sum / size;
   for (int64_t i = 0; i < size; ++i) squares += (x[i] - mean) * (x[i] - mean);
   float inverse = float(1.0 / std::sqrt(squares / size + eps));
-  const float* scales = scale.data_ptr<float>();
-  const float* shifts = shift ? shift->data_ptr<float>() : nullptr;
+  const T* scales = scale.data_ptr<T>();
+  const T* shifts = shift ? shift->data_ptr<T>() : nullptr;
   for (int64_t i = 0; i < size; ++i)
-    out[i] = (x[i] - float(mean)) * inverse * scales[i] + (shifts ? shifts[i] : 0.0f);
+    out[i] = kept<T>((x[i] - float(mean)) * inverse * float(scales[i]) + (shifts ? float(shifts[i]) : 0.0f));
 }
 
 // The new token's query attends over the cached keys 0..position, its own included: per head,
 // softmax(q . k_j / sqrt(head_dim)) weighs the values. qkv holds [query; key; value], heads side by
 // side in each; keys and values are one layer's cache (1, heads, slots, head_dim), written at position.
+template <typename T>
 void attend_into(const float* qkv, at::Tensor& keys, at::Tensor& values, int64_t heads, int64_t position,
                  float* context) {
   int64_t slots = keys.size(2), head_dim = keys.size(3), width = heads * head_dim;
-  float* all_keys = keys.data_ptr<float>();
-  float* all_values = values.data_ptr<float>();
+  T* all_keys = keys.data_ptr<T>();
+  T* all_values = values.data_ptr<T>();
   float scale = 1.0f / std::sqrt(float(head_dim));
   // Long caches split the heads over the threads; a short one is less work than waking them.
   int64_t grain = position >= 256 ? 1 : heads;
   at::parallel_for(0, heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> weights(position + 1);
     for (int64_t h = begin; h < end; ++h) {
-      float* head_keys = all_keys + h * slots * head_dim;
-      float* head_values = all_values + h * slots * head_dim;
-      size_t bytes = head_dim * sizeof(float);
-      std::memcpy(head_keys + position * head_dim, qkv + width + h * head_dim, bytes);
-      std::memcpy(head_values + position * head_dim, qkv + 2 * width + h * head_dim, bytes);
+      T* head_keys = all_keys + h * slots * head_dim;
+      T* head_values = all_values + h * slots * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        head_keys[position * head_dim + d] = T(qkv[width + h * head_dim + d]);
+        head_values[position * head_dim + d] = T(qkv[2 * width + h * head_dim + d]);
+      }
       const float* query = qkv + h * head_dim;
       float largest = -INFINITY;
       for (int64_t j = 0; j <= position; ++j) {
         float score = 0.0f;
-        for (int64_t d = 0; d < head_dim; ++d) score += query[d] * head_keys[j * head_dim + d];
+        for (int64_t d = 0; d < head_dim; ++d) score += query[d] * float(head_keys[j * head_dim + d]);
         weights[j] = score * scale;
         largest = std::max(largest, weights[j]);
       }
@@ -370,8 +402,9 @@ void attend_into(const float* qkv, at::Tensor& keys, at::Tensor& values, int64_t
       std::fill(out, out + head_dim, 0.0f);
       for (int64_t j = 0; j <= position; ++j) {
         float weight = weights[j] / total;
-        for (int64_t d = 0; d < head_dim; ++d) out[d] += weight * head_values[j * head_dim + d];
+        for (int64_t d = 0; d < head_dim; ++d) out[d] += weight * float(head_values[j * head_dim + d]);
       }
+      for (int64_t d = 0; d < head_dim; ++d) out[d] = kept<T>(out[d]);
     }
   });
 }
@@ -382,61 +415,73 @@ inline float gelu_tanh(float x) {  // GPT-2's GELU, as F.gelu(approximate="tanh"
 
 // `blocks`: per block, in this order, norm1 scale and shift; qkv, out_proj, expand and contract as
 // (weight, scale or None, bias or None) each; norm2 scale and shift (kBlockEntries in all). `caches`: per
-// block its keys and values. `ending`: the final norm's scale and shift (None: no final norm), then the head
-// as (weight, scale, bias). Returns the logits (1, 1, n_outputs).
+// block its keys and values. `ending`: the final norm's scale and shift (None: no final norm), then the
+// head as (weight, scale, bias). Returns the logits (1, 1, n_outputs), in the model's dtype.
 constexpr int64_t kBlockEntries = 16;
-
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+template <typename T>
+at::Tensor step_in(int64_t token, int64_t position, const at::Tensor& token_embedding,
+                   const at::Tensor& position_embedding, const OptionalTensors& blocks, at::TensorList caches,
+                   const OptionalTensors& ending, int64_t n_heads, double eps, bool gelu) {
+  auto entry = [&](int64_t block, int64_t index) { return blocks.get(block * kBlockEntries + index); };
+  int64_t width = token_embedding.size(1), n_blocks = int64_t(caches.size()) / 2;
+  int64_t hidden = entry(0, 8)->size(0);
+  std::vector<float> x(width), normed(width), qkv(3 * width), context(width), sublayer(width);
+  std::vector<float> expanded(hidden);
+  std::vector<uint16_t> packed;
+  const T* token_row = token_embedding.data_ptr<T>() + token * width;
+  const T* position_row = position_embedding.data_ptr<T>() + position * width;
+  for (int64_t i = 0; i < width; ++i) x[i] = kept<T>(float(token_row[i]) + float(position_row[i]));
+
+  for (int64_t block = 0; block < n_blocks; ++block) {
+    // x = x + out_proj(attention(norm1(x)))
+    layer_norm_into<T>(x.data(), width, *entry(block, 0), entry(block, 1), eps, normed.data());
+    layer_into<T>(normed.data(), *entry(block, 2), entry(block, 3), entry(block, 4), qkv.data(), packed);
+    at::Tensor keys = caches[2 * block], values = caches[2 * block + 1];
+    attend_into<T>(qkv.data(), keys, values, n_heads, position, context.data());
+    layer_into<T>(context.data(), *entry(block, 5), entry(block, 6), entry(block, 7), sublayer.data(),
+                  packed);
+    for (int64_t i = 0; i < width; ++i) x[i] = kept<T>(x[i] + sublayer[i]);
+    // x = x + contract(activation(expand(norm2(x))))
+    layer_norm_into<T>(x.data(), width, *entry(block, 14), entry(block, 15), eps, normed.data());
+    layer_into<T>(normed.data(), *entry(block, 8), entry(block, 9), entry(block, 10), expanded.data(),
+                  packed);
+    for (float& h : expanded) h = kept<T>(gelu ? gelu_tanh(h) : std::max(h, 0.0f));
+    layer_into<T>(expanded.data(), *entry(block, 11), entry(block, 12), entry(block, 13), sublayer.data(),
+                  packed);
+    for (int64_t i = 0; i < width; ++i) x[i] = kept<T>(x[i] + sublayer[i]);
+  }
+  const float* last = x.data();
+  if (ending.get(0)) {
+    layer_norm_into<T>(x.data(), width, *ending.get(0), ending.get(1), eps, normed.data());
+    last = normed.data();
+  }
+  const at::Tensor& head = *ending.get(2);
+  std::vector<float> logits(head.size(0));
+  layer_into<T>(last, head, ending.get(3), ending.get(4), logits.data(), packed);
+  at::Tensor out = at::empty({1, 1, head.size(0)}, token_embedding.options());
+  T* result = out.data_ptr<T>();
+  for (size_t i = 0; i < logits.size(); ++i) result[i] = T(logits[i]);
+  return out;
+}
 
 at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& token_embedding,
                        const at::Tensor& position_embedding, const OptionalTensors& blocks,
                        at::TensorList caches, const OptionalTensors& ending, int64_t n_heads, double eps,
                        bool gelu) {
-  int64_t width = token_embedding.size(1), n_blocks = int64_t(caches.size()) / 2;
-  TORCH_CHECK(int64_t(blocks.size()) == n_blocks * kBlockEntries && ending.size() == 5,
+  int64_t n_blocks = int64_t(caches.size()) / 2;
+  TORCH_CHECK(n_blocks > 0 && int64_t(blocks.size()) == n_blocks * kBlockEntries && ending.size() == 5,
               "decode_step: ", blocks.size(), " block entries for ", n_blocks, " blocks");
   TORCH_CHECK(0 <= token && token < token_embedding.size(0) && 0 <= position &&
                   position < position_embedding.size(0) && position < caches[0].size(2),
               "decode_step: token ", token, " or position ", position, " out of range");
-  auto entry = [&](int64_t block, int64_t index) { return blocks.get(block * kBlockEntries + index); };
-  auto options = token_embedding.options();
-  at::Tensor stream = at::empty({width}, options), normed = at::empty({width}, options);
-  at::Tensor qkv = at::empty({3 * width}, options), context = at::empty({width}, options);
-  at::Tensor sublayer = at::empty({width}, options);
-  int64_t hidden = entry(0, 8)->size(0);
-  at::Tensor expanded = at::empty({hidden}, options);
-  float* x = stream.data_ptr<float>();
-  const float* token_row = token_embedding.data_ptr<float>() + token * width;
-  const float* position_row = position_embedding.data_ptr<float>() + position * width;
-  for (int64_t i = 0; i < width; ++i) x[i] = token_row[i] + position_row[i];
-
-  for (int64_t block = 0; block < n_blocks; ++block) {
-    // x = x + out_proj(attention(norm1(x)))
-    layer_norm_into(x, width, *entry(block, 0), entry(block, 1), eps, normed.data_ptr<float>());
-    layer_into(normed.data_ptr<float>(), *entry(block, 2), entry(block, 3), entry(block, 4),
-               qkv.data_ptr<float>());
-    at::Tensor keys = caches[2 * block], values = caches[2 * block + 1];
-    attend_into(qkv.data_ptr<float>(), keys, values, n_heads, position, context.data_ptr<float>());
-    layer_into(context.data_ptr<float>(), *entry(block, 5), entry(block, 6), entry(block, 7),
-               sublayer.data_ptr<float>());
-    for (int64_t i = 0; i < width; ++i) x[i] += sublayer.data_ptr<float>()[i];
-    // x = x + contract(activation(expand(norm2(x))))
-    layer_norm_into(x, width, *entry(block, 14), entry(block, 15), eps, normed.data_ptr<float>());
-    float* h = expanded.data_ptr<float>();
-    layer_into(normed.data_ptr<float>(), *entry(block, 8), entry(block, 9), entry(block, 10), h);
-    for (int64_t i = 0; i < hidden; ++i) h[i] = gelu ? gelu_tanh(h[i]) : std::max(h[i], 0.0f);
-    layer_into(h, *entry(block, 11), entry(block, 12), entry(block, 13), sublayer.data_ptr<float>());
-    for (int64_t i = 0; i < width; ++i) x[i] += sublayer.data_ptr<float>()[i];
-  }
-  const float* last = x;
-  if (ending.get(0)) {
-    layer_norm_into(x, width, *ending.get(0), ending.get(1), eps, normed.data_ptr<float>());
-    last = normed.data_ptr<float>();
-  }
-  const at::Tensor& head = *ending.get(2);
-  at::Tensor logits = at::empty({1, 1, head.size(0)}, options);
-  layer_into(last, head, ending.get(3), ending.get(4), logits.data_ptr<float>());
-  return logits;
+  if (token_embedding.scalar_type() == at::kBFloat16)
+    return step_in<at::BFloat16>(token, position, token_embedding, position_embedding, blocks, caches, ending,
+                                 n_heads, eps, gelu);
+  TORCH_CHECK(token_embedding.scalar_type() == at::kFloat, "decode_step: a float32 or bfloat16 model only");
+  return step_in<float>(token, position, token_embedding, position_embedding, blocks, caches, ending, n_heads,
+                        eps, gelu);
 }
 
 // Which path this build compiled in (glassgpt/cpu_kernels.py uses the kernels only where it is fast).

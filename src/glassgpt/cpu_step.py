@@ -9,7 +9,7 @@ call, `torch.ops.glassgpt.decode_step` (`cpu_kernels.cpp`), which computes exact
 computes for it and writes its keys and values into the model's own `KVCache`.
 
 `glassgpt.generate` uses it for batch-1 decoding on a CPU wherever it computes the same thing as the
-model: a pre-norm GPT in float32 (int8 layers included), on the fused path, with plain layers (no
+model: a pre-norm GPT in float32 (int8 layers included) or bf16, on the fused path, with plain layers (no
 LoRA adapters) and no hooks, which a caller who reads the model's insides (`glassgpt.inspect`) puts on
 it. Everything else, prompts included, runs the model itself. `for_model` says which and why.
 """
@@ -65,9 +65,9 @@ class CPUStep:
 
 def unsupported(model: GPT) -> str | None:
     """Why the one-call step would not compute what `model` computes (or cannot run), or None."""
-    config = model.config
-    if model.tok_emb.weight.device.type != "cpu" or model.tok_emb.weight.dtype != torch.float32:
-        return "not a float32 model on a CPU"
+    config, dtype = model.config, model.tok_emb.weight.dtype
+    if model.tok_emb.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return "not a float32 or bfloat16 model on a CPU"
     if config.norm_placement != "pre":
         return "not a pre-norm model"
     if model.training:
@@ -88,15 +88,16 @@ def unsupported(model: GPT) -> str | None:
         layers += [attention.qkv, attention.out_proj, feed_forward.expand, feed_forward.contract]
     if not all(type(norm) is LayerNorm and norm.fused and norm.eps == config.norm_eps for norm in norms):
         return "a norm on its explicit path or with its own eps"
+    tensors = [model.pos_emb.weight, *(t for norm in norms for t in _norm(norm))]
     for layer in layers:
         if type(layer) is Linear:
-            tensors = [layer.weight, layer.bias]
-        elif type(layer) is Int8Linear and layer.compile:
-            tensors = [layer.scale, layer.bias]
+            tensors += [layer.weight, layer.bias]
+        elif type(layer) is Int8Linear and layer.compile and dtype == torch.float32:
+            tensors += [layer.bias]  # (its int8 weight and float32 scales are its own)
         else:
-            return f"a {type(layer).__name__} layer (only glassgpt's Linear and Int8Linear)"
-        if not all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in tensors):
-            return "a layer with non-float32 or non-contiguous tensors"
+            return f"a {type(layer).__name__} layer (only glassgpt's Linear; Int8Linear in a float32 model)"
+    if not all(t is None or (t.dtype == dtype and t.is_contiguous()) for t in tensors):
+        return f"a layer or norm whose tensors are not contiguous {dtype}, as the model's embedding is"
     return None
 
 
