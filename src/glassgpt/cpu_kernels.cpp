@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/gelu.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -391,8 +393,16 @@ void attend_into(const float* qkv, at::Tensor& keys, at::Tensor& values, int64_t
       const float* query = qkv + h * head_dim;
       float largest = -INFINITY;
       for (int64_t j = 0; j <= position; ++j) {
+        // Sixteen running sums, one per lane, so the compiler can vectorise the dot product (a single
+        // sum would fix the order of the additions and keep it scalar).
+        float lanes[16] = {};
+        int64_t d = 0;
+        for (; d + 16 <= head_dim; d += 16)
+          for (int64_t lane = 0; lane < 16; ++lane)
+            lanes[lane] += query[d + lane] * float(head_keys[j * head_dim + d + lane]);
         float score = 0.0f;
-        for (int64_t d = 0; d < head_dim; ++d) score += query[d] * float(head_keys[j * head_dim + d]);
+        for (; d < head_dim; ++d) score += query[d] * float(head_keys[j * head_dim + d]);
+        for (float lane : lanes) score += lane;
         weights[j] = score * scale;
         largest = std::max(largest, weights[j]);
       }
@@ -409,8 +419,11 @@ void attend_into(const float* qkv, at::Tensor& keys, at::Tensor& values, int64_t
   });
 }
 
-inline float gelu_tanh(float x) {  // GPT-2's GELU, as F.gelu(approximate="tanh")
-  return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+// GPT-2's GELU (tanh form) or ReLU, in place: PyTorch's own vectorised kernels, on the buffer as a tensor.
+void activate(std::vector<float>& values, bool gelu) {
+  at::Tensor view = at::from_blob(values.data(), {int64_t(values.size())}, at::kFloat);
+  if (gelu) view.copy_(at::gelu(view, "tanh"));
+  else view.clamp_min_(0.0f);
 }
 
 // `blocks`: per block, in this order, norm1 scale and shift; qkv, out_proj, expand and contract as
@@ -447,7 +460,8 @@ at::Tensor step_in(int64_t token, int64_t position, const at::Tensor& token_embe
     layer_norm_into<T>(x.data(), width, *entry(block, 14), entry(block, 15), eps, normed.data());
     layer_into<T>(normed.data(), *entry(block, 8), entry(block, 9), entry(block, 10), expanded.data(),
                   packed);
-    for (float& h : expanded) h = kept<T>(gelu ? gelu_tanh(h) : std::max(h, 0.0f));
+    activate(expanded, gelu);
+    for (float& h : expanded) h = kept<T>(h);
     layer_into<T>(expanded.data(), *entry(block, 11), entry(block, 12), entry(block, 13), sublayer.data(),
                   packed);
     for (int64_t i = 0; i < width; ++i) x[i] = kept<T>(x[i] + sublayer[i]);
