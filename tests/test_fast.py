@@ -143,7 +143,7 @@ def test_where_the_whole_step_cannot_compile_decoding_goes_on_uncompiled(monkeyp
     monkeypatch.setattr(cuda_graphs.CPU_STEP, "failure", None)
     config = CONFIGS["gpt2"]
     model = random_model(config)
-    ids = random_ids(config, 1, 4, seed=3)
+    ids = random_ids(config, 2, 4, seed=3)  # a batch: what compile=True compiles on a CPU
     with pytest.warns(RuntimeWarning, match="No working C\\+\\+ compiler found"):
         out = generate(model, ids, 6, compile=True)
     assert torch.equal(out, generate(model, ids, 6))
@@ -185,29 +185,30 @@ def test_the_mode_stays_out_of_calls_where_it_would_change_nothing(rows, monkeyp
 
 # ---------------------------------------------------------------- the whole decode step compiled (CPU)
 
-def decode_with_logits(model, ids, n, **settings) -> tuple[list[int], torch.Tensor]:
+def decode_with_logits(model, ids, n, **settings) -> tuple[list[list[int]], torch.Tensor]:
+    """Each row's tokens and every step's logits (steps x rows, vocab), decoding the (B, T) `ids`."""
     steps = []
-    tokens = list(iter_tokens(model, ids[0], n, observe=lambda logits, _: steps.append(logits.clone()),
+    tokens = list(iter_tokens(model, ids, n, observe=lambda logits, _: steps.append(logits.clone()),
                               **settings))
-    return tokens, torch.cat(steps).float()
+    return torch.stack(tokens, dim=1).tolist(), torch.cat(steps).float()
 
 
 @needs_cpu_step
 def test_compiled_cpu_decoding_runs_one_compiled_step_and_matches_eager_decoding():
-    """compile=True on a CPU: a static-cache decoder whose whole step is compiled (cuda_graphs), the
-    same tokens and logits as eager decoding, greedy and sampled."""
+    """compile=True on a CPU: a batch decodes through a static-cache decoder whose whole step is compiled
+    (cuda_graphs), with the same tokens and logits as eager decoding, greedy and sampled."""
     from glassgpt.cuda_graphs import DECODERS
 
     config = CONFIGS["verdict-162m"]
     model = random_model(config)
-    ids = random_ids(config, 1, 5, seed=5)
+    ids = random_ids(config, 2, 5, seed=5)
     tokens, logits = decode_with_logits(model, ids, 20, compile=True)
     expected_tokens, expected_logits = decode_with_logits(model, ids, 20)
     assert tokens == expected_tokens
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
     pools = model.__dict__[DECODERS.attribute]
-    assert list(pools) == [(1, True, 32)]  # batch 1, compiled, a cache of min(context 32, 128) slots
-    decoder = pools[(1, True, 32)].idle[0]
+    assert list(pools) == [(2, True, 32)]  # batch 2, compiled, a cache of min(context 32, 128) slots
+    decoder = pools[(2, True, 32)].idle[0]
     assert decoder._compiled is not None and not decoder.use_graph
     sampled = dict(temperature=0.9, top_k=20, seed=3)
     assert decode_with_logits(model, ids, 20, compile=True, **sampled)[0] == decode_with_logits(
@@ -221,7 +222,7 @@ def test_compiled_cpu_decoding_of_int8_and_bf16_models_keeps_their_tokens():
     from glassgpt.int8 import quantize_int8
 
     config = CONFIGS["gpt2"]
-    ids = random_ids(config, 1, 5, seed=6)
+    ids = random_ids(config, 2, 5, seed=6)
     int8 = quantize_int8(random_model(config))
     assert decode_with_logits(int8, ids, 16, compile=True)[0] == decode_with_logits(int8, ids, 16)[0]
 
@@ -233,3 +234,22 @@ def test_compiled_cpu_decoding_of_int8_and_bf16_models_keeps_their_tokens():
     with torch.no_grad():
         bf16.out_head.weight.mul_(-1)           # in place: same memory, new numbers
     assert decode_with_logits(bf16, ids, 16, compile=True)[0] == decode_with_logits(bf16, ids, 16)[0]
+
+
+@needs_cpu_step
+def test_compile_leaves_a_single_sequence_to_the_faster_one_call_step(monkeypatch):
+    """A batch of one that `cpu_step` serves compiles nothing: its one-call step is the faster one."""
+    import glassgpt.cuda_graphs as cuda_graphs
+    from glassgpt.cuda_graphs import DECODERS
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compile=True compiled a step that the one-call step serves")
+
+    monkeypatch.setattr(cuda_graphs.torch, "compile", no_compiling)
+    config = CONFIGS["gpt2"]
+    model = random_model(config)
+    ids = random_ids(config, 1, 5, seed=7)
+    tokens, logits = decode_with_logits(model, ids, 12, compile=True)
+    expected_tokens, expected_logits = decode_with_logits(model, ids, 12)
+    assert tokens == expected_tokens and torch.equal(logits, expected_logits)
+    assert DECODERS.attribute not in model.__dict__

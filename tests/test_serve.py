@@ -15,6 +15,7 @@ import torch
 from conftest import TINY, sse_events
 from fastapi.testclient import TestClient
 
+from glassgpt import cpu_kernels
 from glassgpt.cli import main
 from glassgpt.generate import Sampling, generate_text
 from glassgpt.inspect import record_attention
@@ -49,27 +50,37 @@ def test_generate_answers_the_greedy_continuation_with_counts(client, model, tok
     assert body["tokens_per_s"] == pytest.approx(7 / body["time_s"], rel=0.02)
 
 
-def test_compiled_serving_warms_up_its_kernels_and_answers_the_same_text(model, tokenizer):
-    """--compile: the warm-up compiles the decode step (so requests don't), same greedy text."""
+@pytest.mark.parametrize("one_call_step", [True, False], ids=["one-call step", "no one-call step"])
+def test_compiled_serving_warms_up_its_kernels_and_answers_the_same_text(model, tokenizer, one_call_step,
+                                                                          monkeypatch):
+    """--compile: the warm-up compiles the decode step (so requests don't), same greedy text; a model the
+    one-call step of `cpu_step` serves (built here) compiles nothing, that step being the faster."""
     import copy
 
+    import glassgpt.cpu_step as cpu_step
     import glassgpt.fast as fast
     from glassgpt.cuda_graphs import COMPILES_CPU_STEP, DECODERS
 
     served = copy.deepcopy(model)  # without decoders other tests made
+    if not one_call_step:
+        monkeypatch.setattr(cpu_step, "for_model", lambda model: None)
+    stepped = cpu_step.for_model(served.eval()) is not None
+    assert stepped == (one_call_step and cpu_kernels.ops() is not None)
     fast.COMPILED.reset()
     with TestClient(create_app(served, tokenizer, compile=True)) as client:
         # compiled at start-up, before any request: the whole step, on a decoder kept with the
         # model (torch 2.13+), or else the one-token kernels
         pools = served.__dict__.get(DECODERS.attribute, {})
-        if COMPILES_CPU_STEP:
+        if stepped:
+            assert not pools and fast.COMPILED.kernel is None
+        elif COMPILES_CPU_STEP:
             assert [pool.made for pool in pools.values()] == [1]
         else:
             assert fast.COMPILED.kernel is not None
         for prompt in ("Every effort moves you", "I had always thought"):
             body = client.post("/generate", json={"prompt": prompt, "max_tokens": 9}).json()
             assert body["completion"] == generate_text(model, tokenizer, prompt, 9)
-        if COMPILES_CPU_STEP:
+        if COMPILES_CPU_STEP and not stepped:
             assert [pool.made for pool in pools.values()] == [1]  # the requests reused it
 
 

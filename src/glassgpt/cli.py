@@ -681,8 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores "
                           "less those other processes keep busy)")
     generate.add_argument("--compile", action="store_true",
-                          help="CPU: the whole decode step compiled once (int8 decodes about 30%% faster; "
-                               "torch 2.13+; a first-use compile of tens of seconds; needs a C++ compiler)")
+                          help="CPU: batches decode through the whole step compiled once (torch 2.13+; a "
+                               "first-use compile of tens of seconds; needs a C++ compiler); one sequence "
+                               "keeps the faster one-call step (glassgpt.cpu_step)")
     generate.set_defaults(run=cmd_generate)
 
     evaluate = verbs.add_parser("eval", help="measure a model: loss, perplexity and bits per byte on a text; "
@@ -751,9 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights in memory; auto: bfloat16 on CPUs with native bf16 (AVX-512 BF16/AMX), "
                             "else float32; int8 (weight-only, a scale per row) decodes faster on CPU")
     serve.add_argument("--compile", action="store_true",
-                       help="CPU: the whole decode step compiled once (torch 2.13+); CUDA: the graphed "
-                            "decode step compiled; on start-up or first use (seconds to a minute; needs "
-                            "a C++ compiler)")
+                       help="CPU: batches' decode step compiled once (torch 2.13+; one sequence keeps the "
+                            "faster one-call step); CUDA: the graphed decode step compiled; on start-up or "
+                            "first use (seconds to a minute; needs a C++ compiler)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores "
                        "less those other processes keep busy)")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",

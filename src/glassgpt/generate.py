@@ -189,17 +189,19 @@ def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
     return call
 
 
-def _graphed(model: GPT, total_length: int, attention_mask: torch.Tensor | None, use_cache: bool,
+def _graphed(model: GPT, batch: int, total_length: int, attention_mask: torch.Tensor | None, use_cache: bool,
              compile: bool) -> bool:
     """Whether decoding runs through a `cuda_graphs.GraphedDecoder`: a CUDA graph, or on a CPU with
-    compile=True the whole step compiled once.
+    compile=True the whole step compiled once, except for a batch of one that `cpu_step` serves, whose
+    one-call step is already faster than the compiled one, and compiles nothing.
 
     When the rows share their positions (no padding) and the sequence fits the context: the last
     new token is never fed back, so it needs no slot in the static cache.
     """
     device = _model_device(model).type
-    return (use_cache and attention_mask is None
-            and (device == "cuda" or (device == "cpu" and compile and COMPILES_CPU_STEP))
+    compiled_cpu = (device == "cpu" and compile and COMPILES_CPU_STEP
+                    and not (batch == 1 and cpu_step.for_model(model) is not None))
+    return (use_cache and attention_mask is None and (device == "cuda" or compiled_cpu)
             and total_length - 1 <= model.config.context_length)
 
 
@@ -245,7 +247,7 @@ def _decode_steps(model: GPT, forward: Callable[..., torch.Tensor], ids: torch.T
 
     was_training = model.training
     model.eval()
-    graphed = _graphed(model, total, attention_mask, use_cache, compile)
+    graphed = _graphed(model, batch, total, attention_mask, use_cache, compile)
     try:
         with (DECODERS.borrow(model, batch, compile, _static_length(model, total)) if graphed
               else contextlib.nullcontext()) as decoder:
@@ -352,10 +354,11 @@ def iter_tokens(model: GPT, ids, max_new_tokens: int, sampling: Sampling | None 
     say how tokens are picked; the default is greedy. `eos_id` is yielded when produced and ends a
     single sequence; in a batch, finished rows repeat it until every row has finished. Bad settings
     raise ValueError here, before any step runs.
-    `compile=True`: on a CPU in fp32 or bf16, one-token steps use compiled matrix-vector kernels
-    (`glassgpt.fast.compiled_matvec`: faster decoding on AMD processors after a first-use compile
-    of seconds); on CUDA, the graphed decode step is compiled before capture (fused kernels, after
-    a first-use compile of a minute or so); elsewhere it changes nothing.
+    `compile=True`: on a CPU, batches decode through the whole step compiled once (`cuda_graphs`,
+    torch 2.13+; a first-use compile of tens of seconds), while a single sequence keeps the one-call
+    step of `glassgpt.cpu_step`, which is faster still and compiles nothing; on CUDA, the graphed
+    decode step is compiled before capture (fused kernels, after a first-use compile of a minute or
+    so); elsewhere it changes nothing.
     `observe(logits, next_ids)`: called at each step with the logits the token was picked from
     (B, vocab) and the picked ids (B,), before they are yielded (how the server reports
     log-probabilities without a decoding loop of its own).

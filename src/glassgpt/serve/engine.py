@@ -41,9 +41,9 @@ class ModelHost:
     `source` is a GPT (then `tokenizer` is required) or anything `hub.resolve_model` accepts, loaded
     as `dtype`: "float32", "bfloat16" or "int8" (weight-only int8 Linear layers, `glassgpt.int8`: a
     quarter of the bytes to read per token, the limit of decoding on a CPU), on `device` (on CUDA,
-    decoding replays a CUDA graph: `glassgpt.generate`). `compile=True`:
-    decode through the compiled decode step on a CPU (`glassgpt.generate`), compiled during the
-    warm-up.
+    decoding replays a CUDA graph: `glassgpt.generate`). `compile=True`: on CUDA the graphed step is
+    compiled, on a CPU the step of a model that `glassgpt.cpu_step` does not serve (its one-call
+    step is faster); during the warm-up (`glassgpt.generate`).
 
     What the model does (`task_of`) comes from the checkpoint: a classification head makes it a
     classifier; an instruction template in its glassgpt.json (or `template=` for a GPT object)
