@@ -173,7 +173,7 @@ def graphed_on_cpu(monkeypatch):
     import glassgpt.generate as generate_module
     chosen = []
 
-    def graphed(model, total_length, attention_mask, use_cache, compile):
+    def graphed(model, batch, total_length, attention_mask, use_cache, compile):
         choice = use_cache and attention_mask is None and total_length - 1 <= model.config.context_length
         chosen.append(choice)
         return choice

@@ -12,6 +12,7 @@
 //   bf16_matvec(x, weight, bias):      x bf16 (..., K) of one row, weight bf16 (N, K) -> bf16 (..., N)
 //   int8_matvec(x, q, scale, bias):    x fp32 (..., K) of one or a few rows, q int8 (N, K), scale fp32 (N,)
 //                                      -> fp32 (..., N), out[n] = scale[n] * sum_k x[k] q[n, k] + bias[n]
+//   decode_step(token, position, ...): a whole decoded token of a pre-norm GPT, batch 1 (at the end).
 //
 // All accumulate in fp32 (bf16 rounds once, at the end). Each has a path per instruction set, chosen
 // when the file is compiled (glassgpt/cpu_kernels.py compiles it for the machine it runs on):

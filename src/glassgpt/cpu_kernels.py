@@ -8,7 +8,8 @@ with a path per instruction set (AVX-512 with its bf16 dot product, AVX-512, AVX
 compiler torch.compile already needs on a CPU (about 10 s, once: the build is kept under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions) and registers three PyTorch operators,
 `torch.ops.glassgpt.f32_matvec`, `.bf16_matvec` and `.int8_matvec`, which torch.compile sees
-through their shape functions here, so a compiled decode step calls them too.
+through their shape functions here, so a compiled decode step calls them too; and a fourth,
+`.decode_step`, a whole decoded token with the same kernels (what `glassgpt.cpu_step` calls).
 
 They are optional: where the build fails (no compiler: one warning) or the processor has neither
 AVX2 nor AVX-512, `ops()` says None and decoding keeps PyTorch's kernels, computing the same
