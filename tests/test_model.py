@@ -62,6 +62,18 @@ def test_kv_cache_decoding_equals_full_forward(family, fused):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+def test_logits_to_keep_gives_the_last_positions_logits(keep):
+    config = FAMILIES["gpt2"]
+    model = random_model(config)
+    ids = random_ids(config, 2, 6)
+    with torch.no_grad():
+        full = model(ids)
+        kept = model(ids, logits_to_keep=keep)
+    assert kept.shape == (2, keep, config.vocab_size)
+    torch.testing.assert_close(kept, full[:, -keep:], atol=1e-6, rtol=1e-6)
+
+
 def test_cache_refuses_wrong_batch_and_overflow():
     config = FAMILIES["gpt2"]
     model = random_model(config)

@@ -178,7 +178,7 @@ def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
 
     def call(fed: torch.Tensor, **inputs) -> torch.Tensor:
         cache = inputs.get("cache")
-        if cpu_step.serves(cache, inputs.get("attention_mask"), fed):
+        if cpu_step.serves(cache, inputs.get("attention_mask"), fed):  # (its one position's logits)
             if not steps:
                 steps.append(cpu_step.for_model(model))
             if steps[0] is not None:
@@ -321,7 +321,7 @@ def _step(model: GPT, forward: Callable[..., torch.Tensor], tokens: torch.Tensor
     else:                                                              # past the context: recompute
         begin = max(0, length - context)
         step_cache, mask_begin = None, begin
-    logits = forward(tokens[:, begin:length], cache=step_cache,
+    logits = forward(tokens[:, begin:length], cache=step_cache, logits_to_keep=1,
                      attention_mask=mask[:, mask_begin:length] if mask is not None else None)
     return logits[:, -1, :], cache, start
 
