@@ -252,3 +252,18 @@ def test_generate_on_cuda_replays_a_graph_and_equals_eager(exact_fp32, monkeypat
     eager = generate(model, ids, 40, **settings)
     # Same seed, same generator draws, logits equal to float rounding: the same tokens.
     assert torch.equal(graphed, eager)
+
+
+def test_the_static_cache_takes_keys_computed_under_autocast():
+    """A trainer samples its fp32 model under bf16 autocast: the static cache stores the bf16 keys in
+    its own dtype, as the eager cache does, and the greedy tokens are the eager ones under autocast."""
+    from glassgpt.cuda_graphs import GraphedDecoder
+
+    model = random_model(SMALL, spread=0.3).eval()
+    ids = random_ids(SMALL, 1, 5, seed=9)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder = GraphedDecoder(model, max_length=16, compile=False)
+        graphed = decoder.generate(ids, 6)
+        eager = generate(model, ids, 6, attention_mask=torch.ones_like(ids))
+    assert decoder.cache.layers[0].keys.dtype == torch.float32
+    assert torch.equal(graphed, eager)

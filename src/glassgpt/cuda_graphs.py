@@ -49,8 +49,10 @@ class StaticLayerCache(LayerCache):
         Attention then reads every slot, and the mask from `static_forward` hides those not yet written.
         """
         slots = self.length + torch.arange(keys.shape[2], device=keys.device)
-        self.keys.index_copy_(2, slots, keys)
-        self.values.index_copy_(2, slots, values)
+        # Under autocast (a trainer's sample) new keys come in bf16 while the cache holds the model's
+        # dtype; index_copy_ does not convert as the eager cache's slice assignment does.
+        self.keys.index_copy_(2, slots, keys.to(self.keys.dtype))
+        self.values.index_copy_(2, slots, values.to(self.values.dtype))
         return self.keys, self.values
 
 
