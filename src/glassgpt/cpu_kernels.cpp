@@ -230,15 +230,6 @@ at::Tensor output_like(const at::Tensor& x, int64_t n_rows, at::ScalarType dtype
   return at::empty(sizes, x.options().dtype(dtype));
 }
 
-// out = weight x + bias for one fp32 row x; weight (n_rows, k_size).
-void f32_matvec_into(const float* x, const float* weight, const float* bias, int64_t n_rows, int64_t k_size,
-                     float* out) {
-  over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
-    dot_rows_f32(x, weight + first * k_size, k_size, rows, sums);
-    for (int64_t r = 0; r < rows; ++r) out[first + r] = sums[r] + (bias ? bias[first + r] : 0.0f);
-  });
-}
-
 at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
   check_rows(x, q, bias, "int8_matvec", /*one_row=*/false);
@@ -278,7 +269,11 @@ at::Tensor f32_matvec(const at::Tensor& x, const at::Tensor& weight, const std::
   const float* xs = x.data_ptr<float>();
   const float* weights = weight.data_ptr<float>();
   const float* biases = bias ? bias->data_ptr<float>() : nullptr;
-  f32_matvec_into(xs, weights, biases, n_rows, k_size, out.data_ptr<float>());
+  float* result = out.data_ptr<float>();
+  over_rows(n_rows, [&](int64_t first, int64_t rows, float* sums) {
+    dot_rows_f32(xs, weights + first * k_size, k_size, rows, sums);
+    for (int64_t r = 0; r < rows; ++r) result[first + r] = sums[r] + (biases ? biases[first + r] : 0.0f);
+  });
   return out;
 }
 
