@@ -70,8 +70,9 @@ def unsupported(model: GPT) -> str | None:
         return "not a float32 or bfloat16 model on a CPU"
     if config.norm_placement != "pre":
         return "not a pre-norm model"
-    if model.training:
-        return "the model is training"
+    dropouts = (module for module in model.modules() if isinstance(module, (nn.Dropout, MultiHeadAttention)))
+    if any(module.training for module in dropouts):
+        return "dropout is in training mode"
     hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
     if any(hooks) or any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
         return "hooks are watching the model's modules"

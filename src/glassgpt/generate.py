@@ -178,7 +178,7 @@ def _model_call(model: GPT, compile: bool) -> Callable[..., torch.Tensor]:
 
     def call(fed: torch.Tensor, **inputs) -> torch.Tensor:
         cache = inputs.get("cache")
-        if cpu_step.serves(cache, inputs.get("attention_mask"), fed):  # (its one position's logits)
+        if cpu_step.serves(cache, inputs.get("attention_mask"), fed):  # (one position: logits_to_keep=1)
             if not steps:
                 steps.append(cpu_step.for_model(model))
             if steps[0] is not None:
